@@ -1,0 +1,229 @@
+"""Strict loading of real ResNet checkpoints in the layouts researchers have.
+
+The reference few-shot repositories load ImageNet weights with ``strict=False`` and so miss keys
+silently. Here every backbone tensor must be matched with the right shape; classifier tensors
+(``fc.*``) and, in whole-model checkpoints, the non-backbone modules are reported and skipped;
+anything else missing, unexpected or misshapen is an error listing the keys.
+
+Layouts, detected from the keys:
+
+- ``native``: this package's own names (``stem.conv1.weight``, ``layer1.0.conv1.weight``...).
+- ``torchvision``: ``conv1``/``bn1`` at top level, ``layer1``..``layer4``, ``fc``.
+- ``pspnet``: hszhao/semseg ``resnet50_v2.pth`` and friends, used by PSPNet, PFENet and ASGNet:
+  deep-stem ``conv1, bn1, conv2, bn2, conv3, bn3`` at top level.
+- ``pfenet``: a whole PFENet/ASGNet model, whose stem is ``layer0 = Sequential(conv1, bn1, relu,
+  conv2, bn2, relu, conv3, bn3, relu, maxpool)``, so ``layer0.{0,1,3,4,6,7}``.
+- ``lightning``: a checkpoint written by this project's tasks (``state_dict`` with a
+  ``backbone.`` prefix).
+
+Containers ``{"state_dict": ...}`` / ``{"model": ...}`` and DataParallel's ``module.`` prefix are
+unwrapped first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import urllib.error
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+import torchvision
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from backbones.resnet import ResNet
+
+log = logging.getLogger(__name__)
+
+TORCHVISION_WEIGHT_NAMES = ("IMAGENET1K_V1", "IMAGENET1K_V2", "DEFAULT")
+PFENET_STEM = {"0": "conv1", "1": "bn1", "3": "conv2", "4": "bn2", "6": "conv3", "7": "bn3"}
+STEM_KEY = re.compile(r"^(conv[123]|bn[123])\.")
+BACKBONE_KEY = re.compile(r"^(stem|layer[1-4])\.")
+COUNTER = "num_batches_tracked"  # BatchNorm's batch counter: not a weight, absent in old files
+
+
+@dataclass
+class LoadReport:
+    source: str
+    layout: str
+    loaded: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+class WeightsError(ValueError):
+    """A checkpoint that cannot be loaded strictly; the message lists the offending keys."""
+
+
+def _listing(keys: list[str], limit: int = 12) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """``torch.load`` a file, with an error naming the file when it is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
+    try:
+        # Whole checkpoints (Lightning, semseg) pickle more than tensors; the file is the user's.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise WeightsError(
+            f"could not read checkpoint {str(path)!r} ({type(error).__name__}: {error}); "
+            "expected a file written by torch.save"
+        ) from error
+    if not isinstance(checkpoint, Mapping):
+        raise WeightsError(
+            f"checkpoint {str(path)!r} holds a {type(checkpoint).__name__}, expected a state dict"
+        )
+    return dict(checkpoint)
+
+
+def _unwrap(checkpoint: dict) -> tuple[dict[str, Tensor], bool]:
+    """The state dict inside a container, and whether it came from a Lightning checkpoint."""
+    is_lightning = "pytorch-lightning_version" in checkpoint
+    for key in ("state_dict", "model"):
+        if isinstance(checkpoint.get(key), Mapping):
+            checkpoint = checkpoint[key]
+            break
+    state = {k.removeprefix("module."): v for k, v in checkpoint.items() if isinstance(v, Tensor)}
+    return state, is_lightning
+
+
+def to_native(state: dict[str, Tensor], is_lightning: bool) -> tuple[dict, list[str], str]:
+    """Rename a state dict to this package's names: (tensors, skipped keys, layout name)."""
+    if is_lightning:
+        layout = "lightning"
+        renamed = {k.removeprefix("backbone."): k for k in state if k.startswith("backbone.")}
+    elif any(k.startswith("stem.") for k in state):
+        layout = "native"
+        renamed = {k: k for k in state}
+    elif any(k.startswith("layer0.") for k in state):
+        layout = "pfenet"
+        renamed = {}
+        for key in state:
+            parts = key.split(".")
+            if parts[0] == "layer0" and parts[1] in PFENET_STEM:
+                renamed[".".join(["stem", PFENET_STEM[parts[1]], *parts[2:]])] = key
+            elif parts[0] != "layer0":
+                renamed[key] = key
+    else:
+        layout = "pspnet" if "conv2.weight" in state else "torchvision"
+        renamed = {("stem." + k if STEM_KEY.match(k) else k): k for k in state}
+    native = {new: state[old] for new, old in renamed.items() if BACKBONE_KEY.match(new)}
+    used = {renamed[k] for k in native}
+    skipped = sorted(k for k in state if k not in used)
+    if layout in ("torchvision", "pspnet"):
+        foreign = [k for k in skipped if not k.startswith("fc.")]
+        if foreign:
+            raise WeightsError(
+                f"unexpected keys in a {layout}-layout checkpoint: {_listing(foreign)}"
+            )
+    return native, skipped, layout
+
+
+def load_state(model: ResNet, state: dict[str, Tensor], layout: str, source: str) -> LoadReport:
+    """Load native-named tensors strictly; every mismatch is listed in one error."""
+    expected = model.state_dict()
+    wanted = {k for k in expected if not k.endswith(COUNTER)}
+    given = {k for k in state if not k.endswith(COUNTER)}
+    missing = sorted(wanted - given)
+    unexpected = sorted(given - wanted)
+    misshapen = sorted(
+        f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k].shape)})"
+        for k in wanted & given
+        if state[k].shape != expected[k].shape
+    )
+    problems = [
+        f"{label}: {_listing(keys)}"
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape mismatch", misshapen),
+        )
+        if keys
+    ]
+    if problems:
+        raise WeightsError(
+            f"weights {source!r} ({layout} layout) do not fit backbone {model.arch} "
+            f"(stem={model.stem_type}): " + "; ".join(problems)
+        )
+    full = {k: state.get(k, v) for k, v in expected.items()}
+    model.load_state_dict(full, strict=True)
+    return LoadReport(source, layout, loaded=sorted(given))
+
+
+def torchvision_checkpoint_path(arch: str, name: str) -> tuple[str, Path]:
+    """The URL of a torchvision weight and the file torchvision's download cache keeps it in."""
+    enum = torchvision.models.get_model_weights(arch)
+    try:
+        weight = enum[name]
+    except KeyError:
+        raise WeightsError(
+            f"torchvision has no weight {name!r} for {arch}; expected one of "
+            f"{[w.name for w in enum]} or DEFAULT"
+        ) from None
+    url = weight.url
+    return url, Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def fetch_torchvision_state(arch: str, name: str) -> dict[str, Tensor]:
+    """Fetch through torchvision's own cache (``$TORCH_HOME/hub/checkpoints``)."""
+    url, cached = torchvision_checkpoint_path(arch, name)
+    if cached.is_file():
+        return read_checkpoint(cached)
+    try:
+        return torch.hub.load_state_dict_from_url(url, map_location="cpu", progress=True)
+    except (urllib.error.URLError, OSError) as error:
+        raise WeightsError(
+            f"could not download {arch} {name} from {url} ({error}). Offline, download that file "
+            f"elsewhere and place it at {cached} (torchvision's cache; set TORCH_HOME to move it), "
+            "or pass its path as weights"
+        ) from error
+
+
+def is_weight_name(weights: str) -> bool:
+    return weights in TORCHVISION_WEIGHT_NAMES
+
+
+def load_weights(model: ResNet, weights: str | os.PathLike) -> LoadReport:
+    """Load a torchvision weight name or a checkpoint file into ``model``, strictly."""
+    if isinstance(weights, str) and is_weight_name(weights):
+        if model.stem_type != "standard":
+            raise WeightsError(
+                f"torchvision weights {weights!r} are for the standard 7x7 stem, but the backbone "
+                "has stem='deep'; use a PSPNet-layout checkpoint (e.g. resnet50_v2.pth) as weights"
+            )
+        state, is_lightning = _unwrap(fetch_torchvision_state(model.arch, weights))
+        source = f"torchvision:{model.arch}.{weights}"
+    else:
+        path = Path(weights)
+        if not path.is_file() and not str(weights).endswith((".pth", ".pt", ".ckpt", ".bin")):
+            raise WeightsError(
+                f"weights={str(weights)!r} is neither an existing checkpoint file nor a "
+                f"torchvision weight name (expected one of {list(TORCHVISION_WEIGHT_NAMES)})"
+            )
+        state, is_lightning = _unwrap(read_checkpoint(path))
+        source = str(path)
+    native, skipped, layout = to_native(state, is_lightning)
+    if not native:
+        raise WeightsError(
+            f"checkpoint {source!r} ({layout} layout) holds no backbone tensors; "
+            f"its keys start with {_listing(sorted({k.split('.')[0] for k in state}))}"
+        )
+    report = load_state(model, native, layout, source)
+    report.skipped = skipped
+    log.info(
+        "loaded %d tensors from %s (%s layout); skipped %d: %s",
+        len(report.loaded),
+        source,
+        layout,
+        len(skipped),
+        _listing(skipped),
+    )
+    return report
