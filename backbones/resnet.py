@@ -242,44 +242,32 @@ class ResNet(nn.Module):
             )
         if stem not in ("standard", "deep"):
             raise ValueError(f"stem={stem!r}; expected 'standard' or 'deep'")
-        unknown = [name for name in out_layers if name not in FEATURES]
-        if unknown or not out_layers:
-            raise ValueError(
-                f"out_layers={list(out_layers)} is invalid; expected a non-empty subset of "
-                f"{list(FEATURES)}"
-            )
-        if not -1 <= frozen_stages <= len(STAGES):
-            raise ValueError(f"frozen_stages={frozen_stages}; expected an integer in [-1, 4]")
         spec = ARCHS[arch]
         self.arch = arch
         self.stem_type = stem
         self.output_stride = output_stride
-        self.out_layers = tuple(name for name in FEATURES if name in out_layers)
-        self.frozen_stages = frozen_stages
-        self.norm_eval = norm_eval
+        self.select_outputs(out_layers)
         self.grad_checkpointing = grad_checkpointing
         norm = resolve_norm_layer(norm_layer)
         grids = resolve_multi_grid(multi_grid, spec.depths)
 
         self.stem = self._make_stem(stem, norm)
         inplanes = 128 if stem == "deep" else 64
-        channels = {"stem": inplanes}
-        strides = {"stem": STEM_STRIDE}
+        self.features = [FeatureInfo("stem", inplanes, STEM_STRIDE)]
         self.stage_plans = plan_stages(spec.depths, output_stride, dilation_scheme, grids)
         for index, plan in enumerate(self.stage_plans):
             planes = 64 * 2**index
             stage = self._make_stage(spec, inplanes, planes, plan, norm)
             self.add_module(plan.name, stage)
             inplanes = planes * spec.block.expansion
-            channels[plan.name], strides[plan.name] = inplanes, plan.output_stride
-        self.feature_info = [FeatureInfo(n, channels[n], strides[n]) for n in self.out_layers]
+            self.features.append(FeatureInfo(plan.name, inplanes, plan.output_stride))
 
         self._init_weights(zero_init_residual)
         if weights is not None:
             from backbones.weights import load_weights
 
             load_weights(self, weights)
-        self._freeze()
+        self.freeze(frozen_stages, norm_eval)
 
     @staticmethod
     def _make_stem(stem: StemType, norm: NormLayer) -> nn.Sequential:
@@ -348,10 +336,29 @@ class ResNet(nn.Module):
         names = FEATURES[: self.frozen_stages + 1]
         return (getattr(self, name) for name in names)
 
-    def _freeze(self) -> None:
+    def select_outputs(self, out_layers: Sequence[str]) -> None:
+        """Choose the features ``forward`` returns; stages after the last one are not run."""
+        unknown = [name for name in out_layers if name not in FEATURES]
+        if unknown or not out_layers:
+            raise ValueError(
+                f"out_layers={list(out_layers)} is invalid; expected a non-empty subset of "
+                f"{list(FEATURES)}"
+            )
+        self.out_layers = tuple(name for name in FEATURES if name in out_layers)
+
+    def freeze(self, frozen_stages: int, norm_eval: bool = False) -> None:
+        """Stop gradients in the stem and layer1..layer``frozen_stages`` (-1: none)."""
+        if not -1 <= frozen_stages <= len(STAGES):
+            raise ValueError(f"frozen_stages={frozen_stages}; expected an integer in [-1, 4]")
+        self.frozen_stages, self.norm_eval = frozen_stages, norm_eval
         for module in self.frozen_modules():
             module.requires_grad_(False)
         self.train(self.training)
+
+    @property
+    def feature_info(self) -> list[FeatureInfo]:
+        """Channels and true stride of each output, in ``forward``'s order."""
+        return [info for info in self.features if info.name in self.out_layers]
 
     def train(self, mode: bool = True) -> ResNet:
         """Frozen stages, and every BatchNorm under ``norm_eval``, stay in eval mode."""

@@ -1,0 +1,42 @@
+"""The LightningCLI shared by the tasks: defaults from ``configs/<task>/default.yaml``, configs
+saved with each run (:class:`tasks.tracking.SaveConfigToRun`), and the trainer settings the
+episodic datamodules rely on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from tasks.tracking import SaveConfigToRun
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+class TaskCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+
+
+def run_cli(
+    model_class: type[LightningModule],
+    datamodule_class: type[LightningDataModule],
+    task: str,
+    args: list[str] | None = None,
+) -> TaskCLI:
+    """Run ``python -m tasks.<task>``; with no subcommand options it trains the default
+    experiment of ``configs/<task>/default.yaml``."""
+    return TaskCLI(
+        model_class,
+        datamodule_class,
+        subclass_mode_data=True,
+        save_config_callback=SaveConfigToRun,
+        # The datamodules shard episodes themselves; Lightning's sampler would pad them.
+        trainer_defaults={"use_distributed_sampler": False},
+        parser_kwargs={
+            subcommand: {"default_config_files": [str(CONFIGS / task / "default.yaml")]}
+            for subcommand in LightningCLI.subcommands()
+        },
+        args=args,
+    )

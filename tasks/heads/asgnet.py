@@ -1,0 +1,423 @@
+"""ASGNet head: Li et al., "Adaptive Prototype Learning and Allocation for Few-Shot
+Segmentation", CVPR 2021; official code github.com/Reagan1311/ASGNet (``model/asgnet.py``,
+``util/seed_init.py``, ``data/config/pascal/*.yaml``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .common import (
+    HeadOutput,
+    check_inputs,
+    cosine_similarity_map,
+    foreground_masks,
+    masked_average_pooling,
+    mid_level_channels,
+    mid_level_features,
+)
+
+#: Channels of ResNet-50/101 stages, the official checkpoints' backbones.
+RESNET50_CHANNELS = {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
+
+#: Key prefixes of the backbone in an official checkpoint (PSPNet-style encoder: ``layer0`` is
+#: the deep stem). They are not part of the head.
+OFFICIAL_BACKBONE_PREFIXES = ("layer0.", "layer1.", "layer2.", "layer3.", "layer4.")
+
+#: The clustering distance is ``sqrt(feature_d2 + spatial_d2 / 100)`` (``sp_center_iter``).
+SPATIAL_SCALE = 100.0
+
+#: A feature pixel belongs to the clustering region when its bilinearly resized mask is 1
+#: (official ``supp_mask == 1``); the tolerance absorbs float rounding of the interpolation.
+ROI_TOLERANCE = 1e-4
+
+
+def _squared_distance_to(points: Tensor, size: tuple[int, int]) -> Tensor:
+    """[N, 2] (y, x) points -> [N, h, w] squared distance of every pixel to its point."""
+    ys = torch.arange(size[0], device=points.device, dtype=torch.float32)
+    xs = torch.arange(size[1], device=points.device, dtype=torch.float32)
+    points = points.float()
+    dy2 = (ys[None] - points[:, :1]).square()
+    dx2 = (xs[None] - points[:, 1:]).square()
+    return dy2[:, :, None] + dx2[:, None, :]
+
+
+def _squared_edt(zeros: Tensor) -> Tensor:
+    """Exact squared Euclidean distance to the nearest ``True`` of [N, h, w] (inf if none).
+
+    Separable (column pass, then row pass) and vectorised over N; memory O(N h w (h + w)),
+    small at 1/8 resolution.
+    """
+    _, h, w = zeros.shape
+    ys = torch.arange(h, device=zeros.device, dtype=torch.float32)
+    xs = torch.arange(w, device=zeros.device, dtype=torch.float32)
+    inf = torch.tensor(float("inf"), device=zeros.device)
+    dy2 = (ys[:, None] - ys[None]).square()  # [h, h']
+    column = torch.where(zeros[:, None], dy2[None, :, :, None], inf).amin(2)  # [N, h, w]
+    dx2 = (xs[:, None] - xs[None]).square()  # [w, w']
+    return (column[:, :, None, :] + dx2).amin(3)
+
+
+def place_seeds(
+    mask: Tensor, max_superpixels: int = 5, superpixel_area: float = 100.0
+) -> tuple[Tensor, Tensor]:
+    """Initial superpixel seeds of binary masks (official ``util/seed_init.py``).
+
+    The number of superpixels is ``min(round(area / superpixel_area), max_superpixels)``
+    (``np.round``: halves to even). Seeds are placed one at a time at the first (row-major)
+    maximum of the Euclidean distance transform of the mask cropped to its bounding box; the
+    chosen pixel then becomes background, so the next seed lies far from it and from the edge.
+    The official ``gaussian_filter(sigma=0.1)`` has a kernel radius of 0 and is the identity, so
+    it is omitted; the transform is updated incrementally instead of recomputed, which is exact.
+    When the box holds no background, ``scipy.ndimage.distance_transform_edt`` measures from
+    the virtual point (row -1, column 0) of the box; this is reproduced.
+
+    Args:
+        mask: [N, h, w] support foreground at feature resolution (nearest resizing).
+        max_superpixels: Upper bound of the number of superpixels (official ``max_sp``: 5).
+        superpixel_area: Mask pixels per superpixel (official ``avg_sp_area``: 100).
+
+    Returns:
+        ``seeds`` [N, max_superpixels, 2] long (row, column), meaningful for the first ``num``
+        entries, and ``num`` [N] long. The official model infers the count from the nonzero
+        coordinates, which undercounts (and drops the last seed) when one seed lies in row 0 and
+        one in column 0; the count is returned here instead.
+    """
+    mask = mask.bool()
+    n, h, w = mask.shape
+    area = mask.sum((1, 2))
+    num = torch.minimum(torch.round(area / superpixel_area).clamp(max=max_superpixels), area)
+
+    ys = torch.arange(h, device=mask.device)
+    xs = torch.arange(w, device=mask.device)
+    rows, cols = mask.any(2), mask.any(1)
+    y0, y1 = torch.where(rows, ys, h).amin(1), torch.where(rows, ys, -1).amax(1)
+    x0, x1 = torch.where(cols, xs, w).amin(1), torch.where(cols, xs, -1).amax(1)
+    in_rows = (ys >= y0[:, None]) & (ys <= y1[:, None])
+    in_cols = (xs >= x0[:, None]) & (xs <= x1[:, None])
+    zeros = in_rows[:, :, None] & in_cols[:, None, :] & ~mask
+
+    dist2 = _squared_edt(zeros)
+    no_zeros = ~zeros.flatten(1).any(1)
+    virtual = _squared_distance_to(torch.stack([y0 - 1, x0], 1), (h, w))
+    score = torch.where(no_zeros[:, None, None], virtual, dist2)
+    seeds = torch.zeros(n, max_superpixels, 2, dtype=torch.long, device=mask.device)
+    for i in range(max_superpixels):
+        flat = score.masked_fill(~mask, -1.0).flatten(1).argmax(1)
+        seeds[:, i, 0], seeds[:, i, 1] = flat // w, flat % w
+        dist2 = torch.minimum(dist2, _squared_distance_to(seeds[:, i], (h, w)))
+        score = dist2
+    return seeds, num.long()
+
+
+def superpixel_clustering(feats: Tensor, roi: Tensor, seeds: Tensor, num_iterations: int) -> Tensor:
+    """Superpixel-guided clustering of support features (official ``sp_center_iter``).
+
+    Pixels of the region are points in (feature, row, column) space; each iteration computes
+    ``d = sqrt(|f - c_f|^2 + |xy - c_xy|^2 / 100)``, the association ``exp(-d)`` normalised over
+    the region's pixels for each superpixel, and the centres as association-weighted sums.
+    Vectorised over episodes and seeds; the normalisation is a masked softmax over pixels
+    (the same value as ``exp(-d) / sum exp(-d)``, without its underflow to 0/0 when features are
+    far apart), and squared feature distances use the ``|a|^2 + |b|^2 - 2ab`` expansion.
+    Runs in fp32 with autocast off.
+
+    Args:
+        feats: [N, C, h, w] support features.
+        roi: [N, h, w] bool clustering region (support foreground).
+        seeds: [N, S, 2] long (row, column) initial centres.
+        num_iterations: Official 10 in training, 5 in evaluation.
+
+    Returns:
+        [N, S, C] feature part of the centres (the prototypes).
+    """
+    n, c, h, w = feats.shape
+    with torch.autocast(feats.device.type, enabled=False):
+        feats = feats.float().flatten(2).transpose(1, 2)  # [N, P, C]
+        rows = torch.arange(h, device=feats.device).repeat_interleave(w)
+        cols = torch.arange(w, device=feats.device).repeat(h)
+        coords = torch.stack([rows, cols], 1).float().expand(n, -1, -1)  # [N, P, 2]
+        points = torch.cat([feats, coords], 2)  # [N, P, C + 2]
+        index = seeds[..., 0] * w + seeds[..., 1]
+        centres = points.gather(1, index[..., None].expand(-1, -1, c + 2))  # [N, S, C + 2]
+        outside = ~roi.flatten(1)[:, :, None]
+        feats_sq = feats.square().sum(2, keepdim=True)
+        for _ in range(num_iterations):
+            centre_feats, centre_coords = centres[..., :c], centres[..., c:]
+            feat_d2 = feats_sq + centre_feats.square().sum(2)[:, None]
+            feat_d2 = (feat_d2 - 2 * feats @ centre_feats.transpose(1, 2)).clamp(min=0)
+            spatial_d2 = (coords[:, :, None] - centre_coords[:, None]).square().sum(3)
+            dist = (feat_d2 + spatial_d2 / SPATIAL_SCALE).sqrt()  # [N, P, S]
+            assoc = (-dist).masked_fill(outside, torch.finfo(dist.dtype).min).softmax(1)
+            centres = assoc.transpose(1, 2) @ points
+        return centres[..., :c]
+
+
+def guided_prototype_allocation(
+    query: Tensor, prototypes: Tensor, valid: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Allocate to every query pixel its most similar prototype (paper Sec. 3.3).
+
+    Args:
+        query: [B, C, h, w] query features.
+        prototypes: [B, M, C], padded; ``valid`` [B, M] bool marks the real ones.
+
+    Returns:
+        ``prob`` [B, 1, h, w], the sum of the cosine similarities to all valid prototypes
+        (with a single prototype, the similarity itself, as the official K=1 branch), and
+        ``guide`` [B, C, h, w], the allocated prototype of each pixel (argmax of the
+        similarity), both in the query's dtype.
+    """
+    b, c, h, w = query.shape
+    similarity = cosine_similarity_map(query, prototypes)  # [B, M, h, w] fp32
+    valid = valid[:, :, None, None]
+    prob = (similarity * valid).sum(1, keepdim=True)
+    index = similarity.masked_fill(~valid, float("-inf")).argmax(1)  # [B, h, w]
+    guide = prototypes.gather(1, index.view(b, h * w, 1).expand(-1, -1, c))
+    guide = guide.transpose(1, 2).reshape(b, c, h, w)
+    return prob.to(query.dtype), guide.to(query.dtype)
+
+
+def pyramid_bin_size(bin: float, size: tuple[int, int]) -> tuple[int, int]:
+    """Pooled size of one pyramid level for a feature map of ``size``.
+
+    As the official code: a bin <= 1 is a fraction of the feature size (``int(size * bin)``,
+    at least 1); a bin > 1 is an absolute size. The official bins 60/30/15/8 assume 60x60
+    features (473 crops at stride 8); absolute bins are clamped to the feature size so that
+    small inputs do not upsample, and bins apply per side (the official code makes square bins;
+    equal for its square crops). For small inputs, fractions such as (1.0, 0.5, 0.25, 0.125)
+    keep the official ratios.
+    """
+    if bin <= 1:
+        return max(1, int(size[0] * bin)), max(1, int(size[1] * bin))
+    return min(int(bin), size[0]), min(int(bin), size[1])
+
+
+def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
+
+
+def _conv1x1_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.ReLU(inplace=True))
+
+
+def _double_conv(channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+        nn.ReLU(inplace=True),
+    )
+
+
+def _classifier(channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(channels, channels, 3, padding=1, bias=False),
+        nn.ReLU(inplace=True),
+        nn.Dropout2d(0.1),
+        nn.Conv2d(channels, 2, 1),
+    )
+
+
+def split_official_state_dict(
+    checkpoint: Mapping[str, Any],
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Split an official ASGNet checkpoint into (head, backbone) state dicts.
+
+    Accepts the saved file's dict (``{"state_dict": ...}``, as ``tool/test.py`` loads it) or the
+    state dict itself, and strips the ``module.`` prefix of ``nn.DataParallel``. Keys under
+    ``layer0`` (deep stem) and ``layer1``..``layer4`` go to the backbone dict, unchanged; all
+    others go to the head dict, whose names equal :class:`ASGNetHead`'s (see its key map).
+    """
+    state = checkpoint.get("state_dict", checkpoint)
+    head: dict[str, Tensor] = {}
+    backbone: dict[str, Tensor] = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        (backbone if key.startswith(OFFICIAL_BACKBONE_PREFIXES) else head)[key] = value
+    return head, backbone
+
+
+class ASGNetHead(nn.Module):
+    """ASGNet's prototype learning, allocation and decoder (pyramid variant).
+
+    From the official ``model/asgnet.py`` (names and shapes kept, so its checkpoints load):
+
+    * ``down_conv``: layer3 and layer2 concatenated, 1x1 conv without bias, Dropout2d(0.5), no
+      ReLU; one module for query and support.
+    * Superpixel-guided clustering (:func:`place_seeds`, :func:`superpixel_clustering`): seeds
+      from the support mask resized to feature size with nearest neighbour (the official data
+      loader resizes to 1/8 with ``cv2.INTER_NEAREST``), clustering on the pixels where the
+      bilinear ``align_corners`` mask is 1, ``train_iterations`` (10) in training and
+      ``eval_iterations`` (5) in evaluation. With fewer than 2 superpixels, the prototype is
+      the masked average (``Weighted_GAP``) of the bilinear mask. As in the official code the
+      prototypes are computed under ``torch.no_grad`` (no gradient reaches ``down_conv`` through
+      the support), so the support branch runs without autograd.
+    * K shots: all shots' prototypes are pooled (concatenated) before allocation.
+    * Guided prototype allocation (:func:`guided_prototype_allocation`): the guide feature is
+      the query concatenated with the allocated prototype (2 x reduce_dim channels), plus the
+      probability map.
+    * Decoder (PFENet's feature enrichment, official ``pyramid: True``): for each bin,
+      adaptive average pooling, ``corr_conv`` (2C+1 -> C), ``alpha_conv`` merging the previous
+      bin (from the second bin on), ``beta_conv`` with residual and ``inner_cls`` auxiliary
+      logits; then ``res1`` over the concatenated bins, ``res2`` with residual and ``cls``.
+      Auxiliary loss weight 1.0 (``aux_weight`` in the configs), averaged over bins.
+
+    The ASPP variant (``pyramid: False``) is not implemented.
+
+    Official checkpoint key map (after stripping ``module.``; ``i`` indexes the bins):
+    ``down_conv.0.weight``; ``corr_conv.{i}.0.weight``; ``alpha_conv.{i-1}.0.weight``;
+    ``beta_conv.{i}.{0,2}.weight``; ``inner_cls.{i}.0.weight``, ``inner_cls.{i}.3.{weight,bias}``;
+    ``res1.0.weight``; ``res2.{0,2}.weight``; ``cls.0.weight``, ``cls.3.{weight,bias}`` map to
+    the same names here. ``layer0.*`` .. ``layer4.*`` belong to the backbone and are returned
+    by :meth:`load_official_state_dict`, not loaded.
+
+    Deviations, all for vectorisation or robustness: everything is batched over episodes,
+    shots and superpixels, with prototypes padded to ``max_superpixels`` per shot and a
+    validity mask (no Python loops over the batch); clustering uses a masked softmax; the seed
+    count is returned rather than inferred; an episode whose clustering region is empty
+    falls back to masked average pooling (the official code would produce NaN); bins are
+    clamped per side (see :func:`pyramid_bin_size`); the superpixel count is taken on the
+    feature grid, which is the official 1/8 grid at output stride 8 (at stride 16 each feature
+    pixel covers 4 such pixels; scale ``superpixel_area`` by 1/4 to keep the official counts).
+
+    Args:
+        in_channels: Backbone channels by name; needs ``layer2`` and ``layer3``.
+        reduce_dim: Channels of the reduced features (official 256).
+        bins: Pyramid bins, absolute sizes (> 1) or fractions of the feature size (<= 1).
+        max_superpixels: Official ``max_sp``, 5.
+        superpixel_area: Mask pixels per superpixel, official 100.
+        train_iterations: Clustering iterations in training, official 10.
+        eval_iterations: Clustering iterations in evaluation, official 5.
+        aux_weight: Weight of the mean auxiliary loss, official 1.0.
+        dropout: Dropout2d probability of ``down_conv``, official 0.5.
+    """
+
+    def __init__(
+        self,
+        in_channels: Mapping[str, int],
+        reduce_dim: int = 256,
+        bins: Sequence[float] = (60, 30, 15, 8),
+        max_superpixels: int = 5,
+        superpixel_area: float = 100.0,
+        train_iterations: int = 10,
+        eval_iterations: int = 5,
+        aux_weight: float = 1.0,
+        dropout: float = 0.5,
+    ) -> None:
+        super().__init__()
+        if not bins or any(b <= 0 for b in bins):
+            raise ValueError(f"bins must be a non-empty list of positive sizes, got {bins}")
+        self.bins = tuple(bins)
+        self.max_superpixels = max_superpixels
+        self.superpixel_area = superpixel_area
+        self.train_iterations = train_iterations
+        self.eval_iterations = eval_iterations
+        self.aux_weight = aux_weight
+
+        self.down_conv = nn.Sequential(
+            nn.Conv2d(mid_level_channels(in_channels), reduce_dim, 1, bias=False),
+            nn.Dropout2d(dropout),
+        )
+        self.corr_conv = nn.ModuleList(
+            _conv1x1_relu(2 * reduce_dim + 1, reduce_dim) for _ in self.bins
+        )
+        self.alpha_conv = nn.ModuleList(
+            _conv1x1_relu(2 * reduce_dim, reduce_dim) for _ in self.bins[1:]
+        )
+        self.beta_conv = nn.ModuleList(_double_conv(reduce_dim) for _ in self.bins)
+        self.inner_cls = nn.ModuleList(_classifier(reduce_dim) for _ in self.bins)
+        self.res1 = _conv1x1_relu(len(self.bins) * reduce_dim, reduce_dim)
+        self.res2 = _double_conv(reduce_dim)
+        self.cls = _classifier(reduce_dim)
+
+    def forward(
+        self,
+        query_feats: Mapping[str, Tensor],
+        support_feats: Mapping[str, Tensor],
+        support_masks: Tensor,
+    ) -> HeadOutput:
+        """Segment the query; see :mod:`tasks.heads` for shapes."""
+        check_inputs(query_feats, support_feats, support_masks)
+        batch = support_masks.shape[0]
+        query = self.down_conv(mid_level_features(query_feats))
+        with torch.no_grad():
+            support = self.down_conv(mid_level_features(support_feats))
+            prototypes, valid = self.support_prototypes(support, support_masks)
+        prototypes = prototypes.reshape(batch, -1, prototypes.shape[-1])
+        prob, allocated = guided_prototype_allocation(query, prototypes, valid.view(batch, -1))
+        logits, aux_logits = self.decode(torch.cat([query, allocated], 1), prob)
+        return HeadOutput(logits=logits, aux_logits=aux_logits, aux_weight=self.aux_weight)
+
+    def support_prototypes(self, support: Tensor, support_masks: Tensor) -> tuple[Tensor, Tensor]:
+        """[B*K, C, h, w] features and [B, K, H, W] labels -> prototypes [B*K, S, C] and their
+        validity [B*K, S], S = ``max_superpixels``."""
+        size = support.shape[-2:]
+        soft = foreground_masks(support_masks, size)
+        hard = (support_masks == 1).flatten(0, 1)[:, None].float()
+        hard = F.interpolate(hard, size=size, mode="nearest")[:, 0] > 0.5
+        seeds, num = place_seeds(hard, self.max_superpixels, self.superpixel_area)
+        roi = soft[:, 0] >= 1 - ROI_TOLERANCE
+        iterations = self.train_iterations if self.training else self.eval_iterations
+        centres = superpixel_clustering(support, roi, seeds, iterations)
+        pooled = masked_average_pooling(support, soft)
+
+        clustered = (num >= 2) & roi.flatten(1).any(1)
+        slots = torch.arange(self.max_superpixels, device=support.device)
+        valid = torch.where(clustered[:, None], slots < num[:, None], slots == 0)
+        prototypes = torch.where(clustered[:, None, None], centres, pooled[:, None])
+        return prototypes, valid
+
+    def decode(self, guide: Tensor, prob: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """Feature enrichment pyramid -> (logits at feature size, per-bin auxiliary logits)."""
+        size = guide.shape[-2:]
+        levels: list[Tensor] = []
+        aux_logits: list[Tensor] = []
+        for i, bin in enumerate(self.bins):
+            bin_size = pyramid_bin_size(bin, size)
+            merged = torch.cat([F.adaptive_avg_pool2d(guide, bin_size), _resize(prob, bin_size)], 1)
+            merged = self.corr_conv[i](merged)
+            if i > 0:
+                previous = _resize(levels[-1], bin_size)
+                merged = self.alpha_conv[i - 1](torch.cat([merged, previous], 1)) + merged
+            merged = self.beta_conv[i](merged) + merged
+            aux_logits.append(self.inner_cls[i](merged))
+            levels.append(_resize(merged, size))
+        feat = self.res1(torch.cat(levels, 1))
+        feat = self.res2(feat) + feat
+        return self.cls(feat), aux_logits
+
+    def load_official_state_dict(self, checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
+        """Load the head part of an official ASGNet checkpoint strictly; return the backbone
+        part (``layer0.*`` .. ``layer4.*``, ``module.`` stripped) for the caller to map.
+
+        Raises:
+            RuntimeError: listing the missing and unexpected head keys (e.g. an ASPP-variant
+            checkpoint, or one with a different number of bins).
+        """
+        head_state, backbone_state = split_official_state_dict(checkpoint)
+        expected = set(self.state_dict())
+        missing, unexpected = sorted(expected - set(head_state)), sorted(set(head_state) - expected)
+        if missing or unexpected:
+            raise RuntimeError(
+                "official ASGNet checkpoint does not match ASGNetHead: "
+                f"missing keys {missing}, unexpected keys {unexpected}"
+            )
+        self.load_state_dict(head_state)
+        return backbone_state
+
+    @classmethod
+    def from_official_state_dict(
+        cls,
+        checkpoint: Mapping[str, Any],
+        in_channels: Mapping[str, int] = RESNET50_CHANNELS,
+        **options: Any,
+    ) -> tuple[ASGNetHead, dict[str, Tensor]]:
+        """Build a head for an official checkpoint (ResNet-50/101 channels by default) and load
+        it; returns the head and the checkpoint's backbone entries."""
+        head = cls(in_channels, **options)
+        return head, head.load_official_state_dict(checkpoint)

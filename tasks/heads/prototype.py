@@ -1,0 +1,70 @@
+"""Prototype baseline: masked average pooling, cosine similarity, a light decoder."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .common import (
+    HeadOutput,
+    check_inputs,
+    cosine_similarity_map,
+    foreground_masks,
+    masked_average_pooling,
+    mid_level_channels,
+    mid_level_features,
+)
+
+
+class PrototypeHead(nn.Module):
+    """One foreground prototype per episode compared with every query pixel.
+
+    The mid-level feature is PFENet's (Tian et al., TPAMI 2020): layer3 and layer2
+    concatenated, reduced by a 1x1 convolution without bias, ReLU and Dropout2d, shared by query
+    and support. The support's foreground prototype is the masked average of its features
+    (PANet/PFENet), averaged over the K shots. The decoder sees the query feature, the tiled
+    prototype and the cosine similarity map and predicts two classes.
+
+    Args:
+        in_channels: Channels of the backbone features by name; needs ``layer2`` and ``layer3``.
+        reduce_dim: Channels of the reduced mid-level feature and of the decoder.
+        dropout: Dropout2d probability after the reduction (PFENet: 0.5).
+    """
+
+    def __init__(
+        self, in_channels: Mapping[str, int], reduce_dim: int = 256, dropout: float = 0.5
+    ) -> None:
+        super().__init__()
+        self.reduce = nn.Sequential(
+            nn.Conv2d(mid_level_channels(in_channels), reduce_dim, 1, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Dropout2d(dropout),
+        )
+        self.decoder = nn.Sequential(
+            nn.Conv2d(2 * reduce_dim + 1, reduce_dim, 3, padding=1, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(reduce_dim, reduce_dim, 3, padding=1, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Dropout2d(0.1),
+            nn.Conv2d(reduce_dim, 2, 1),
+        )
+
+    def forward(
+        self,
+        query_feats: Mapping[str, Tensor],
+        support_feats: Mapping[str, Tensor],
+        support_masks: Tensor,
+    ) -> HeadOutput:
+        """Segment the query; see :mod:`tasks.heads` for shapes."""
+        check_inputs(query_feats, support_feats, support_masks)
+        batch, shots = support_masks.shape[:2]
+        query = self.reduce(mid_level_features(query_feats))
+        support = self.reduce(mid_level_features(support_feats))
+        masks = foreground_masks(support_masks, support.shape[-2:])
+        prototype = masked_average_pooling(support, masks).view(batch, shots, -1).mean(1)
+        similarity = cosine_similarity_map(query, prototype[:, None])  # [B, 1, h, w]
+        prototype = prototype.to(query.dtype)[..., None, None].expand_as(query)
+        merged = torch.cat([query, prototype, similarity.to(query.dtype)], 1)
+        return HeadOutput(logits=self.decoder(merged), aux_logits=[], aux_weight=0.0)

@@ -1,0 +1,235 @@
+"""Few-shot segmentation: ``python -m tasks.segment fit|validate|test|predict``.
+
+A task in torchgeo's style: a LightningModule with ``configure_models``, ``configure_losses`` and
+``configure_metrics``, fed by the episodic datamodules of :mod:`datamodules` (batch contract in
+:mod:`datamodules.episode`). The backbone is any :class:`backbones.ResNet`; the head any of
+:mod:`tasks.heads`. Evaluation scores at the query's original label resolution, as PFENet/ASGNet
+(``ori_resize``), with :class:`tasks.metrics.FewShotIoU`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import Tensor, nn
+
+from backbones import ResNet
+from tasks.heads import HeadOutput, PrototypeHead
+from tasks.metrics import FewShotIoU
+
+IGNORE = 255
+HeadFactory = Callable[[Mapping[str, int]], nn.Module]
+
+
+def default_backbone() -> ResNet:
+    """The PSPNet / PFENet / ASGNet encoder: ResNet-50, deep stem, uniform dilation, OS 8."""
+    return ResNet("resnet50", stem="deep", output_stride=8, dilation_scheme="uniform")
+
+
+def upsample(logits: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
+    """Bilinear with ``align_corners=True``, as PFENet/ASGNet resize logits to the label."""
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=True)
+
+
+def original_size_predictions(logits: Tensor, batch: Mapping[str, Any]) -> list[Tensor]:
+    """Each query's prediction [h, w] at its original size (PFENet/ASGNet ``ori_resize``): the
+    logits, upsampled to the model input, cropped to the query's valid region and resized."""
+    logits = upsample(logits, batch["query_image"].shape[-2:])
+    sizes = zip(batch["query_valid"].tolist(), batch["query_size"].tolist(), strict=True)
+    return [
+        upsample(logits[i : i + 1, :, :h_valid, :w_valid], (h, w)).argmax(1)[0]
+        for i, ((h_valid, w_valid), (h, w)) in enumerate(sizes)
+    ]
+
+
+def original_resolution_predictions(logits: Tensor, batch: Mapping[str, Any]) -> Tensor:
+    """Predictions [B, Hmax, Wmax] aligned with ``query_label`` (0 in its 255 padding)."""
+    preds = torch.zeros_like(batch["query_label"])
+    for i, pred in enumerate(original_size_predictions(logits, batch)):
+        preds[i, : pred.shape[0], : pred.shape[1]] = pred
+    return preds
+
+
+class FewShotSegmentation(LightningModule):
+    """Predict the query mask of the support's class from K annotated support images.
+
+    Args:
+        backbone: the encoder; default the PSPNet/ASGNet encoder (:func:`default_backbone`).
+        head: a head class (or callable) taking the backbone's channels by feature name.
+        num_classes: classes of the dataset, for per-class IoU (linked from the datamodule).
+        freeze_backbone: no gradients in the backbone, BatchNorm kept in eval mode and the
+            backbone run under ``torch.no_grad`` (PFENet/ASGNet); else it is fine-tuned at
+            ``lr * backbone_lr_mult``.
+        features: backbone outputs the head consumes; later stages are not computed.
+        optimizer: ``"sgd"`` (the reference recipes) or ``"adamw"``.
+        lr, momentum, weight_decay: optimizer settings (ASGNet PASCAL: 0.0025, 0.9, 1e-4).
+        poly_power: learning rate ``lr * (1 - step / total_steps) ** poly_power`` per step.
+        backbone_lr_mult: the backbone's learning-rate multiplier when fine-tuned.
+    """
+
+    def __init__(
+        self,
+        backbone: ResNet | None = None,
+        head: HeadFactory = PrototypeHead,
+        num_classes: int = 20,
+        freeze_backbone: bool = True,
+        features: tuple[str, ...] = ("layer2", "layer3"),
+        optimizer: Literal["sgd", "adamw"] = "sgd",
+        lr: float = 0.0025,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        poly_power: float = 0.9,
+        backbone_lr_mult: float = 0.1,
+    ) -> None:
+        super().__init__()
+        for name, value in (("lr", lr), ("backbone_lr_mult", backbone_lr_mult)):
+            if not value > 0:
+                raise ValueError(f"{name}={value}: expected a positive number")
+        if weight_decay < 0 or poly_power < 0 or not 0 <= momentum < 1:
+            raise ValueError(
+                f"weight_decay={weight_decay}, poly_power={poly_power}, momentum={momentum}: "
+                "expected weight_decay >= 0, poly_power >= 0 and 0 <= momentum < 1"
+            )
+        self.save_hyperparameters(ignore=["backbone", "head"])
+        self.configure_models(backbone or default_backbone(), head)
+        self.configure_losses()
+        self.configure_metrics()
+
+    def configure_models(self, backbone: ResNet, head: HeadFactory) -> None:
+        self.backbone = backbone
+        self.backbone.select_outputs(self.hparams.features)
+        if self.hparams.freeze_backbone:
+            self.backbone.freeze(4, norm_eval=True)
+        self.head = head(self.backbone.out_channels)
+
+    def configure_losses(self) -> None:
+        self.criterion = nn.CrossEntropyLoss(ignore_index=IGNORE)
+
+    def configure_metrics(self) -> None:
+        self.train_iou = FewShotIoU(self.hparams.num_classes)
+        self.val_iou = FewShotIoU(self.hparams.num_classes)
+        self.test_iou = FewShotIoU(self.hparams.num_classes)
+
+    @property
+    def backbone_trainable(self) -> bool:
+        return any(p.requires_grad for p in self.backbone.parameters())
+
+    def forward(self, query_image: Tensor, support_images: Tensor, support_masks: Tensor) -> Any:
+        """Query and support go through the backbone in one batched call."""
+        batch, shots = support_images.shape[:2]
+        images = torch.cat([query_image, support_images.flatten(0, 1)])
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.backbone_trainable):
+            features = self.backbone(images)
+        query = {name: f[:batch] for name, f in features.items()}
+        support = {name: f[batch:].unflatten(0, (batch, shots)) for name, f in features.items()}
+        return self.head(query, support, support_masks)
+
+    def loss(self, output: HeadOutput, target: Tensor) -> tuple[Tensor, Tensor]:
+        """Cross-entropy (255 ignored) plus the head's weighted mean auxiliary loss."""
+        size = target.shape[-2:]
+        main = self.criterion(upsample(output.logits, size).float(), target)
+        if not output.aux_logits:
+            return main, main
+        aux = torch.stack(
+            [self.criterion(upsample(a, size).float(), target) for a in output.aux_logits]
+        ).mean()
+        return main + output.aux_weight * aux, main
+
+    def _predict(self, batch: Mapping[str, Any]) -> HeadOutput:
+        return self(batch["query_image"], batch["support_images"], batch["support_masks"])
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        output = self._predict(batch)
+        loss, main = self.loss(output, batch["query_mask"])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss ({loss.item()}) at global step {self.global_step}, "
+                f"epoch {self.current_epoch}: lower the learning rate (model.lr) or check the data"
+            )
+        size = batch["query_mask"].shape[-2:]
+        self.train_iou.update(
+            upsample(output.logits.detach(), size).argmax(1), batch["query_mask"], batch["class_id"]
+        )
+        batch_size = batch["query_image"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/main_loss", main, batch_size=batch_size)
+        return loss
+
+    def on_train_epoch_end(self) -> None:
+        self._log_iou("train", self.train_iou)
+
+    def _evaluate(self, batch: Mapping[str, Any], metric: FewShotIoU) -> None:
+        output = self._predict(batch)
+        metric.update(
+            original_resolution_predictions(output.logits, batch),
+            batch["query_label"],
+            batch["class_id"],
+        )
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_iou)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_iou("val", self.val_iou)
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_iou)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_iou("test", self.test_iou)
+
+    def _log_iou(self, stage: str, metric: FewShotIoU) -> None:
+        """mIoU and FB-IoU over all ranks' episodes (the metric syncs its sums), per-class IoU."""
+        result = metric.compute()
+        metric.reset()
+        self.log(f"{stage}/miou", result["miou"], prog_bar=stage != "train")
+        self.log(f"{stage}/fbiou", result["fbiou"])
+        names = self.class_names()
+        for index, iou in enumerate(result["iou_per_class"].tolist()):
+            if iou == iou:  # classes without episodes are NaN
+                self.log(f"{stage}/iou/{names[index]}", iou)
+
+    def class_names(self) -> list[str]:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        names = getattr(datamodule, "class_names", None)
+        return list(names) if names else [str(i) for i in range(self.hparams.num_classes)]
+
+    def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Foreground masks at each query's original size, with the batch's ids."""
+        output = self._predict(batch)
+        masks = [p.to(torch.uint8).cpu() for p in original_size_predictions(output.logits, batch)]
+        return {"query_id": batch["query_id"], "masks": masks}
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        groups = [{"params": [p for p in self.head.parameters() if p.requires_grad], "lr": hp.lr}]
+        if self.backbone_trainable:
+            backbone = [p for p in self.backbone.parameters() if p.requires_grad]
+            groups.append({"params": backbone, "lr": hp.lr * hp.backbone_lr_mult})
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(
+                groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
+            )
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: max(0.0, 1 - step / total) ** hp.poly_power
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def main(args: list[str] | None = None) -> None:
+    """The command line; ``args`` lets tests run it in-process."""
+    from datamodules import FewShotDataModule
+    from tasks.cli import run_cli
+
+    run_cli(FewShotSegmentation, FewShotDataModule, "segment", args)
+
+
+if __name__ == "__main__":
+    main()
