@@ -1,0 +1,26 @@
+"""Episodic few-shot segmentation data: PASCAL-5i, COCO-20i and the generated ``shapes`` set.
+
+The batch format is documented in :mod:`datamodules.episode`; the DDP contract (the trainer must
+use ``use_distributed_sampler=False``, see :data:`TRAINER_KWARGS`) in :mod:`datamodules.sampler`.
+"""
+
+from .coco import CocoFewShot
+from .datamodule import FewShotDataModule, data_dir
+from .episode import Episode, collate_episodes
+from .pascal import PascalFewShot
+from .sampler import TRAINER_KWARGS, EpisodeSampler
+from .shapes import SHAPE_CLASSES, ShapesFewShot, render_scene
+
+__all__ = [
+    "SHAPE_CLASSES",
+    "TRAINER_KWARGS",
+    "CocoFewShot",
+    "Episode",
+    "EpisodeSampler",
+    "FewShotDataModule",
+    "PascalFewShot",
+    "ShapesFewShot",
+    "collate_episodes",
+    "data_dir",
+    "render_scene",
+]

@@ -1,0 +1,192 @@
+"""COCO-20i from COCO 2014: instances JSON (via pycocotools) or pre-rendered class masks."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pycocotools.coco import COCO
+
+from .datamodule import FewShotDataModule, Split, data_dir
+from .source import IGNORE, PngLabelSource, SegmentationSource, missing_path_error
+from .splits import CocoSplit, coco_novel_classes
+
+COCO_CLASSES = [
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat",
+    "traffic light", "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog",
+    "horse", "sheep", "cow", "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella",
+    "handbag", "tie", "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite",
+    "baseball bat", "baseball glove", "skateboard", "surfboard", "tennis racket", "bottle",
+    "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple", "sandwich", "orange",
+    "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch", "potted plant",
+    "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard", "cell phone",
+    "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
+    "teddy bear", "hair drier", "toothbrush",
+]  # fmt: skip
+
+COCO_LAYOUT = """\
+<root>/
+  train2014/<file_name>.jpg
+  val2014/<file_name>.jpg
+  annotations/instances_train2014.json
+  annotations/instances_val2014.json
+or, with masks="<masks>" (pre-rendered, one single-channel PNG per image: 0 background,
+1..80 the categories in category-id order, 255 ignore):
+  <masks>/train2014/<image id>.png
+  <masks>/val2014/<image id>.png"""
+
+
+class CocoInstancesSource(SegmentationSource):
+    """A COCO split rendered from its instances JSON.
+
+    Polygons, uncompressed and compressed RLE all go through pycocotools' ``annToMask``.
+    Non-crowd instances are painted largest first, so small objects stay on top; crowd regions
+    not covered by an instance become 255 (ignored). The 80 categories sorted by id give the
+    0-based class indices. Workers hold the whole JSON; for the full train set the pre-rendered
+    mask layout uses far less memory.
+    """
+
+    def __init__(self, name: str, image_dir: Path, annotation_file: Path) -> None:
+        super().__init__(name, len(COCO_CLASSES))
+        for path, what in ((image_dir, "image folder"), (annotation_file, "annotation file")):
+            if not path.exists():
+                raise missing_path_error(path, what, COCO_LAYOUT)
+        self.image_dir = image_dir
+        self.annotation_file = annotation_file
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.coco = COCO(str(annotation_file))
+        except (json.JSONDecodeError, KeyError, TypeError, AssertionError) as error:
+            raise ValueError(
+                f"cannot read COCO annotations {annotation_file}: {error!r}"
+            ) from error
+        category_ids = sorted(self.coco.getCatIds())
+        if len(category_ids) != len(COCO_CLASSES):
+            raise ValueError(
+                f"{annotation_file} has {len(category_ids)} categories; COCO-20i needs "
+                f"{len(COCO_CLASSES)}"
+            )
+        self._class_of = {category: index for index, category in enumerate(category_ids)}
+        images = sorted(self.coco.imgs.values(), key=lambda image: image["id"])
+        self._images: dict[str, dict[str, Any]] = {Path(i["file_name"]).stem: i for i in images}
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self._images)
+
+    def image_path(self, image_id: str) -> Path:
+        return self.image_dir / self._images[image_id]["file_name"]
+
+    def label_origin(self, image_id: str) -> str:
+        return f"annotations of {image_id} in {self.annotation_file}"
+
+    def _decode_label(self, image_id: str) -> np.ndarray:
+        info = self._images[image_id]
+        label = np.zeros((info["height"], info["width"]), dtype=np.uint8)
+        annotations = self.coco.imgToAnns.get(info["id"], [])
+        instances = sorted(
+            (a for a in annotations if not a.get("iscrowd")), key=lambda a: -a.get("area", 0)
+        )
+        for annotation in instances:
+            if annotation["category_id"] not in self._class_of:
+                raise ValueError(
+                    f"annotation {annotation.get('id')} in {self.annotation_file} has category "
+                    f"{annotation['category_id']}, not one of the file's categories"
+                )
+            label[self._mask(annotation) > 0] = self._class_of[annotation["category_id"]] + 1
+        for annotation in annotations:
+            if annotation.get("iscrowd"):
+                label[(self._mask(annotation) > 0) & (label == 0)] = IGNORE
+        return label
+
+    def _mask(self, annotation: dict[str, Any]) -> np.ndarray:
+        try:
+            return self.coco.annToMask(annotation)
+        except (KeyError, TypeError, ValueError, IndexError) as error:
+            raise ValueError(
+                f"annotation {annotation.get('id')} in {self.annotation_file}: bad segmentation "
+                f"({error!r})"
+            ) from error
+
+    def fingerprint(self) -> str:
+        stat = self.annotation_file.stat()
+        key = f"{self.name}:{self.annotation_file.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:"
+        return hashlib.sha256(f"{key}{self.image_dir.resolve()}".encode()).hexdigest()
+
+
+def coco_mask_source(name: str, image_dir: Path, mask_dir: Path) -> PngLabelSource:
+    """A COCO split with pre-rendered label PNGs; the images are those with a mask."""
+    for path, what in ((image_dir, "image folder"), (mask_dir, "mask folder")):
+        if not path.is_dir():
+            raise missing_path_error(path, what, COCO_LAYOUT)
+    files = {
+        mask.stem: (image_dir / f"{mask.stem}.jpg", mask) for mask in sorted(mask_dir.glob("*.png"))
+    }
+    if not files:
+        raise missing_path_error(mask_dir / "<image id>.png", "mask files", COCO_LAYOUT)
+    return PngLabelSource(name, len(COCO_CLASSES), files)
+
+
+class CocoFewShot(FewShotDataModule):
+    """COCO-20i episodes: 80 classes in 4 folds of 20 (train2014 for training, val2014 for test).
+
+    Args:
+        split: ``"interleaved"`` (PFENet ``use_split_coco``, HSNet, ASGNet: fold ``i`` novel
+            classes ``i+1, i+5, ..., i+77``) or ``"contiguous"`` (PANet: ``20i+1 .. 20i+20``).
+        masks: folder (relative to ``root``) of pre-rendered masks; ``None`` reads the JSON.
+        **kwargs: see :class:`FewShotDataModule`; ``root`` defaults to ``data_dir()/coco``,
+            ``image_size`` to 641 and ``batch_size`` to 8 (PFENet/ASGNet COCO settings).
+    """
+
+    num_classes = 80
+    class_names = COCO_CLASSES
+
+    def __init__(
+        self,
+        root: str | None = None,
+        fold: int = 0,
+        shots: int = 1,
+        image_size: int = 641,
+        batch_size: int = 8,
+        num_workers: int = 4,
+        train_episodes: int | None = None,
+        val_episodes: int = 1000,
+        test_episodes: int = 1000,
+        seed: int = 321,
+        min_pixels: int = 2 * 32 * 32,
+        exclude_novel_from_train: bool = False,
+        val_fraction: float = 0.1,
+        cache_dir: str | None = None,
+        split: CocoSplit = "interleaved",
+        masks: str | None = None,
+    ) -> None:
+        if split not in ("interleaved", "contiguous"):
+            raise ValueError(f"split must be one of 'interleaved', 'contiguous', got {split!r}")
+        self.split = split
+        self.masks = masks
+        super().__init__(
+            root, fold, shots, image_size, batch_size, num_workers, train_episodes, val_episodes,
+            test_episodes, seed, min_pixels, exclude_novel_from_train, val_fraction, cache_dir,
+        )  # fmt: skip
+
+    def default_root(self) -> Path:
+        return data_dir() / "coco"
+
+    def fold_novel_classes(self) -> list[int]:
+        return coco_novel_classes(self.fold, self.split)
+
+    def make_source(self, split: Split) -> SegmentationSource:
+        if not self.root.is_dir():
+            raise missing_path_error(self.root, "dataset root", COCO_LAYOUT)
+        folder = {"train": "train2014", "test": "val2014"}[split]
+        if self.masks is not None:
+            return coco_mask_source(
+                f"coco-masks-{split}", self.root / folder, self.root / self.masks / folder
+            )
+        annotations = self.root / "annotations" / f"instances_{folder}.json"
+        return CocoInstancesSource(f"coco-{split}", self.root / folder, annotations)

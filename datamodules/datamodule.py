@@ -1,0 +1,226 @@
+"""The episodic LightningDataModule shared by PASCAL-5i, COCO-20i and shapes.
+
+Stages and the data they use (the batch format is in :mod:`datamodules.episode`, the DDP contract
+in :mod:`datamodules.sampler`):
+
+* ``fit`` -- training episodes over the **base** classes of the training list, minus the
+  held-out images (:func:`datamodules.splits.hold_out`); validation episodes over the **base**
+  classes of the held-out images, so checkpoint selection never sees a novel class (PFENet, HSNet
+  and ASGNet select on the test fold).
+* ``test`` -- episodes over the **novel** classes of the test list (VOC val / COCO val2014).
+"""
+
+from __future__ import annotations
+
+import os
+from abc import abstractmethod
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader
+
+from .episode import EpisodeDataset, collate_episodes
+from .index import ClassCounts, class_counts
+from .sampler import EpisodeSampler, rank_and_world_size
+from .source import SegmentationSource
+from .splits import NUM_FOLDS, eligible_images, hold_out
+from .transforms import eval_transform, train_transform
+
+Split = Literal["train", "test"]
+_STAGE_CODE = {"val": 0, "test": 1}
+
+
+def data_dir() -> Path:
+    """Root of downloads, generated data and caches: ``$FEWSHOT_DATA_DIR`` or
+    ``~/.cache/fewshot-dilated``."""
+    return Path(os.environ.get("FEWSHOT_DATA_DIR", Path.home() / ".cache" / "fewshot-dilated"))
+
+
+def _require(name: str, value: Any, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+class FewShotDataModule(LightningDataModule):
+    """Episodic few-shot segmentation data for one fold.
+
+    Args:
+        root: dataset root (layout per subclass).
+        fold: cross-validation fold, 0..3.
+        shots: support images per episode (K >= 1).
+        image_size: square training crop and evaluation canvas.
+        batch_size: episodes per batch.
+        num_workers: loader worker processes.
+        train_episodes: training episodes per epoch; ``None`` = one per (image, base class) pair
+            of the training list, as PFENet's epoch.
+        val_episodes: fixed validation episodes (base classes, held-out images).
+        test_episodes: fixed test episodes (novel classes, test list).
+        seed: seed of the validation and test lists (PFENet family: 321).
+        min_pixels: pixels a class needs in an image to be used there (OSLSM: 2 * 32 * 32).
+        exclude_novel_from_train: drop training images holding any novel-class pixel (BAM).
+        val_fraction: share of each class's training images held out for validation.
+        cache_dir: where the class index is cached; ``None`` = ``data_dir()/index``.
+    """
+
+    num_classes: int
+    class_names: list[str]
+
+    def __init__(
+        self,
+        root: str | None = None,
+        fold: int = 0,
+        shots: int = 1,
+        image_size: int = 473,
+        batch_size: int = 4,
+        num_workers: int = 4,
+        train_episodes: int | None = None,
+        val_episodes: int = 1000,
+        test_episodes: int = 1000,
+        seed: int = 321,
+        min_pixels: int = 2 * 32 * 32,
+        exclude_novel_from_train: bool = False,
+        val_fraction: float = 0.1,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        _require("fold", fold, fold in range(NUM_FOLDS), f"one of {list(range(NUM_FOLDS))}")
+        _require("shots", shots, shots >= 1, "an integer >= 1")
+        _require("image_size", image_size, image_size >= 8, "an integer >= 8")
+        _require("batch_size", batch_size, batch_size >= 1, "an integer >= 1")
+        _require("num_workers", num_workers, num_workers >= 0, "an integer >= 0")
+        _require(
+            "train_episodes",
+            train_episodes,
+            train_episodes is None or train_episodes >= 1,
+            "None or an integer >= 1",
+        )
+        _require("val_episodes", val_episodes, val_episodes >= 1, "an integer >= 1")
+        _require("test_episodes", test_episodes, test_episodes >= 1, "an integer >= 1")
+        _require("min_pixels", min_pixels, min_pixels >= 1, "an integer >= 1")
+        _require("val_fraction", val_fraction, 0 < val_fraction < 1, "in the open interval (0, 1)")
+        self.save_hyperparameters()
+        self.root = Path(root).expanduser() if root is not None else self.default_root()
+        self.fold = fold
+        self.shots = shots
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.train_episodes = train_episodes
+        self.val_episodes = val_episodes
+        self.test_episodes = test_episodes
+        self.seed = seed
+        self.min_pixels = min_pixels
+        self.exclude_novel_from_train = exclude_novel_from_train
+        self.val_fraction = val_fraction
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else data_dir() / "index"
+        self.novel_classes = self.fold_novel_classes()
+        self.base_classes = [c for c in range(self.num_classes) if c not in self.novel_classes]
+        self._sources: dict[Split, SegmentationSource] = {}
+        self._pools: dict[str, dict[int, list[str]]] = {}
+
+    @abstractmethod
+    def default_root(self) -> Path:
+        """Root used when ``root`` is ``None``."""
+
+    @abstractmethod
+    def fold_novel_classes(self) -> list[int]:
+        """0-based novel classes of ``self.fold``."""
+
+    @abstractmethod
+    def make_source(self, split: Split) -> SegmentationSource:
+        """The training or test split; raises with the expected layout if files are missing."""
+
+    def source(self, split: Split) -> SegmentationSource:
+        if split not in self._sources:
+            self._sources[split] = self.make_source(split)
+        return self._sources[split]
+
+    def counts(self, split: Split) -> ClassCounts:
+        """Class pixel counts of every image of ``split`` (cached on disk)."""
+        return class_counts(self.source(split), self.cache_dir)
+
+    def prepare_data(self) -> None:
+        """Build (or check) both class index caches once, on one process per node."""
+        for split in ("train", "test"):
+            self.counts(split)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit", "validate") and "val" not in self._pools:
+            counts = self.counts("train")
+            held = hold_out(counts, self.val_fraction, self.min_pixels)
+            train_ids = [image_id for image_id in counts if image_id not in held]
+            excluded = self.novel_classes if self.exclude_novel_from_train else ()
+            self._pools["train"] = self._checked(
+                "train",
+                eligible_images(counts, train_ids, self.base_classes, self.min_pixels, excluded),
+            )
+            self._pools["val"] = self._checked(
+                "val", eligible_images(counts, held, self.base_classes, self.min_pixels)
+            )
+        if stage in (None, "test") and "test" not in self._pools:
+            counts = self.counts("test")
+            self._pools["test"] = self._checked(
+                "test", eligible_images(counts, counts, self.novel_classes, self.min_pixels)
+            )
+
+    def _checked(self, stage: str, pools: dict[int, list[str]]) -> dict[int, list[str]]:
+        short = {c: len(ids) for c, ids in pools.items() if len(ids) < self.shots + 1}
+        if short:
+            details = ", ".join(
+                f"{self.class_names[c]!r} (class {c}): {n}" for c, n in short.items()
+            )
+            raise ValueError(
+                f"{type(self).__name__} fold {self.fold}, {stage} split: {self.shots}-shot "
+                f"episodes need at least {self.shots + 1} images per class with "
+                f">= {self.min_pixels} pixels of it; too few for {details}"
+            )
+        return pools
+
+    def pools(self, stage: str) -> dict[int, list[str]]:
+        """Class -> eligible images for ``stage`` in ``train``, ``val``, ``test`` (after setup)."""
+        if stage not in self._pools:
+            raise RuntimeError(f"call setup() before asking for the {stage!r} episodes")
+        return self._pools[stage]
+
+    def sampler(self, stage: str) -> EpisodeSampler:
+        """The episode sampler of ``stage`` for this process (sharded under DDP)."""
+        rank, world_size = rank_and_world_size(self.trainer)
+        pools = self.pools(stage)
+        if stage == "train":
+            seed = torch.initial_seed()  # set by Lightning's seed_everything
+            if self.trainer is not None:
+                seed = self.trainer.strategy.broadcast(seed, src=0)
+            count = self.train_episodes or sum(len(ids) for ids in pools.values())
+            return EpisodeSampler(pools, count, self.shots, (seed,), rank, world_size, train=True)
+        count = self.val_episodes if stage == "val" else self.test_episodes
+        seed = (self.seed, self.fold, self.shots, _STAGE_CODE[stage])
+        return EpisodeSampler(pools, count, self.shots, seed, rank, world_size)
+
+    def _loader(self, stage: str) -> DataLoader:
+        train = stage == "train"
+        transform = train_transform if train else eval_transform
+        dataset = EpisodeDataset(
+            self.source("test" if stage == "test" else "train"),
+            transform(self.image_size),
+            evaluation=not train,
+            size=self.image_size,
+        )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=self.sampler(stage),
+            num_workers=self.num_workers,
+            collate_fn=collate_episodes,
+            persistent_workers=self.num_workers > 0 and stage != "test",
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")

@@ -1,0 +1,130 @@
+"""Episodes and the batch contract shared by every few-shot datamodule.
+
+An episode is one query image and ``K`` support images (``K >= 1``, never including the query)
+with binary masks of one class ``c``. Every loader (train, val, test) yields a dict:
+
+=================  ==========================  ==================================================
+key                type / shape                meaning
+=================  ==========================  ==================================================
+``query_image``    float32 ``[B, 3, S, S]``    ImageNet mean/std normalised
+``query_mask``     int64 ``[B, S, S]``         1 class ``c``, 0 other, 255 ignore
+``support_images`` float32 ``[B, K, 3, S, S]`` normalised like the query
+``support_masks``  int64 ``[B, K, S, S]``      1 / 0 / 255 like ``query_mask``
+``class_id``       int64 ``[B]``               0-based index into ``class_names`` (VOC k -> k-1)
+=================  ==========================  ==================================================
+
+``S`` is the datamodule's ``image_size``. Validation and test batches add:
+
+=================  ==========================  ==================================================
+``query_label``    int64 ``[B, Hmax, Wmax]``   the query's binary label (0/1/255) at its original
+                                               resolution, padded with 255 at the bottom/right to
+                                               the largest query of the batch
+``query_size``     int64 ``[B, 2]``            original ``(h, w)``
+``query_valid``    int64 ``[B, 2]``            ``(h, w)`` of the resized image inside the padded
+                                               ``S x S`` input (placed at the top-left)
+``query_id``       ``list[str]``               file ids of the queries
+=================  ==========================  ==================================================
+
+Training labels follow PFENet: the episode's class is 1, every other class 0, 255 kept. To score
+at the original resolution as PFENet/ASGNet (``ori_resize``): crop the logits to
+``[:h_valid, :w_valid]``, resize them to ``query_size`` and compare with
+``query_label[:h, :w]``; 255 is ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+
+from .source import IGNORE, SegmentationSource
+from .transforms import resized_size
+
+Batch = dict[str, Any]
+JointTransform = Callable[[tv_tensors.Image, tv_tensors.Mask], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Episode:
+    """Which images make an episode; samplers yield these and the dataset loads them."""
+
+    query: str
+    class_id: int
+    support: tuple[str, ...]
+
+
+def binary_label(label: np.ndarray, class_id: int) -> np.ndarray:
+    """1 where the label is class ``class_id`` (0-based), 255 where ignored, 0 elsewhere."""
+    binary = (label == class_id + 1).astype(np.uint8)
+    binary[label == IGNORE] = IGNORE
+    return binary
+
+
+class EpisodeDataset(Dataset):
+    """Loads and transforms the images of an :class:`Episode` into one batch item.
+
+    Indexed by :class:`Episode` (from :class:`datamodules.sampler.EpisodeSampler`), not by int.
+
+    Args:
+        source: where the images and labels come from.
+        transform: joint image/mask transform (:mod:`datamodules.transforms`).
+        evaluation: add the original-resolution query label and its geometry.
+        size: the model input size, needed to report ``query_valid`` in evaluation.
+    """
+
+    def __init__(
+        self, source: SegmentationSource, transform: JointTransform, evaluation: bool, size: int
+    ) -> None:
+        self.source = source
+        self.transform = transform
+        self.evaluation = evaluation
+        self.size = size
+
+    def _load(self, image_id: str, class_id: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        image, label = self.source.read(image_id)
+        binary = binary_label(label, class_id)
+        pixels = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1))
+        image_t, mask_t = self.transform(pixels, tv_tensors.Mask(torch.from_numpy(binary)))
+        return image_t.as_subclass(torch.Tensor), mask_t.as_subclass(torch.Tensor).long(), binary
+
+    def __getitem__(self, episode: Episode) -> Batch:  # type: ignore[override]
+        query_image, query_mask, query_label = self._load(episode.query, episode.class_id)
+        support = [self._load(image_id, episode.class_id)[:2] for image_id in episode.support]
+        item: Batch = {
+            "query_image": query_image,
+            "query_mask": query_mask,
+            "support_images": torch.stack([image for image, _ in support]),
+            "support_masks": torch.stack([mask for _, mask in support]),
+            "class_id": torch.tensor(episode.class_id),
+        }
+        if self.evaluation:
+            height, width = query_label.shape
+            item["query_label"] = torch.from_numpy(query_label).long()
+            item["query_size"] = torch.tensor([height, width])
+            item["query_valid"] = torch.tensor(resized_size(height, width, self.size))
+            item["query_id"] = episode.query
+        return item
+
+
+def collate_episodes(items: Sequence[Batch]) -> Batch:
+    """Stack items; pad ``query_label`` with 255 to the batch's largest; list ``query_id``."""
+    batch: Batch = {}
+    for key in items[0]:
+        values = [item[key] for item in items]
+        if key == "query_id":
+            batch[key] = values
+        elif key == "query_label":
+            height = max(value.shape[0] for value in values)
+            width = max(value.shape[1] for value in values)
+            padded = torch.full((len(values), height, width), IGNORE, dtype=torch.long)
+            for row, value in zip(padded, values, strict=True):
+                row[: value.shape[0], : value.shape[1]] = value
+            batch[key] = padded
+        else:
+            batch[key] = torch.stack(values)
+    return batch

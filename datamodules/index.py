@@ -1,0 +1,50 @@
+"""Class index: the pixels each class covers in each image, built once and cached on disk.
+
+The reference repositories (PFENet, ASGNet, HSNet) re-read every mask at start-up to find which
+images hold which class. Here the per-image class pixel counts are computed once, validating every
+label on the way, and stored as JSON under ``cache_dir``, keyed by the source's fingerprint (its
+files' paths, sizes and modification times, or its annotation file). Counts rather than
+thresholded lists are stored, so one cache serves every fold, shot count, ``min_pixels`` and
+protocol option.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from .source import SegmentationSource
+
+log = logging.getLogger(__name__)
+
+INDEX_VERSION = 1
+ClassCounts = dict[str, dict[int, int]]
+
+
+def index_path(source: SegmentationSource, cache_dir: Path) -> Path:
+    """Cache file of ``source``'s index; its name carries the fingerprint."""
+    key = f"{INDEX_VERSION}:{source.fingerprint()}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    return cache_dir / f"{source.name}-{digest}.json"
+
+
+def class_counts(source: SegmentationSource, cache_dir: Path) -> ClassCounts:
+    """Image id -> {0-based class: pixels} for every image of ``source``, cached on disk."""
+    path = index_path(source, cache_dir)
+    if path.is_file():
+        with path.open() as file:
+            stored = json.load(file)
+        return {
+            image_id: {int(c): n for c, n in counts.items()} for image_id, counts in stored.items()
+        }
+    log.info("indexing %d labels of %s (once; cached at %s)", len(source.ids), source.name, path)
+    counts = {image_id: source.class_pixels(image_id) for image_id in source.ids}
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=cache_dir, suffix=".tmp", delete=False) as file:
+        json.dump(counts, file)
+    os.replace(file.name, path)  # atomic: concurrent ranks never see a partial file
+    return counts

@@ -1,0 +1,141 @@
+"""PASCAL-5i (Shaban et al., OSLSM) from a VOC2012 root with SBD-augmented labels."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .datamodule import FewShotDataModule, Split, data_dir
+from .source import PngLabelSource, missing_path_error
+from .splits import pascal_novel_classes
+
+VOC_CLASSES = [
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor",
+]  # fmt: skip
+
+PASCAL_LAYOUT = """\
+<root>/
+  JPEGImages/<id>.jpg
+  SegmentationClassAug/<id>.png   single-channel labels: 0 background, 1..20 classes, 255 ignore
+  ImageSets/SegmentationAug/train_aug.txt   training list (SBD-augmented train, 10582 images)
+  ImageSets/Segmentation/val.txt            test list (VOC2012 val, 1449 images)
+List lines are ids ("2007_000032") or image/label paths relative to <root>
+("JPEGImages/2007_000032.jpg SegmentationClassAug/2007_000032.png", as PFENet's lists)."""
+
+
+@functools.cache
+def voc_palette() -> tuple[int, ...]:
+    """The VOC colour map (256 RGB entries, flattened), used to write palette PNG labels."""
+    palette = []
+    for index in range(256):
+        red = green = blue = 0
+        value = index
+        for bit in range(8):
+            red |= ((value >> 0) & 1) << (7 - bit)
+            green |= ((value >> 1) & 1) << (7 - bit)
+            blue |= ((value >> 2) & 1) << (7 - bit)
+            value >>= 3
+        palette += [red, green, blue]
+    return tuple(palette)
+
+
+def save_label_png(label: np.ndarray, path: Path) -> None:
+    """Write a ``uint8 [H, W]`` label map as a VOC palette PNG (as VOC's SegmentationClass)."""
+    image = Image.frombytes("P", (label.shape[1], label.shape[0]), np.ascontiguousarray(label))
+    image.putpalette(voc_palette())
+    image.save(path)
+
+
+def pascal_source(
+    root: Path,
+    list_file: str,
+    name: str,
+    image_dir: str = "JPEGImages",
+    label_dir: str = "SegmentationClassAug",
+    num_classes: int = 20,
+) -> PngLabelSource:
+    """A split of a VOC-layout tree, read from its list file (see ``PASCAL_LAYOUT``)."""
+    if not root.is_dir():
+        raise missing_path_error(root, "dataset root", PASCAL_LAYOUT)
+    for folder in (image_dir, label_dir):
+        if not (root / folder).is_dir():
+            raise missing_path_error(root / folder, "folder", PASCAL_LAYOUT)
+    list_path = root / list_file
+    if not list_path.is_file():
+        raise missing_path_error(list_path, "list file", PASCAL_LAYOUT)
+    files: dict[str, tuple[Path, Path]] = {}
+    for number, line in enumerate(list_path.read_text().splitlines(), start=1):
+        fields = line.split()
+        if len(fields) == 1:
+            image_id = fields[0]
+            paths = (root / image_dir / f"{image_id}.jpg", root / label_dir / f"{image_id}.png")
+        elif len(fields) == 2:
+            image_path, label_path = (root / field.lstrip("/") for field in fields)
+            image_id = image_path.stem
+            paths = (image_path, label_path)
+        elif not fields:
+            continue
+        else:
+            raise ValueError(f"{list_path}:{number}: expected an id or two paths, got {line!r}")
+        files.setdefault(image_id, paths)  # PFENet's merged lists hold duplicates
+    if not files:
+        raise ValueError(f"list file {list_path} is empty")
+    return PngLabelSource(name, num_classes, files)
+
+
+class PascalFewShot(FewShotDataModule):
+    """PASCAL-5i episodes: 20 VOC classes, fold ``i`` novel classes ``5i+1 .. 5i+5``.
+
+    Args:
+        train_list: training list relative to ``root`` (the SBD-augmented train list; PFENet's
+            5953-image ``voc_sbd_merge_noduplicate.txt`` also works).
+        test_list: test list relative to ``root`` (VOC2012 val).
+        label_dir: folder of the single-channel label PNGs.
+        **kwargs: see :class:`FewShotDataModule`; ``root`` defaults to ``data_dir()/VOC2012``.
+    """
+
+    num_classes = 20
+    class_names = VOC_CLASSES
+
+    def __init__(
+        self,
+        root: str | None = None,
+        fold: int = 0,
+        shots: int = 1,
+        image_size: int = 473,
+        batch_size: int = 4,
+        num_workers: int = 4,
+        train_episodes: int | None = None,
+        val_episodes: int = 1000,
+        test_episodes: int = 1000,
+        seed: int = 321,
+        min_pixels: int = 2 * 32 * 32,
+        exclude_novel_from_train: bool = False,
+        val_fraction: float = 0.1,
+        cache_dir: str | None = None,
+        train_list: str = "ImageSets/SegmentationAug/train_aug.txt",
+        test_list: str = "ImageSets/Segmentation/val.txt",
+        label_dir: str = "SegmentationClassAug",
+    ) -> None:
+        self.lists = {"train": train_list, "test": test_list}
+        self.label_dir = label_dir
+        super().__init__(
+            root, fold, shots, image_size, batch_size, num_workers, train_episodes, val_episodes,
+            test_episodes, seed, min_pixels, exclude_novel_from_train, val_fraction, cache_dir,
+        )  # fmt: skip
+
+    def default_root(self) -> Path:
+        return data_dir() / "VOC2012"
+
+    def fold_novel_classes(self) -> list[int]:
+        return pascal_novel_classes(self.fold)
+
+    def make_source(self, split: Split) -> PngLabelSource:
+        return pascal_source(
+            self.root, self.lists[split], f"pascal-{split}", label_dir=self.label_dir
+        )

@@ -1,0 +1,163 @@
+"""Segmentation sources: one split of a dataset as ids, RGB images and class-index label maps.
+
+Every source speaks one label convention whatever the on-disk format: ``0`` background,
+``c + 1`` for class index ``c`` (so VOC class ``k`` is index ``k - 1``), ``255`` ignore
+(VOC object borders, COCO crowd regions). Sources validate what they read and name the file in
+every error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+IGNORE = 255
+
+
+def missing_path_error(path: Path, what: str, layout: str) -> FileNotFoundError:
+    """An error naming the missing path and showing the layout the loader expects."""
+    return FileNotFoundError(f"{what} not found: {path}\nExpected layout:\n{layout}")
+
+
+def open_image(path: Path) -> np.ndarray:
+    """Decode an RGB image as ``uint8 [H, W, 3]``; a corrupt or missing file names itself."""
+    try:
+        with Image.open(path) as image:
+            return np.array(image.convert("RGB"))
+    except (OSError, UnidentifiedImageError, SyntaxError) as error:
+        raise ValueError(f"cannot read image {path}: {error}") from error
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """``(height, width)`` from the image header, without decoding the pixels."""
+    try:
+        with Image.open(path) as image:
+            return image.height, image.width
+    except (OSError, UnidentifiedImageError, SyntaxError) as error:
+        raise ValueError(f"cannot read image {path}: {error}") from error
+
+
+def open_label_png(path: Path) -> np.ndarray:
+    """Decode a single-channel (palette or grayscale) label PNG as ``uint8 [H, W]``."""
+    try:
+        with Image.open(path) as label:
+            if label.mode not in ("P", "L"):
+                raise ValueError(f"mode {label.mode}, expected a palette (P) or grayscale (L) PNG")
+            return np.array(label)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
+        raise ValueError(f"cannot read label {path}: {error}") from error
+
+
+class SegmentationSource(ABC):
+    """One split of a segmentation dataset.
+
+    Args:
+        name: short name, used in cache file names (``pascal-train``).
+        num_classes: number of object classes; valid label values are ``0..num_classes, 255``.
+    """
+
+    def __init__(self, name: str, num_classes: int) -> None:
+        self.name = name
+        self.num_classes = num_classes
+
+    @property
+    @abstractmethod
+    def ids(self) -> list[str]:
+        """Image ids of the split, in a fixed order."""
+
+    @abstractmethod
+    def image_path(self, image_id: str) -> Path:
+        """Path of the RGB image."""
+
+    @abstractmethod
+    def label_origin(self, image_id: str) -> str:
+        """Where the label comes from, for error messages (a file, or an annotation file)."""
+
+    @abstractmethod
+    def _decode_label(self, image_id: str) -> np.ndarray:
+        """The raw ``uint8 [H, W]`` label map, not yet validated."""
+
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """A digest that changes whenever the split's files or settings change."""
+
+    def read_label(self, image_id: str) -> np.ndarray:
+        """The validated label map: only values ``0..num_classes`` and ``255``."""
+        label = self._decode_label(image_id)
+        values = np.unique(label)
+        bad = values[(values > self.num_classes) & (values != IGNORE)]
+        if bad.size:
+            raise ValueError(
+                f"label {self.label_origin(image_id)} has values {bad.tolist()} that are not "
+                f"classes (allowed: 0..{self.num_classes} and {IGNORE})"
+            )
+        return label
+
+    def read(self, image_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """Image ``uint8 [H, W, 3]`` and validated label ``uint8 [H, W]`` of the same size."""
+        image = open_image(self.image_path(image_id))
+        label = self.read_label(image_id)
+        self._check_size(image_id, image.shape[:2], label.shape)
+        return image, label
+
+    def class_pixels(self, image_id: str) -> dict[int, int]:
+        """Pixels per 0-based class present in the label; checks the image header too."""
+        label = self.read_label(image_id)
+        self._check_size(image_id, image_size(self.image_path(image_id)), label.shape)
+        counts = np.bincount(label.ravel(), minlength=256)[1 : self.num_classes + 1]
+        return {int(cls): int(pixels) for cls, pixels in enumerate(counts) if pixels}
+
+    def _check_size(self, image_id: str, image_hw: Sequence[int], label_hw: Sequence[int]) -> None:
+        if tuple(image_hw) != tuple(label_hw):
+            raise ValueError(
+                f"size mismatch: image {self.image_path(image_id)} is {tuple(image_hw)} but "
+                f"label {self.label_origin(image_id)} is {tuple(label_hw)} (height, width)"
+            )
+
+
+class PngLabelSource(SegmentationSource):
+    """A split whose labels are single-channel PNG files (VOC, SBD-augmented VOC, rendered COCO).
+
+    Args:
+        name: short name for cache files.
+        num_classes: number of object classes.
+        files: image id -> (image path, label path), in split order.
+    """
+
+    def __init__(self, name: str, num_classes: int, files: Mapping[str, tuple[Path, Path]]) -> None:
+        super().__init__(name, num_classes)
+        self._files = dict(files)
+
+    @property
+    def ids(self) -> list[str]:
+        return list(self._files)
+
+    def image_path(self, image_id: str) -> Path:
+        return self._files[image_id][0]
+
+    def label_origin(self, image_id: str) -> str:
+        return str(self._files[image_id][1])
+
+    def _decode_label(self, image_id: str) -> np.ndarray:
+        return open_label_png(self._files[image_id][1])
+
+    def fingerprint(self) -> str:
+        """Paths, sizes and modification times of every file (stat only, no decoding)."""
+        digest = hashlib.sha256(f"{self.name}:{self.num_classes}".encode())
+        for image_id, paths in self._files.items():
+            digest.update(image_id.encode())
+            for path in paths:
+                try:
+                    stat = os.stat(path)
+                except FileNotFoundError:
+                    raise FileNotFoundError(
+                        f"file listed for {image_id!r} not found: {path}"
+                    ) from None
+                digest.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        return digest.hexdigest()

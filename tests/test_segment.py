@@ -1,0 +1,131 @@
+"""The few-shot segmentation task: real backbones, scoring, and the CLI run in-process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from backbones import build_backbone
+from tasks.heads import ASGNetHead, PrototypeHead
+from tasks.segment import FewShotSegmentation, main, original_resolution_predictions
+
+BACKBONES = {
+    "resnet18_os8": dict(name="resnet18", output_stride=8),
+    "resnet18_os16": dict(name="resnet18", output_stride=16),
+    "resnet50_deep_os8": dict(
+        name="resnet50", stem="deep", output_stride=8, dilation_scheme="uniform"
+    ),
+}
+
+
+def small_asgnet(in_channels):
+    return ASGNetHead(in_channels, reduce_dim=32, bins=(1.0, 0.5))
+
+
+@pytest.mark.parametrize("backbone", list(BACKBONES))
+@pytest.mark.parametrize("head", [PrototypeHead, small_asgnet], ids=["prototype", "asgnet"])
+@pytest.mark.parametrize("shots", [1, 5])
+def test_heads_on_real_backbones(backbone: str, head, shots: int) -> None:
+    options = dict(BACKBONES[backbone])
+    model = FewShotSegmentation(build_backbone(options.pop("name"), **options), head=head).eval()
+    query = torch.randn(2, 3, 65, 65)
+    support = torch.randn(2, shots, 3, 65, 65)
+    masks = torch.zeros(2, shots, 65, 65, dtype=torch.long)
+    masks[..., 20:45, 10:50] = 1
+    masks[..., :2, :] = 255
+    with torch.no_grad():
+        output = model(query, support, masks)
+    stride = 16 if backbone.endswith("os16") else 8
+    size = (65 - 1) // stride + 1
+    assert output.logits.shape == (2, 2, size, size)
+    assert all(a.shape[:2] == (2, 2) for a in output.aux_logits)
+
+
+def test_scoring_crops_the_padding_before_resizing_to_the_original_label() -> None:
+    """A query of original size 4x2 fills the top-left 8x4 of an 8x8 input. Foreground logits
+    in the padding must not leak into the prediction at original resolution."""
+    logits = torch.zeros(1, 2, 8, 8)
+    logits[0, 1, :, :2] = 5.0  # foreground in the left half of the valid region
+    logits[0, 1, :, 4:] = 5.0  # and in the padding
+    batch = {
+        "query_image": torch.zeros(1, 3, 8, 8),
+        "query_label": torch.tensor([[[1, 0], [1, 0], [1, 0], [1, 255], [255, 255]]]),
+        "query_valid": torch.tensor([[8, 4]]),
+        "query_size": torch.tensor([[4, 2]]),
+    }
+    preds = original_resolution_predictions(logits, batch)
+    assert preds.tolist() == [[[1, 0], [1, 0], [1, 0], [1, 0], [0, 0]]]
+
+
+def tiny_args(tmp_path: Path, *extra: str) -> list[str]:
+    return [
+        "--data.root",
+        str(tmp_path / "shapes"),
+        "--data.num_train",
+        "200",
+        "--data.num_test",
+        "80",
+        "--data.image_size",
+        "64",
+        "--data.batch_size",
+        "4",
+        "--data.num_workers",
+        "0",
+        "--data.val_episodes",
+        "8",
+        "--data.test_episodes",
+        "8",
+        "--data.min_pixels",
+        "32",
+        "--trainer.logger.init_args.save_dir",
+        str(tmp_path / "runs"),
+        *extra,
+    ]
+
+
+def test_cli_fit_validate_test_in_process(tmp_path: Path) -> None:
+    main(
+        [
+            "fit",
+            *tiny_args(tmp_path),
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            "3",
+        ]
+    )
+    checkpoints = sorted((tmp_path / "runs").rglob("*.ckpt"))
+    names = {p.name for p in checkpoints}
+    assert "last.ckpt" in names and any(n.startswith("best") for n in names)
+    best = next(p for p in checkpoints if p.name.startswith("best"))
+    for command in ("validate", "test"):
+        main([command, *tiny_args(tmp_path), "--ckpt_path", str(best)])
+
+
+def test_frozen_backbone_is_unchanged_by_fit(tmp_path: Path) -> None:
+    """Weights and BatchNorm statistics of a frozen backbone leave fit bit-identical."""
+    weights = tmp_path / "resnet18.pth"
+    torch.save(build_backbone("resnet18").state_dict(), weights)
+    main(
+        [
+            "fit",
+            *tiny_args(tmp_path),
+            "--model.freeze_backbone",
+            "true",
+            "--model.backbone.init_args.weights",
+            str(weights),
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            "3",
+            "--trainer.limit_val_batches",
+            "1",
+        ]
+    )
+    state = torch.load(next((tmp_path / "runs").rglob("last.ckpt")), weights_only=False)
+    state = state["state_dict"]
+    for key, value in torch.load(weights).items():
+        assert torch.equal(state["backbone." + key], value), key
+    assert any(k.startswith("head.") for k in state)
