@@ -139,11 +139,12 @@ class FewShotSegmentation(LightningModule):
         ).mean()
         return main + output.aux_weight * aux, main
 
-    def _predict(self, batch: Mapping[str, Any]) -> HeadOutput:
+    def segment(self, batch: Mapping[str, Any]) -> HeadOutput:
+        """The head's output for a batch in the :mod:`datamodules.episode` format."""
         return self(batch["query_image"], batch["support_images"], batch["support_masks"])
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
-        output = self._predict(batch)
+        output = self.segment(batch)
         loss, main = self.loss(output, batch["query_mask"])
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -163,7 +164,7 @@ class FewShotSegmentation(LightningModule):
         self._log_iou("train", self.train_iou)
 
     def _evaluate(self, batch: Mapping[str, Any], metric: FewShotIoU) -> None:
-        output = self._predict(batch)
+        output = self.segment(batch)
         metric.update(
             original_resolution_predictions(output.logits, batch),
             batch["query_label"],
@@ -200,7 +201,7 @@ class FewShotSegmentation(LightningModule):
 
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
         """Foreground masks at each query's original size, with the batch's ids."""
-        output = self._predict(batch)
+        output = self.segment(batch)
         masks = [p.to(torch.uint8).cpu() for p in original_size_predictions(output.logits, batch)]
         return {"query_id": batch["query_id"], "masks": masks}
 
