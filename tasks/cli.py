@@ -5,8 +5,9 @@ episodic datamodules rely on."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import Callback, LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from tasks.tracking import SaveConfigToRun
@@ -15,8 +16,15 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 class TaskCLI(LightningCLI):
+    """Links the dataset's class count into the model and adds the task's own callbacks
+    (configured under their key, e.g. ``--prediction_writer.output_dir``)."""
+
+    task_callbacks: ClassVar[dict[str, type[Callback]]] = {}
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        for key, callback in self.task_callbacks.items():
+            parser.add_lightning_class_args(callback, key)
 
 
 def run_cli(
@@ -24,10 +32,12 @@ def run_cli(
     datamodule_class: type[LightningDataModule],
     task: str,
     args: list[str] | None = None,
+    callbacks: dict[str, type[Callback]] | None = None,
 ) -> TaskCLI:
     """Run ``python -m tasks.<task>``; with no subcommand options it trains the default
     experiment of ``configs/<task>/default.yaml``."""
-    return TaskCLI(
+    cli_class = type(f"{task.title()}CLI", (TaskCLI,), {"task_callbacks": callbacks or {}})
+    return cli_class(
         model_class,
         datamodule_class,
         subclass_mode_data=True,

@@ -203,7 +203,7 @@ class FewShotSegmentation(LightningModule):
         """Foreground masks at each query's original size, with the batch's ids."""
         output = self.segment(batch)
         masks = [p.to(torch.uint8).cpu() for p in original_size_predictions(output.logits, batch)]
-        return {"query_id": batch["query_id"], "masks": masks}
+        return {"query_id": batch["query_id"], "query_path": batch["query_path"], "masks": masks}
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -228,8 +228,15 @@ def main(args: list[str] | None = None) -> None:
     """The command line; ``args`` lets tests run it in-process."""
     from datamodules import FewShotDataModule
     from tasks.cli import run_cli
+    from tasks.predictions import MaskWriter
 
-    run_cli(FewShotSegmentation, FewShotDataModule, "segment", args)
+    run_cli(
+        FewShotSegmentation,
+        FewShotDataModule,
+        "segment",
+        args,
+        callbacks={"prediction_writer": MaskWriter},
+    )
 
 
 if __name__ == "__main__":
