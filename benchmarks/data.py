@@ -49,17 +49,17 @@ def main() -> None:
     torch.set_num_threads(1)  # loaders are process-parallel; avoid oversubscribing cores
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}, python {platform.python_version()}")  # fmt: skip
-    fresh = ShapesFewShot(root=str(root), cache_dir=str(root / "index"))
+    fresh = ShapesFewShot(root=str(root))
     print(f"generate {fresh.num_train}+{fresh.num_test} images: "
           f"{timed(lambda: fresh.data_folder):.1f} s")  # fmt: skip
     print(f"index build (first setup): {timed(fresh.prepare_data):.2f} s")
-    second = ShapesFewShot(root=str(root), cache_dir=str(root / "index"))
+    second = ShapesFewShot(root=str(root))
     print(f"setup from cache: {timed(lambda: (second.setup('fit'), second.setup('test'))):.3f} s")
     print(f"image_size {second.image_size}, batch {args.batch_size}; episodes/s:")
     for shots in args.shots:
         for workers in args.workers:
             dm = ShapesFewShot(
-                root=str(root), cache_dir=str(root / "index"), shots=shots,
+                root=str(root), shots=shots,
                 batch_size=args.batch_size, num_workers=workers,
             )  # fmt: skip
             dm.setup("fit")

@@ -61,7 +61,7 @@ class FewShotDataModule(LightningDataModule):
         min_pixels: pixels a class needs in an image to be used there (OSLSM: 2 * 32 * 32).
         exclude_novel_from_train: drop training images holding any novel-class pixel (BAM).
         val_fraction: share of each class's training images held out for validation.
-        cache_dir: where the class index is cached; ``None`` = ``data_dir()/index``.
+        cache_dir: where the class index is cached; ``None`` = :meth:`default_cache_dir`.
     """
 
     num_classes: int
@@ -114,7 +114,7 @@ class FewShotDataModule(LightningDataModule):
         self.min_pixels = min_pixels
         self.exclude_novel_from_train = exclude_novel_from_train
         self.val_fraction = val_fraction
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else data_dir() / "index"
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else self.default_cache_dir()
         self.novel_classes = self.fold_novel_classes()
         self.base_classes = [c for c in range(self.num_classes) if c not in self.novel_classes]
         self._sources: dict[Split, SegmentationSource] = {}
@@ -123,6 +123,11 @@ class FewShotDataModule(LightningDataModule):
     @abstractmethod
     def default_root(self) -> Path:
         """Root used when ``root`` is ``None``."""
+
+    def default_cache_dir(self) -> Path:
+        """Index cache used when ``cache_dir`` is ``None``: ``data_dir()/index`` (dataset roots
+        are often read-only)."""
+        return data_dir() / "index"
 
     @abstractmethod
     def fold_novel_classes(self) -> list[int]:
@@ -147,6 +152,7 @@ class FewShotDataModule(LightningDataModule):
             self.counts(split)
 
     def setup(self, stage: str | None = None) -> None:
+        """Build the episode pools of ``stage`` (``fit``/``validate``: train + val; ``test``)."""
         if stage in (None, "fit", "validate") and "val" not in self._pools:
             counts = self.counts("train")
             held = hold_out(counts, self.val_fraction, self.min_pixels)

@@ -29,6 +29,12 @@ Training labels follow PFENet: the episode's class is 1, every other class 0, 25
 at the original resolution as PFENet/ASGNet (``ori_resize``): crop the logits to
 ``[:h_valid, :w_valid]``, resize them to ``query_size`` and compare with
 ``query_label[:h, :w]``; 255 is ignored.
+
+Which episodes: training draws new episodes over the base classes every epoch; validation is a
+fixed list over the base classes of held-out training images; test a fixed list over the novel
+classes of the test list (:mod:`datamodules.datamodule`). Loaders are driven by
+:class:`datamodules.sampler.EpisodeSampler`, which shards episodes across DDP ranks itself: the
+trainer must use ``use_distributed_sampler=False`` (``datamodules.TRAINER_KWARGS``).
 """
 
 from __future__ import annotations

@@ -46,5 +46,6 @@ def class_counts(source: SegmentationSource, cache_dir: Path) -> ClassCounts:
     cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=cache_dir, suffix=".tmp", delete=False) as file:
         json.dump(counts, file)
+    os.chmod(file.name, 0o644)  # readable like the data it describes
     os.replace(file.name, path)  # atomic: concurrent ranks never see a partial file
     return counts

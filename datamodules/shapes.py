@@ -266,8 +266,9 @@ class ShapesFewShot(FewShotDataModule):
     by the image area (128 px here vs 500 px for VOC: (128 / 512)^2 * 2048 = 128).
 
     Args:
-        root: cache folder holding generated sets; ``None`` = ``data_dir()/shapes``
-            (``$FEWSHOT_DATA_DIR/shapes`` or ``~/.cache/fewshot-dilated/shapes``).
+        root: cache folder holding generated sets and their class index; ``None`` =
+            ``data_dir()/shapes`` (``$FEWSHOT_DATA_DIR/shapes`` or
+            ``~/.cache/fewshot-dilated/shapes``).
         num_train: images in the training list.
         num_test: images in the test list.
         data_seed: seed of the generator (the episode seed is ``seed``).
@@ -309,6 +310,10 @@ class ShapesFewShot(FewShotDataModule):
 
     def default_root(self) -> Path:
         return data_dir() / "shapes"
+
+    def default_cache_dir(self) -> Path:
+        """Next to the generated sets, so a ``root`` holds everything shapes writes."""
+        return self.root / "index"
 
     @property
     def data_folder(self) -> Path:

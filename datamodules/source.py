@@ -159,5 +159,5 @@ class PngLabelSource(SegmentationSource):
                     raise FileNotFoundError(
                         f"file listed for {image_id!r} not found: {path}"
                     ) from None
-                digest.update(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+                digest.update(f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}".encode())
         return digest.hexdigest()

@@ -24,7 +24,7 @@ def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def make_dm(root: Path, **kwargs) -> ShapesFewShot:
     settings = {"num_train": NUM_TRAIN, "num_test": NUM_TEST, "num_workers": 0}
-    return ShapesFewShot(root=str(root), cache_dir=str(root / "index"), **settings | kwargs)
+    return ShapesFewShot(root=str(root), **settings | kwargs)
 
 
 def test_classes_are_distinct_combinations() -> None:
@@ -76,6 +76,7 @@ def test_generation_is_deterministic_and_written_once(shapes_root: Path, tmp_pat
 def test_loads_through_the_pascal_reader(shapes_root: Path) -> None:
     dm = make_dm(shapes_root, fold=1, val_episodes=8, test_episodes=8, batch_size=8)
     assert dm.min_pixels == 128 and dm.image_size == 96 and dm.class_names[0] == "red circle"
+    assert dm.cache_dir == shapes_root / "index"
     dm.setup("fit")
     dm.setup("test")
     assert sorted(dm.pools("test")) == [5, 6, 7, 8, 9]
