@@ -4,6 +4,12 @@ The batch format is documented in :mod:`datamodules.episode`; the DDP contract (
 use ``use_distributed_sampler=False``, see :data:`TRAINER_KWARGS`) in :mod:`datamodules.sampler`.
 """
 
+from .classification import (
+    CifarData,
+    ClassificationDataModule,
+    ImageFolderData,
+    ShapesClassification,
+)
 from .coco import CocoFewShot
 from .datamodule import FewShotDataModule, data_dir
 from .episode import Episode, collate_episodes
@@ -14,11 +20,15 @@ from .shapes import SHAPE_CLASSES, ShapesFewShot, render_scene
 __all__ = [
     "SHAPE_CLASSES",
     "TRAINER_KWARGS",
+    "CifarData",
+    "ClassificationDataModule",
     "CocoFewShot",
     "Episode",
     "EpisodeSampler",
     "FewShotDataModule",
+    "ImageFolderData",
     "PascalFewShot",
+    "ShapesClassification",
     "ShapesFewShot",
     "collate_episodes",
     "data_dir",

@@ -149,30 +149,26 @@ class CocoFewShot(FewShotDataModule):
     def __init__(
         self,
         root: str | None = None,
-        fold: int = 0,
-        shots: int = 1,
         image_size: int = 641,
         batch_size: int = 8,
         num_workers: int = 4,
-        train_episodes: int | None = None,
-        val_episodes: int = 1000,
-        test_episodes: int = 1000,
-        seed: int = 321,
         min_pixels: int = 2 * 32 * 32,
-        exclude_novel_from_train: bool = False,
-        val_fraction: float = 0.1,
-        cache_dir: str | None = None,
         split: CocoSplit = "interleaved",
         masks: str | None = None,
+        **kwargs: Any,
     ) -> None:
         if split not in ("interleaved", "contiguous"):
             raise ValueError(f"split must be one of 'interleaved', 'contiguous', got {split!r}")
         self.split = split
         self.masks = masks
         super().__init__(
-            root, fold, shots, image_size, batch_size, num_workers, train_episodes, val_episodes,
-            test_episodes, seed, min_pixels, exclude_novel_from_train, val_fraction, cache_dir,
-        )  # fmt: skip
+            root=root,
+            image_size=image_size,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            min_pixels=min_pixels,
+            **kwargs,
+        )
 
     def default_root(self) -> Path:
         return data_dir() / "coco"

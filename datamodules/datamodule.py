@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from .episode import EpisodeDataset, collate_episodes
 from .index import ClassCounts, class_counts
+from .predict import PredictEpisodes
 from .sampler import EpisodeSampler, rank_and_world_size
 from .source import SegmentationSource
 from .splits import NUM_FOLDS, eligible_images, hold_out
@@ -62,6 +63,9 @@ class FewShotDataModule(LightningDataModule):
         exclude_novel_from_train: drop training images holding any novel-class pixel (BAM).
         val_fraction: share of each class's training images held out for validation.
         cache_dir: where the class index is cached; ``None`` = :meth:`default_cache_dir`.
+        predict_support: ``predict`` only: support image files (the K shots).
+        predict_support_masks: ``predict`` only: one mask PNG per support image.
+        predict_queries: ``predict`` only: query image files or folders of images.
     """
 
     num_classes: int
@@ -83,6 +87,9 @@ class FewShotDataModule(LightningDataModule):
         exclude_novel_from_train: bool = False,
         val_fraction: float = 0.1,
         cache_dir: str | None = None,
+        predict_support: list[str] | None = None,
+        predict_support_masks: list[str] | None = None,
+        predict_queries: list[str] | None = None,
     ) -> None:
         super().__init__()
         _require("fold", fold, fold in range(NUM_FOLDS), f"one of {list(range(NUM_FOLDS))}")
@@ -153,6 +160,8 @@ class FewShotDataModule(LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Build the episode pools of ``stage`` (``fit``/``validate``: train + val; ``test``)."""
+        if stage == "predict":
+            return
         if stage in (None, "fit", "validate") and "val" not in self._pools:
             counts = self.counts("train")
             held = hold_out(counts, self.val_fraction, self.min_pixels)
@@ -230,3 +239,20 @@ class FewShotDataModule(LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """The user's queries, each segmented with the given support set (no labels needed)."""
+        hp = self.hparams
+        dataset = PredictEpisodes(
+            hp.predict_support or [],
+            hp.predict_support_masks or [],
+            hp.predict_queries or [],
+            eval_transform(self.image_size),
+            self.image_size,
+        )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=collate_episodes,
+        )

@@ -118,11 +118,11 @@ class EpisodeDataset(Dataset):
 
 
 def collate_episodes(items: Sequence[Batch]) -> Batch:
-    """Stack items; pad ``query_label`` with 255 to the batch's largest; list ``query_id``."""
+    """Stack items; pad ``query_label`` with 255 to the batch's largest; list strings (ids)."""
     batch: Batch = {}
     for key in items[0]:
         values = [item[key] for item in items]
-        if key == "query_id":
+        if isinstance(values[0], str):
             batch[key] = values
         elif key == "query_label":
             height = max(value.shape[0] for value in values)

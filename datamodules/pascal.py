@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -105,29 +106,25 @@ class PascalFewShot(FewShotDataModule):
     def __init__(
         self,
         root: str | None = None,
-        fold: int = 0,
-        shots: int = 1,
         image_size: int = 473,
         batch_size: int = 4,
         num_workers: int = 4,
-        train_episodes: int | None = None,
-        val_episodes: int = 1000,
-        test_episodes: int = 1000,
-        seed: int = 321,
         min_pixels: int = 2 * 32 * 32,
-        exclude_novel_from_train: bool = False,
-        val_fraction: float = 0.1,
-        cache_dir: str | None = None,
         train_list: str = "ImageSets/SegmentationAug/train_aug.txt",
         test_list: str = "ImageSets/Segmentation/val.txt",
         label_dir: str = "SegmentationClassAug",
+        **kwargs: Any,
     ) -> None:
         self.lists = {"train": train_list, "test": test_list}
         self.label_dir = label_dir
         super().__init__(
-            root, fold, shots, image_size, batch_size, num_workers, train_episodes, val_episodes,
-            test_episodes, seed, min_pixels, exclude_novel_from_train, val_fraction, cache_dir,
-        )  # fmt: skip
+            root=root,
+            image_size=image_size,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            min_pixels=min_pixels,
+            **kwargs,
+        )
 
     def default_root(self) -> Path:
         return data_dir() / "VOC2012"

@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -281,22 +282,14 @@ class ShapesFewShot(FewShotDataModule):
     def __init__(
         self,
         root: str | None = None,
-        fold: int = 0,
-        shots: int = 1,
         image_size: int = 96,
         batch_size: int = 8,
         num_workers: int = 2,
-        train_episodes: int | None = None,
-        val_episodes: int = 1000,
-        test_episodes: int = 1000,
-        seed: int = 321,
         min_pixels: int = 128,
-        exclude_novel_from_train: bool = False,
-        val_fraction: float = 0.1,
-        cache_dir: str | None = None,
         num_train: int = 2500,
         num_test: int = 500,
         data_seed: int = 0,
+        **kwargs: Any,
     ) -> None:
         if num_train < 1 or num_test < 1:
             raise ValueError(f"num_train and num_test must be >= 1, got {num_train}, {num_test}")
@@ -304,9 +297,13 @@ class ShapesFewShot(FewShotDataModule):
         self.num_test = num_test
         self.data_seed = data_seed
         super().__init__(
-            root, fold, shots, image_size, batch_size, num_workers, train_episodes, val_episodes,
-            test_episodes, seed, min_pixels, exclude_novel_from_train, val_fraction, cache_dir,
-        )  # fmt: skip
+            root=root,
+            image_size=image_size,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            min_pixels=min_pixels,
+            **kwargs,
+        )
 
     def default_root(self) -> Path:
         return data_dir() / "shapes"

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from backbones import build_backbone
 from tasks.heads import ASGNetHead, PrototypeHead
@@ -129,3 +131,48 @@ def test_frozen_backbone_is_unchanged_by_fit(tmp_path: Path) -> None:
     for key, value in torch.load(weights).items():
         assert torch.equal(state["backbone." + key], value), key
     assert any(k.startswith("head.") for k in state)
+
+
+def test_cli_predict_writes_masks_at_original_size(tmp_path: Path) -> None:
+    main(
+        [
+            "fit",
+            *tiny_args(tmp_path),
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.limit_train_batches",
+            "2",
+            "--trainer.limit_val_batches",
+            "1",
+        ]
+    )
+    last = next((tmp_path / "runs").rglob("last.ckpt"))
+    shapes = next((tmp_path / "shapes").glob("*/JPEGImages"))
+    images = sorted(shapes.glob("*.jpg"))[:3]
+    labels = shapes.parent / "SegmentationClassAug"
+    support_mask = tmp_path / "support.png"
+    label = np.array(Image.open(labels / f"{images[0].stem}.png"))
+    Image.fromarray(((label > 0) & (label < 255)).astype(np.uint8)).save(support_mask)
+    output = tmp_path / "predictions"
+    main(
+        [
+            "predict",
+            *tiny_args(tmp_path),
+            "--ckpt_path",
+            str(last),
+            "--data.predict_support",
+            f"[{images[0]}]",
+            "--data.predict_support_masks",
+            f"[{support_mask}]",
+            "--data.predict_queries",
+            f"[{images[1]}, {images[2]}]",
+            "--prediction_writer.output_dir",
+            str(output),
+        ]
+    )
+    for image in images[1:]:
+        mask = Image.open(output / f"{image.stem}.png")
+        assert mask.size == Image.open(image).size
+        assert set(np.unique(np.array(mask))) <= {0, 1}
+        overlay = Image.open(output / f"{image.stem}_overlay.jpg")
+        assert overlay.size == mask.size
