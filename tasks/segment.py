@@ -18,6 +18,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor, nn
 
 from backbones import ResNet
+from backbones.weights import read_checkpoint
 from tasks.heads import HeadOutput, PrototypeHead
 from tasks.metrics import FewShotIoU
 
@@ -69,6 +70,9 @@ class FewShotSegmentation(LightningModule):
         lr, momentum, weight_decay: optimizer settings (ASGNet PASCAL: 0.0025, 0.9, 1e-4).
         poly_power: learning rate ``lr * (1 - step / total_steps) ** poly_power`` per step.
         backbone_lr_mult: the backbone's learning-rate multiplier when fine-tuned.
+        head_weights: an official checkpoint of the head's method (ASGNet's released ``.pth``),
+            loaded into the head strictly through the head's key map; give the same file as
+            the backbone's ``weights`` to load its encoder (``layer0`` = the deep stem).
     """
 
     def __init__(
@@ -84,6 +88,7 @@ class FewShotSegmentation(LightningModule):
         weight_decay: float = 1e-4,
         poly_power: float = 0.9,
         backbone_lr_mult: float = 0.1,
+        head_weights: str | None = None,
     ) -> None:
         super().__init__()
         for name, value in (("lr", lr), ("backbone_lr_mult", backbone_lr_mult)):
@@ -105,6 +110,14 @@ class FewShotSegmentation(LightningModule):
         if self.hparams.freeze_backbone:
             self.backbone.freeze(4, norm_eval=True)
         self.head = head(self.backbone.out_channels)
+        if self.hparams.head_weights is not None:
+            load = getattr(self.head, "load_official_state_dict", None)
+            if load is None:
+                raise ValueError(
+                    f"head_weights={self.hparams.head_weights!r}: {type(self.head).__name__} "
+                    "has no official checkpoint format (ASGNetHead has)"
+                )
+            load(read_checkpoint(self.hparams.head_weights))
 
     def configure_losses(self) -> None:
         self.criterion = nn.CrossEntropyLoss(ignore_index=IGNORE)

@@ -1,0 +1,257 @@
+"""Image classification: ``python -m tasks.classify fit|validate|test|predict``.
+
+The same conventions as :mod:`tasks.segment` (torchgeo-style ``configure_*`` methods, one
+LightningCLI), fed by :mod:`datamodules.classification`. The encoder attribute is ``backbone``, so
+a checkpoint of this task loads as segmentation backbone weights
+(``--model.backbone.init_args.weights path/to/last.ckpt``): pretrain here, then few-shot.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from backbones import ResNet
+
+Optimizer = Literal["sgd", "adamw"]
+Schedule = Literal["cosine", "poly"]
+
+
+def default_backbone() -> ResNet:
+    """A plain ResNet-18 (output stride 32), small enough to train on a CPU."""
+    return ResNet("resnet18")
+
+
+def build_optimizer(
+    name: Optimizer,
+    params: Iterable[Tensor] | Iterable[dict[str, Any]],
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+) -> torch.optim.Optimizer:
+    """SGD with momentum or AdamW (``momentum`` unused)."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def schedule_factor(
+    schedule: Schedule, total_steps: int, poly_power: float
+) -> Callable[[int], float]:
+    """The learning-rate multiplier at each step: cosine to 0 (Loshchilov & Hutter, 2017) or poly
+    ``(1 - step / total) ** power`` (DeepLab, PSPNet)."""
+    total = max(1, total_steps)
+    if schedule == "cosine":
+        return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    return lambda step: max(0.0, 1 - step / total) ** poly_power
+
+
+class ImageClassification(LightningModule):
+    """Classify images with a ResNet: global average pooling of ``layer4``, dropout, linear.
+
+    Args:
+        backbone: the encoder; default a ResNet-18 (:func:`default_backbone`). Any
+            :class:`backbones.ResNet` works (dilated ones too: pooling removes the stride).
+        num_classes: classes of the dataset (linked from the datamodule).
+        dropout: dropout probability before the linear layer.
+        label_smoothing: cross-entropy label smoothing (Szegedy et al., 2016: 0.1).
+        optimizer: ``"sgd"`` (with ``momentum``) or ``"adamw"``.
+        lr, momentum, weight_decay: optimizer settings.
+        schedule: ``"cosine"`` or ``"poly"`` decay to 0 over the run, per step.
+        poly_power: exponent of the poly schedule.
+    """
+
+    def __init__(
+        self,
+        backbone: ResNet | None = None,
+        num_classes: int = 1000,
+        dropout: float = 0.0,
+        label_smoothing: float = 0.0,
+        optimizer: Optimizer = "sgd",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 1e-4,
+        schedule: Schedule = "cosine",
+        poly_power: float = 0.9,
+    ) -> None:
+        super().__init__()
+        checks = (
+            ("num_classes", num_classes, num_classes >= 2, "an integer >= 2"),
+            ("dropout", dropout, 0 <= dropout < 1, "in [0, 1)"),
+            ("label_smoothing", label_smoothing, 0 <= label_smoothing < 1, "in [0, 1)"),
+            ("optimizer", optimizer, optimizer in get_args(Optimizer), str(get_args(Optimizer))),
+            ("lr", lr, lr > 0, "a positive number"),
+            ("momentum", momentum, 0 <= momentum < 1, "in [0, 1)"),
+            ("weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
+            ("schedule", schedule, schedule in get_args(Schedule), str(get_args(Schedule))),
+            ("poly_power", poly_power, poly_power >= 0, ">= 0"),
+        )
+        for name, value, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"{name}={value!r}: expected {allowed}")
+        self.save_hyperparameters(ignore=["backbone"])
+        self.configure_models(backbone or default_backbone())
+        self.configure_losses()
+        self.configure_metrics()
+
+    def configure_models(self, backbone: ResNet) -> None:
+        self.backbone = backbone
+        self.backbone.select_outputs(["layer4"])
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Dropout(self.hparams.dropout),
+            nn.Linear(self.backbone.out_channels["layer4"], self.hparams.num_classes),
+        )
+
+    def configure_losses(self) -> None:
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=self.hparams.label_smoothing)
+
+    def configure_metrics(self) -> None:
+        """Top-1 and (with at least 5 classes) top-5 accuracy over samples, per-class accuracy."""
+        classes = self.hparams.num_classes
+        metrics = {"acc1": MulticlassAccuracy(classes, top_k=1, average="micro")}
+        if classes >= 5:
+            metrics["acc5"] = MulticlassAccuracy(classes, top_k=5, average="micro")
+        self.train_metrics = MetricCollection(metrics, prefix="train/")
+        self.val_metrics = self.train_metrics.clone(prefix="val/")
+        self.test_metrics = self.train_metrics.clone(prefix="test/")
+        self.val_class_accuracy = MulticlassAccuracy(classes, average="none")
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Logits ``[B, num_classes]``."""
+        return self.head(self.backbone(images)["layer4"])
+
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        logits = self(batch["image"])
+        loss = self.criterion(logits, batch["label"])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss ({loss.item()}) at global step {self.global_step}, "
+                f"epoch {self.current_epoch}: lower the learning rate (model.lr) or check the data"
+            )
+        batch_size = len(batch["label"])
+        self.train_metrics(logits.detach(), batch["label"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        self.log_dict(self.train_metrics, batch_size=batch_size)
+        return loss
+
+    def _evaluate(self, batch: Mapping[str, Any], stage: str, metrics: MetricCollection) -> Tensor:
+        logits = self(batch["image"])
+        batch_size = len(batch["label"])
+        loss = self.criterion(logits, batch["label"])
+        metrics.update(logits, batch["label"])
+        self.log(f"{stage}/loss", loss, batch_size=batch_size)
+        # Metric objects: Lightning computes (and syncs across ranks) them at epoch end.
+        self.log_dict(metrics, prog_bar=True, batch_size=batch_size)
+        return logits
+
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        logits = self._evaluate(batch, "val", self.val_metrics)
+        self.val_class_accuracy.update(logits, batch["label"])
+
+    def on_validation_epoch_end(self) -> None:
+        """Per-class accuracy, named after the datamodule's classes."""
+        accuracy = self.val_class_accuracy.compute()
+        self.val_class_accuracy.reset()
+        for name, value in zip(self.class_names(), accuracy.tolist(), strict=True):
+            self.log(f"val/acc_class/{name}", value)
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "test", self.test_metrics)
+
+    def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Each image's id, most probable class and its softmax probability."""
+        probability, predicted = self(batch["image"]).softmax(1).max(1)
+        return {"id": batch["id"], "class": predicted.tolist(), "probability": probability.tolist()}
+
+    def class_names(self) -> list[str]:
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        names = getattr(datamodule, "class_names", None)
+        return list(names) if names else [str(i) for i in range(self.hparams.num_classes)]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        params = [p for p in self.parameters() if p.requires_grad]
+        optimizer = build_optimizer(hp.optimizer, params, hp.lr, hp.momentum, hp.weight_decay)
+        factor = schedule_factor(
+            hp.schedule, int(self.trainer.estimated_stepping_batches), hp.poly_power
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class PredictionCSV(BasePredictionWriter):
+    """Writes ``file,class,probability`` per image to ``output_file`` as batches arrive.
+
+    Under DDP each rank writes its own ``<stem>.rank<r>.csv``.
+
+    Args:
+        output_file: the CSV path; its folder is created if missing.
+    """
+
+    def __init__(self, output_file: str = "predictions.csv") -> None:
+        super().__init__(write_interval="batch")
+        self.output_file = Path(output_file)
+
+    def path(self, trainer: Trainer) -> Path:
+        if trainer.world_size == 1:
+            return self.output_file
+        return self.output_file.with_suffix(f".rank{trainer.global_rank}.csv")
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        path = self.path(trainer)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("w", newline="") as file:
+                csv.writer(file).writerow(["file", "class", "probability"])
+        except OSError as error:
+            raise PermissionError(
+                f"cannot write predictions to {str(path)!r} ({error}); pass a writable path as "
+                "--prediction_writer.output_file"
+            ) from error
+
+    def write_on_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        prediction: dict[str, Any],
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        names = pl_module.class_names()
+        rows = zip(prediction["id"], prediction["class"], prediction["probability"], strict=True)
+        with self.path(trainer).open("a", newline="") as file:
+            csv.writer(file).writerows(
+                (name, names[cls], f"{prob:.6f}") for name, cls, prob in rows
+            )
+
+
+def main(args: list[str] | None = None) -> None:
+    """The command line; ``args`` lets tests run it in-process."""
+    from datamodules import ClassificationDataModule
+    from tasks.cli import run_cli
+
+    run_cli(
+        ImageClassification,
+        ClassificationDataModule,
+        "classify",
+        args,
+        callbacks={"prediction_writer": PredictionCSV},
+    )
+
+
+if __name__ == "__main__":
+    main()
