@@ -203,3 +203,14 @@ def test_official_asgnet_checkpoint_loads_backbone_and_head(tmp_path: Path) -> N
         assert torch.equal(loaded.state_dict()[key], value), key
     with pytest.raises(ValueError, match="PrototypeHead has no official checkpoint format"):
         FewShotSegmentation(build_backbone("resnet18"), head_weights=str(path))
+
+
+@pytest.mark.parametrize(
+    "config", sorted(Path(__file__).parents[1].joinpath("configs", "segment").glob("*.yaml"))
+)
+def test_experiment_configs_parse(config: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--data.fold", "3", "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "fold: 3" in printed and "class_path: backbones.ResNet" in printed
