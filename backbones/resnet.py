@@ -346,6 +346,11 @@ class ResNet(nn.Module):
             )
         self.out_layers = tuple(name for name in FEATURES if name in out_layers)
 
+    def idle_stages(self) -> Iterator[nn.Module]:
+        """Stages after the last requested output: built (checkpoints stay whole), never run."""
+        last = FEATURES.index(self.out_layers[-1])
+        return (getattr(self, name) for name in STAGES[last:])
+
     def freeze(self, frozen_stages: int, norm_eval: bool = False) -> None:
         """Stop gradients in the stem and layer1..layer``frozen_stages`` (-1: none)."""
         if not -1 <= frozen_stages <= len(STAGES):

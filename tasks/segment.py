@@ -107,6 +107,8 @@ class FewShotSegmentation(LightningModule):
     def configure_models(self, backbone: ResNet, head: HeadFactory) -> None:
         self.backbone = backbone
         self.backbone.select_outputs(self.hparams.features)
+        for stage in self.backbone.idle_stages():  # no gradient: DDP would flag them unused
+            stage.requires_grad_(False)
         if self.hparams.freeze_backbone:
             self.backbone.freeze(4, norm_eval=True)
         self.head = head(self.backbone.out_channels)

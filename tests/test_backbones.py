@@ -383,3 +383,13 @@ def test_offline_torchvision_weights_say_where_to_put_the_file(
     with pytest.raises(WeightsError, match="place it at") as error:
         build_backbone("resnet18", weights="IMAGENET1K_V1")
     assert str(cached) in str(error.value)
+
+
+def test_stages_after_the_last_output_are_not_run() -> None:
+    model = build_backbone("resnet18", out_layers=["stem", "layer2"])
+    assert [m is model.layer3 or m is model.layer4 for m in model.idle_stages()] == [True, True]
+    calls = []
+    model.layer3.register_forward_hook(lambda *args: calls.append("layer3"))
+    assert list(model(torch.randn(1, 3, 32, 32))) == ["stem", "layer2"]
+    assert calls == []
+    assert [i.name for i in model.feature_info] == ["stem", "layer2"]
