@@ -4,6 +4,8 @@ episodic datamodules rely on."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
@@ -37,16 +39,36 @@ def run_cli(
     """Run ``python -m tasks.<task>``; with no subcommand options it trains the default
     experiment of ``configs/<task>/default.yaml``."""
     cli_class = type(f"{task.title()}CLI", (TaskCLI,), {"task_callbacks": callbacks or {}})
-    return cli_class(
-        model_class,
-        datamodule_class,
-        subclass_mode_data=True,
-        save_config_callback=SaveConfigToRun,
-        # The datamodules shard episodes themselves; Lightning's sampler would pad them.
-        trainer_defaults={"use_distributed_sampler": False},
-        parser_kwargs={
-            subcommand: {"default_config_files": [str(CONFIGS / task / "default.yaml")]}
-            for subcommand in LightningCLI.subcommands()
-        },
-        args=args,
-    )
+    with finished_wandb_run():
+        return cli_class(
+            model_class,
+            datamodule_class,
+            subclass_mode_data=True,
+            save_config_callback=SaveConfigToRun,
+            # The datamodules shard episodes themselves; Lightning's sampler would pad them.
+            trainer_defaults={"use_distributed_sampler": False},
+            parser_kwargs={
+                subcommand: {"default_config_files": [str(CONFIGS / task / "default.yaml")]}
+                for subcommand in LightningCLI.subcommands()
+            },
+            args=args,
+        )
+
+
+@contextlib.contextmanager
+def finished_wandb_run() -> Iterator[None]:
+    """Close the W&B run when the command ends, marked failed on an exception.
+
+    Lightning's WandbLogger leaves the run open; a process exit closes it, but a second command in
+    the same process (tests, notebooks) would otherwise log into the first one's run.
+    """
+    import wandb
+
+    try:
+        yield
+    except BaseException:
+        if wandb.run is not None:
+            wandb.finish(exit_code=1)
+        raise
+    if wandb.run is not None:
+        wandb.finish()

@@ -143,6 +143,16 @@ class FewShotSegmentation(LightningModule):
         support = {name: f[batch:].unflatten(0, (batch, shots)) for name, f in features.items()}
         return self.head(query, support, support_masks)
 
+    def on_fit_start(self) -> None:
+        """Parameter counts into every logger's hyper-parameters (the W&B run's config)."""
+        counts = {
+            name: sum(p.numel() for p in module.parameters())
+            for name, module in (("total", self), ("backbone", self.backbone), ("head", self.head))
+        }
+        counts["trainable"] = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        for logger in self.loggers:
+            logger.log_hyperparams({"parameters": counts})
+
     def loss(self, output: HeadOutput, target: Tensor) -> tuple[Tensor, Tensor]:
         """Cross-entropy (255 ignored) plus the head's weighted mean auxiliary loss."""
         size = target.shape[-2:]
@@ -178,16 +188,16 @@ class FewShotSegmentation(LightningModule):
     def on_train_epoch_end(self) -> None:
         self._log_iou("train", self.train_iou)
 
-    def _evaluate(self, batch: Mapping[str, Any], metric: FewShotIoU) -> None:
-        output = self.segment(batch)
+    def _evaluate(self, batch: Mapping[str, Any], metric: FewShotIoU) -> Tensor:
+        logits = self.segment(batch).logits
         metric.update(
-            original_resolution_predictions(output.logits, batch),
-            batch["query_label"],
-            batch["class_id"],
+            original_resolution_predictions(logits, batch), batch["query_label"], batch["class_id"]
         )
+        return logits
 
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_iou)
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
+        """The logits go to callbacks (:class:`tasks.visualise.LogValidationEpisodes`)."""
+        return self._evaluate(batch, self.val_iou)
 
     def on_validation_epoch_end(self) -> None:
         self._log_iou("val", self.val_iou)

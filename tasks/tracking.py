@@ -52,12 +52,13 @@ class SaveConfigToRun(SaveConfigCallback):
     Lightning's default writes ``config.yaml`` into the logger's ``save_dir`` and refuses to
     overwrite it, so with W&B (``save_dir`` shared by all runs) a second run in the same folder
     fails, and the config never reaches W&B: a known LightningCLI + W&B pitfall. Here the file goes
-    into the W&B run's own folder (uploaded with the run), or for other loggers into their
-    versioned ``log_dir``.
+    into the W&B run's own folder as ``cli_config.yaml`` (uploaded with the run; W&B keeps its own
+    ``config.yaml`` there), or for other loggers into their versioned ``log_dir``.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **{**kwargs, "save_to_log_dir": False})
+        kwargs = {"config_filename": "cli_config.yaml", **kwargs, "save_to_log_dir": False}
+        super().__init__(*args, **kwargs)
 
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         folders = []
