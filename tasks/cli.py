@@ -5,12 +5,14 @@ episodic datamodules rely on."""
 from __future__ import annotations
 
 import contextlib
+import importlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
 from lightning.pytorch import Callback, LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import WandbLogger
 
 from tasks.tracking import SaveConfigToRun
 
@@ -27,6 +29,27 @@ class TaskCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         for key, callback in self.task_callbacks.items():
             parser.add_lightning_class_args(callback, key)
+
+    def before_instantiate_classes(self) -> None:
+        """``--ckpt_path last`` with W&B: resume the newest run's ``last.ckpt`` and its W&B run.
+
+        Lightning looks for ``last`` in the checkpoint folder of the *new* run, which with W&B is
+        named after a fresh run id, so it would find nothing and start over.
+        """
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        logger = config.get("trainer", {}).get("logger")
+        if config.get("ckpt_path") != "last" or not is_wandb_logger(logger):
+            return
+        args = logger.init_args
+        runs = Path(args.save_dir or args.dir or ".") / (args.project or "lightning_logs")
+        found = sorted(runs.glob("*/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise FileNotFoundError(
+                f"--ckpt_path last: no last.ckpt under {runs}/<run id>/checkpoints; "
+                "pass the checkpoint file itself"
+            )
+        config.ckpt_path = str(found[-1])
+        args.id = found[-1].parent.parent.name
 
 
 def run_cli(
@@ -53,6 +76,15 @@ def run_cli(
             },
             args=args,
         )
+
+
+def is_wandb_logger(logger: object) -> bool:
+    """Whether a logger's config (``class_path`` + ``init_args``) names a WandbLogger class."""
+    class_path = getattr(logger, "class_path", None)
+    if not isinstance(class_path, str):
+        return False
+    module, _, name = class_path.rpartition(".")
+    return issubclass(getattr(importlib.import_module(module), name), WandbLogger)
 
 
 @contextlib.contextmanager

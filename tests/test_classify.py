@@ -254,7 +254,7 @@ def test_per_class_accuracy_is_logged(image_folder: Path) -> None:
 # --- the command line -----------------------------------------------------------------------
 
 
-def cli_args(tmp_path: Path, data: str, root: Path, *extra: str) -> list[str]:
+def cli_args(runs: Path, data: str, root: Path, *extra: str) -> list[str]:
     return [
         "--data",
         data,
@@ -267,21 +267,20 @@ def cli_args(tmp_path: Path, data: str, root: Path, *extra: str) -> list[str]:
         "--data.num_workers",
         "0",
         "--trainer.logger.init_args.save_dir",
-        str(tmp_path / "runs"),
-        "--trainer.callbacks.init_args.dirpath",
-        str(tmp_path / "checkpoints"),
+        str(runs),
         *extra,
     ]
 
 
 @pytest.mark.slow
 def test_cli_fit_validate_test_predict_in_process(image_folder: Path, tmp_path: Path) -> None:
-    args = cli_args(tmp_path, "ImageFolderData", image_folder)
+    args = cli_args(tmp_path / "runs", "ImageFolderData", image_folder)
     main(["fit", *args, "--trainer.max_epochs", "2", "--model.optimizer", "adamw",
           "--model.lr", "0.001", "--model.schedule", "poly"])  # fmt: skip
-    names = {p.name for p in (tmp_path / "checkpoints").iterdir()}
+    checkpoints = list((tmp_path / "runs").rglob("*.ckpt"))
+    names = {p.name for p in checkpoints}
     assert "last.ckpt" in names and any(n.startswith("best") for n in names)
-    last = str(tmp_path / "checkpoints" / "last.ckpt")
+    last = str(next(p for p in checkpoints if p.name == "last.ckpt"))
     for command in ("validate", "test"):
         main([command, *args, "--ckpt_path", last])
     output = tmp_path / "out" / "val.csv"
@@ -305,8 +304,8 @@ def test_cli_fit_validate_test_predict_in_process(image_folder: Path, tmp_path: 
 
 @pytest.mark.slow
 def test_cli_fit_on_cifar(cifar10: Path, tmp_path: Path) -> None:
-    main(["fit", *cli_args(tmp_path, "CifarData", cifar10), "--trainer.max_steps", "2"])
-    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    main(["fit", *cli_args(tmp_path / "runs", "CifarData", cifar10), "--trainer.max_steps", "2"])
+    assert len(list((tmp_path / "runs").rglob("last.ckpt"))) == 1
 
 
 @pytest.mark.slow
@@ -316,7 +315,7 @@ def test_pretrain_classify_then_few_shot_segment(tmp_path: Path) -> None:
     main(
         [
             "fit",
-            *cli_args(tmp_path, "ShapesClassification", tmp_path / "shapes-cls"),
+            *cli_args(tmp_path / "runs", "ShapesClassification", tmp_path / "shapes-cls"),
             "--data.base_only_fold",
             "0",
             "--data.train_per_class",
@@ -329,7 +328,7 @@ def test_pretrain_classify_then_few_shot_segment(tmp_path: Path) -> None:
             "2",
         ]
     )
-    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
+    checkpoint = next((tmp_path / "runs").rglob("last.ckpt"))
     state = torch.load(checkpoint, weights_only=False)["state_dict"]
     backbone = build_backbone("resnet18", output_stride=8, weights=str(checkpoint))
     for key, value in backbone.state_dict().items():
@@ -356,12 +355,11 @@ def test_pretrain_classify_then_few_shot_segment(tmp_path: Path) -> None:
             "--model.backbone.init_args.weights",
             str(checkpoint),
             "--trainer.logger.init_args.save_dir",
-            str(tmp_path / "runs"),
+            str(tmp_path / "segment-runs"),
             "--trainer.max_steps",
             "2",
             "--trainer.limit_val_batches",
             "1",
         ]
     )
-    segmented = next((tmp_path / "runs").rglob("last.ckpt"))
-    assert segmented != checkpoint
+    assert len(list((tmp_path / "segment-runs").rglob("last.ckpt"))) == 1

@@ -14,8 +14,8 @@ from tasks.segment import main
 @pytest.mark.slow
 def test_fit_writes_config_metrics_and_images(tmp_path: Path) -> None:
     for _ in range(2):  # a second run in the same folder must not trip over the first's config
-        main(["fit", *tiny_args(tmp_path), "--trainer.max_epochs", "2",
-              "--trainer.limit_train_batches", "2", "--trainer.log_every_n_steps", "1"])  # fmt: skip
+        short = ["--trainer.max_epochs", "2", "--trainer.limit_train_batches", "2"]
+        main(["fit", *tiny_args(tmp_path), *short, "--trainer.log_every_n_steps", "1"])
     folders = sorted((tmp_path / "runs" / "wandb").glob("offline-run-*"))
     assert len(folders) == 2
     run = OfflineRun(folders[-1])
