@@ -275,7 +275,7 @@ def cli_args(runs: Path, data: str, root: Path, *extra: str) -> list[str]:
 @pytest.mark.slow
 def test_cli_fit_validate_test_predict_in_process(image_folder: Path, tmp_path: Path) -> None:
     args = cli_args(tmp_path / "runs", "ImageFolderData", image_folder)
-    main(["fit", *args, "--trainer.max_epochs", "2", "--model.optimizer", "adamw",
+    main(["fit", *args, "--trainer.max_epochs", "1", "--model.optimizer", "adamw",
           "--model.lr", "0.001", "--model.schedule", "poly"])  # fmt: skip
     checkpoints = list((tmp_path / "runs").rglob("*.ckpt"))
     names = {p.name for p in checkpoints}
