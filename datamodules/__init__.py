@@ -1,4 +1,5 @@
-"""Episodic few-shot segmentation data: PASCAL-5i, COCO-20i and the generated ``shapes`` set.
+"""Few-shot segmentation data (PASCAL-5i, COCO-20i, the generated ``shapes`` set) and image
+classification data (:mod:`datamodules.classification`).
 
 The batch format is documented in :mod:`datamodules.episode`; the DDP contract (the trainer must
 use ``use_distributed_sampler=False``, see :data:`TRAINER_KWARGS`) in :mod:`datamodules.sampler`.

@@ -12,8 +12,6 @@ sample is scored exactly once.
 from __future__ import annotations
 
 import pickle
-import shutil
-import tempfile
 from abc import abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -27,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from .datamodule import _require, data_dir
+from .datamodule import data_dir, require, write_once
 from .sampler import rank_and_world_size
 from .shapes import GENERATOR_VERSION, SHAPE_CLASSES, render_scene
 from .source import missing_path_error, open_image
@@ -188,14 +186,12 @@ class ClassificationDataModule(LightningDataModule):
         predict_dir: str | None = None,
     ) -> None:
         super().__init__()
-        _require("image_size", image_size, image_size >= 8, "an integer >= 8")
-        _require("batch_size", batch_size, batch_size >= 1, "an integer >= 1")
-        _require("num_workers", num_workers, num_workers >= 0, "an integer >= 0")
+        require("image_size", image_size, image_size >= 8, "an integer >= 8")
+        require("batch_size", batch_size, batch_size >= 1, "an integer >= 1")
+        require("num_workers", num_workers, num_workers >= 0, "an integer >= 0")
         low, high = crop_scale
-        _require(
-            "crop_scale", crop_scale, 0 < low <= high <= 1, "(low, high), 0 < low <= high <= 1"
-        )
-        _require("crop_ratio", crop_ratio, 0 < crop_ratio <= 1, "in (0, 1]")
+        require("crop_scale", crop_scale, 0 < low <= high <= 1, "(low, high), 0 < low <= high <= 1")
+        require("crop_ratio", crop_ratio, 0 < crop_ratio <= 1, "in (0, 1]")
         self.save_hyperparameters()
         self.root = Path(root).expanduser() if root is not None else self.default_root()
         self.image_size = image_size
@@ -399,24 +395,6 @@ class CifarData(ClassificationDataModule):
         return ImageArray(np.concatenate(images), labels, ids, transform)
 
 
-def write_once(folder: Path, write: Callable[[Path], None]) -> Path:
-    """Create ``folder`` with ``write(tmp)`` into a temporary sibling renamed at the end, so
-    concurrent processes and interrupted runs never leave a partial folder behind."""
-    if folder.is_dir():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-    try:
-        write(partial)
-        partial.rename(folder)
-    except OSError:
-        if not folder.is_dir():
-            raise
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    return folder
-
-
 def shapes_class_folder(class_id: int) -> str:
     """``07_blue_triangle``: sorts in class order, so ImageFolder labels keep the order."""
     return f"{class_id:02d}_" + SHAPE_CLASSES[class_id].name.replace(" ", "_")
@@ -472,15 +450,15 @@ class ShapesClassification(ImageFolderData):
         crop_scale: tuple[float, float] = (0.5, 1.0),
         **kwargs: Any,
     ) -> None:
-        _require(
+        require(
             "base_only_fold",
             base_only_fold,
             base_only_fold is None or base_only_fold in range(NUM_FOLDS),
             f"None or one of {list(range(NUM_FOLDS))}",
         )
-        _require("train_per_class", train_per_class, train_per_class >= 1, "an integer >= 1")
-        _require("val_per_class", val_per_class, val_per_class >= 1, "an integer >= 1")
-        _require("scene_size", scene_size, scene_size >= 16, "an integer >= 16")
+        require("train_per_class", train_per_class, train_per_class >= 1, "an integer >= 1")
+        require("val_per_class", val_per_class, val_per_class >= 1, "an integer >= 1")
+        require("scene_size", scene_size, scene_size >= 16, "an integer >= 16")
         novel = pascal_novel_classes(base_only_fold) if base_only_fold is not None else []
         self.classes = [c for c in range(len(SHAPE_CLASSES)) if c not in novel]
         self.base_only_fold = base_only_fold

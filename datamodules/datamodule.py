@@ -13,7 +13,10 @@ in :mod:`datamodules.sampler`):
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from abc import abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -39,7 +42,25 @@ def data_dir() -> Path:
     return Path(os.environ.get("FEWSHOT_DATA_DIR", Path.home() / ".cache" / "fewshot-dilated"))
 
 
-def _require(name: str, value: Any, ok: bool, allowed: str) -> None:
+def write_once(folder: Path, write: Callable[[Path], None]) -> Path:
+    """Create ``folder`` with ``write(tmp)`` into a temporary sibling renamed at the end, so
+    concurrent processes and interrupted runs never leave a partial folder behind."""
+    if folder.is_dir():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    try:
+        write(partial)
+        partial.rename(folder)
+    except OSError:
+        if not folder.is_dir():
+            raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return folder
+
+
+def require(name: str, value: Any, ok: bool, allowed: str) -> None:
     if not ok:
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
@@ -92,21 +113,21 @@ class FewShotDataModule(LightningDataModule):
         predict_queries: list[str] | None = None,
     ) -> None:
         super().__init__()
-        _require("fold", fold, fold in range(NUM_FOLDS), f"one of {list(range(NUM_FOLDS))}")
-        _require("shots", shots, shots >= 1, "an integer >= 1")
-        _require("image_size", image_size, image_size >= 8, "an integer >= 8")
-        _require("batch_size", batch_size, batch_size >= 1, "an integer >= 1")
-        _require("num_workers", num_workers, num_workers >= 0, "an integer >= 0")
-        _require(
+        require("fold", fold, fold in range(NUM_FOLDS), f"one of {list(range(NUM_FOLDS))}")
+        require("shots", shots, shots >= 1, "an integer >= 1")
+        require("image_size", image_size, image_size >= 8, "an integer >= 8")
+        require("batch_size", batch_size, batch_size >= 1, "an integer >= 1")
+        require("num_workers", num_workers, num_workers >= 0, "an integer >= 0")
+        require(
             "train_episodes",
             train_episodes,
             train_episodes is None or train_episodes >= 1,
             "None or an integer >= 1",
         )
-        _require("val_episodes", val_episodes, val_episodes >= 1, "an integer >= 1")
-        _require("test_episodes", test_episodes, test_episodes >= 1, "an integer >= 1")
-        _require("min_pixels", min_pixels, min_pixels >= 1, "an integer >= 1")
-        _require("val_fraction", val_fraction, 0 < val_fraction < 1, "in the open interval (0, 1)")
+        require("val_episodes", val_episodes, val_episodes >= 1, "an integer >= 1")
+        require("test_episodes", test_episodes, test_episodes >= 1, "an integer >= 1")
+        require("min_pixels", min_pixels, min_pixels >= 1, "an integer >= 1")
+        require("val_fraction", val_fraction, 0 < val_fraction < 1, "in the open interval (0, 1)")
         self.save_hyperparameters()
         self.root = Path(root).expanduser() if root is not None else self.default_root()
         self.fold = fold

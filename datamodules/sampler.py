@@ -111,7 +111,7 @@ def rank_and_world_size(trainer: Any) -> tuple[int, int]:
     connector = getattr(trainer, "_accelerator_connector", None)
     if trainer.world_size > 1 and getattr(connector, "use_distributed_sampler", False):
         raise RuntimeError(
-            "few-shot datamodules shard episodes themselves: create the Trainer with "
+            "these datamodules shard their samples themselves: create the Trainer with "
             "use_distributed_sampler=False (datamodules.TRAINER_KWARGS), otherwise Lightning "
             "pads and re-shards the evaluation episodes"
         )

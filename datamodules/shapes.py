@@ -18,8 +18,6 @@ can reuse the generator.
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from .datamodule import FewShotDataModule, Split, data_dir
+from .datamodule import FewShotDataModule, Split, data_dir, write_once
 from .pascal import pascal_source, save_label_png
 from .source import IGNORE, PngLabelSource
 from .splits import pascal_novel_classes
@@ -245,19 +243,7 @@ def ensure_shapes(root: Path, num_train: int, num_test: int, seed: int) -> Path:
     interrupted runs never leave a partial set behind.
     """
     folder = root / f"v{GENERATOR_VERSION}-seed{seed}-{num_train}-{num_test}"
-    if folder.is_dir():
-        return folder
-    root.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(dir=root, prefix=f".{folder.name}-"))
-    try:
-        write_shapes(partial, num_train, num_test, seed)
-        partial.rename(folder)
-    except OSError:
-        if not folder.is_dir():
-            raise
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    return folder
+    return write_once(folder, lambda tmp: write_shapes(tmp, num_train, num_test, seed))
 
 
 class ShapesFewShot(FewShotDataModule):

@@ -9,10 +9,9 @@ a checkpoint of this task loads as segmentation backbone weights
 from __future__ import annotations
 
 import csv
-import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -22,38 +21,12 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from backbones import ResNet
-
-Optimizer = Literal["sgd", "adamw"]
-Schedule = Literal["cosine", "poly"]
+from tasks.common import Optimizer, Schedule, class_names, optimization
 
 
 def default_backbone() -> ResNet:
     """A plain ResNet-18 (output stride 32), small enough to train on a CPU."""
     return ResNet("resnet18")
-
-
-def build_optimizer(
-    name: Optimizer,
-    params: Iterable[Tensor] | Iterable[dict[str, Any]],
-    lr: float,
-    momentum: float,
-    weight_decay: float,
-) -> torch.optim.Optimizer:
-    """SGD with momentum or AdamW (``momentum`` unused)."""
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-
-
-def schedule_factor(
-    schedule: Schedule, total_steps: int, poly_power: float
-) -> Callable[[int], float]:
-    """The learning-rate multiplier at each step: cosine to 0 (Loshchilov & Hutter, 2017) or poly
-    ``(1 - step / total) ** power`` (DeepLab, PSPNet)."""
-    total = max(1, total_steps)
-    if schedule == "cosine":
-        return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
-    return lambda step: max(0.0, 1 - step / total) ** poly_power
 
 
 class ImageClassification(LightningModule):
@@ -176,19 +149,11 @@ class ImageClassification(LightningModule):
         return {"id": batch["id"], "class": predicted.tolist(), "probability": probability.tolist()}
 
     def class_names(self) -> list[str]:
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
-        names = getattr(datamodule, "class_names", None)
-        return list(names) if names else [str(i) for i in range(self.hparams.num_classes)]
+        return class_names(self, self.hparams.num_classes)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        hp = self.hparams
         params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = build_optimizer(hp.optimizer, params, hp.lr, hp.momentum, hp.weight_decay)
-        factor = schedule_factor(
-            hp.schedule, int(self.trainer.estimated_stepping_batches), hp.poly_power
-        )
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return optimization(self, params, self.hparams.schedule)
 
 
 class PredictionCSV(BasePredictionWriter):

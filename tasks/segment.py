@@ -10,7 +10,7 @@ A task in torchgeo's style: a LightningModule with ``configure_models``, ``confi
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from backbones import ResNet
 from backbones.weights import read_checkpoint
+from tasks.common import Optimizer, class_names, optimization
 from tasks.heads import HeadOutput, PrototypeHead
 from tasks.metrics import FewShotIoU
 
@@ -82,7 +83,7 @@ class FewShotSegmentation(LightningModule):
         num_classes: int = 20,
         freeze_backbone: bool = True,
         features: tuple[str, ...] = ("layer2", "layer3"),
-        optimizer: Literal["sgd", "adamw"] = "sgd",
+        optimizer: Optimizer = "sgd",
         lr: float = 0.0025,
         momentum: float = 0.9,
         weight_decay: float = 1e-4,
@@ -220,9 +221,7 @@ class FewShotSegmentation(LightningModule):
                 self.log(f"{stage}/iou/{names[index]}", iou)
 
     def class_names(self) -> list[str]:
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
-        names = getattr(datamodule, "class_names", None)
-        return list(names) if names else [str(i) for i in range(self.hparams.num_classes)]
+        return class_names(self, self.hparams.num_classes)
 
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
         """Foreground masks at each query's original size, with the batch's ids."""
@@ -236,17 +235,7 @@ class FewShotSegmentation(LightningModule):
         if self.backbone_trainable:
             backbone = [p for p in self.backbone.parameters() if p.requires_grad]
             groups.append({"params": backbone, "lr": hp.lr * hp.backbone_lr_mult})
-        if hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(
-                groups, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
-            )
-        else:
-            optimizer = torch.optim.AdamW(groups, lr=hp.lr, weight_decay=hp.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: max(0.0, 1 - step / total) ** hp.poly_power
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return optimization(self, groups, "poly")
 
 
 def main(args: list[str] | None = None) -> None:

@@ -1,0 +1,61 @@
+"""What the tasks share: optimizers, per-step learning-rate schedules and class names."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from torch import Tensor
+
+Optimizer = Literal["sgd", "adamw"]
+Schedule = Literal["cosine", "poly"]
+
+
+def build_optimizer(
+    name: Optimizer,
+    params: Iterable[Tensor] | Iterable[dict[str, Any]],
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+) -> torch.optim.Optimizer:
+    """SGD with momentum or AdamW (``momentum`` unused)."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def schedule_factor(
+    schedule: Schedule, total_steps: int, poly_power: float
+) -> Callable[[int], float]:
+    """The learning-rate multiplier at each step: cosine to 0 (Loshchilov & Hutter, 2017) or poly
+    ``(1 - step / total) ** power`` (DeepLab, PSPNet, PFENet, ASGNet)."""
+    total = max(1, total_steps)
+    if schedule == "cosine":
+        return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    return lambda step: max(0.0, 1 - step / total) ** poly_power
+
+
+def optimization(
+    module: LightningModule,
+    params: Iterable[Tensor] | Iterable[dict[str, Any]],
+    schedule: Schedule,
+) -> dict[str, Any]:
+    """``configure_optimizers``'s answer from the module's ``optimizer``, ``lr``, ``momentum``,
+    ``weight_decay`` and ``poly_power`` hyper-parameters, the schedule stepped every batch."""
+    hp = module.hparams
+    optimizer = build_optimizer(hp.optimizer, params, hp.lr, hp.momentum, hp.weight_decay)
+    factor = schedule_factor(
+        schedule, int(module.trainer.estimated_stepping_batches), hp.poly_power
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def class_names(module: LightningModule, num_classes: int) -> list[str]:
+    """The datamodule's class names when the module is attached to one, else the indices."""
+    trainer = module._trainer
+    names = getattr(getattr(trainer, "datamodule", None), "class_names", None) if trainer else None
+    return list(names) if names else [str(i) for i in range(num_classes)]
