@@ -18,7 +18,8 @@ from backbones import build_backbone
 from datamodules import CifarData, ImageFolderData, ShapesClassification
 from datamodules.classification import shapes_class_folder
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
-from tasks.classify import ImageClassification, main, schedule_factor
+from tasks.classify import ImageClassification, main
+from tasks.common import schedule_factor
 from tasks.segment import main as segment_main
 
 CLASSES = ("cat", "dog", "owl")

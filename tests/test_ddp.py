@@ -15,10 +15,10 @@ from test_segment import tiny_args
 TIMEOUT = 600  # bounded: a hung rank fails the test instead of the suite
 
 
-def run_segment(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def run_task(task: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     env = os.environ | {"PYTHONUNBUFFERED": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "tasks.segment", *args],
+        [sys.executable, "-m", f"tasks.{task}", *args],
         cwd=tmp_path,
         env=env,
         capture_output=True,
@@ -58,7 +58,8 @@ def ddp(devices: int) -> list[str]:
 @pytest.mark.slow
 def test_ddp_fit_then_test_equals_single_process(tmp_path: Path) -> None:
     data = tiny_args(tmp_path)
-    run_segment(
+    run_task(
+        "segment",
         tmp_path,
         "fit",
         *data,
@@ -74,7 +75,8 @@ def test_ddp_fit_then_test_equals_single_process(tmp_path: Path) -> None:
     results = {}
     for devices in (1, 2):
         save_dir = tmp_path / f"test-{devices}"
-        run_segment(
+        run_task(
+            "segment",
             tmp_path,
             "test",
             *data,
@@ -90,3 +92,24 @@ def test_ddp_fit_then_test_equals_single_process(tmp_path: Path) -> None:
         assert abs(results[1][key] - results[2][key]) < 1e-6, (key, results)
     per_class = {k for k in results[1] if k.startswith("test/iou/")}
     assert per_class and per_class == {k for k in results[2] if k.startswith("test/iou/")}
+
+
+@pytest.mark.slow
+def test_ddp_classification_test_equals_single_process(tmp_path: Path) -> None:
+    data = [
+        "--data.root", str(tmp_path / "shapes-cls"), "--data.train_per_class", "3",
+        "--data.val_per_class", "3", "--data.scene_size", "40", "--data.image_size", "32",
+        "--data.batch_size", "4", "--data.num_workers", "0",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+    ]  # fmt: skip
+    run_task("classify", tmp_path, "fit", *data, *ddp(2), "--trainer.max_steps", "2")
+    assert len(list((tmp_path / "runs").rglob("offline-run-*"))) == 1
+    checkpoint = next((tmp_path / "runs").rglob("last.ckpt"))
+    results = {}
+    for devices in (1, 2):
+        save_dir = tmp_path / f"test-{devices}"
+        run_task("classify", tmp_path, "test", *data, *ddp(devices), *csv_logger(save_dir),
+                 "--ckpt_path", str(checkpoint))  # fmt: skip
+        results[devices] = logged_metrics(save_dir)
+    for key in ("test/acc1", "test/acc5"):
+        assert abs(results[1][key] - results[2][key]) < 1e-6, (key, results)
