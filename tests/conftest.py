@@ -13,3 +13,6 @@ def offline_wandb(
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path_factory.mktemp("wandb")))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    # An in-process run publishes its W&B service in WANDB_SERVICE; commands started as
+    # subprocesses would inherit it and share one service, which refuses a resumed run's id.
+    monkeypatch.setenv("WANDB_SERVICE", "")
