@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import netrc
 import os
-import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -13,8 +12,6 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
-
-RUN_ID_WAIT_S = 60
 
 
 def wandb_credentials_present() -> bool:
@@ -47,23 +44,6 @@ class AutoWandbLogger(WandbLogger):
                 f"W&B: no account configured, logging offline under {save_dir / 'wandb'}; "
                 f"upload later with `wandb sync {save_dir / 'wandb'}/offline-run-*`"
             )
-
-    @property
-    def experiment(self) -> Any:
-        """The W&B run, waiting while a killed predecessor's W&B service still holds its id.
-
-        After ``kill -9`` of a training process, its W&B service lives on for a few seconds and
-        a resume (same run id) started meanwhile is refused with "run ID ... is in use".
-        """
-        deadline = time.monotonic() + RUN_ID_WAIT_S
-        while True:
-            try:
-                return super().experiment
-            except Exception as error:
-                if "is in use" not in str(error) or time.monotonic() > deadline:
-                    raise
-                rank_zero_info(f"W&B: run {self._id} is still held by a previous process; waiting")
-                time.sleep(2)
 
 
 class SaveConfigToRun(SaveConfigCallback):
