@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from test_segment import tiny_args
 
+from datamodules import ShapesFewShot
+
 TIMEOUT = 600  # bounded: a hung rank fails the test instead of the suite
 
 
@@ -92,6 +94,22 @@ def test_ddp_fit_then_test_equals_single_process(tmp_path: Path) -> None:
         assert abs(results[1][key] - results[2][key]) < 1e-6, (key, results)
     per_class = {k for k in results[1] if k.startswith("test/iou/")}
     assert per_class and per_class == {k for k in results[2] if k.startswith("test/iou/")}
+
+    # A rank that fails (rank 1's first query image is truncated: its header still reads, its
+    # pixels do not) fails the whole command, within the timeout, with that file named.
+    datamodule = ShapesFewShot(root=str(tmp_path / "shapes"), num_train=200, num_test=80,
+                               image_size=64, min_pixels=32, test_episodes=13)  # fmt: skip
+    datamodule.setup("test")
+    query = datamodule.sampler("test").episodes()[1].query
+    image = datamodule.source("test").image_path(query)
+    image.write_bytes(image.read_bytes()[:400])
+    failed = subprocess.run(
+        [sys.executable, "-m", "tasks.segment", "test", *data, *ddp(2), "--ckpt_path",
+         str(checkpoint), "--data.test_episodes", "13"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert failed.returncode != 0
+    assert f"cannot read image {image}" in failed.stdout + failed.stderr
 
 
 @pytest.mark.slow
