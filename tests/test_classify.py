@@ -13,6 +13,7 @@ import pytest
 import torch
 from lightning.pytorch import Trainer
 from PIL import Image
+from test_segment import tiny_args
 
 from backbones import build_backbone
 from datamodules import CifarData, ImageFolderData, ShapesClassification
@@ -334,33 +335,7 @@ def test_pretrain_classify_then_few_shot_segment(tmp_path: Path) -> None:
     backbone = build_backbone("resnet18", output_stride=8, weights=str(checkpoint))
     for key, value in backbone.state_dict().items():
         assert torch.equal(value, state["backbone." + key]), key
-    segment_main(
-        [
-            "fit",
-            "--data.root",
-            str(tmp_path / "shapes-seg"),
-            "--data.num_train",
-            "200",
-            "--data.num_test",
-            "80",
-            "--data.image_size",
-            "64",
-            "--data.batch_size",
-            "4",
-            "--data.num_workers",
-            "0",
-            "--data.val_episodes",
-            "4",
-            "--data.min_pixels",
-            "32",
-            "--model.backbone.init_args.weights",
-            str(checkpoint),
-            "--trainer.logger.init_args.save_dir",
-            str(tmp_path / "segment-runs"),
-            "--trainer.max_steps",
-            "2",
-            "--trainer.limit_val_batches",
-            "1",
-        ]
-    )
-    assert len(list((tmp_path / "segment-runs").rglob("last.ckpt"))) == 1
+    segment = tmp_path / "segment"
+    segment_main(["fit", *tiny_args(segment), "--model.backbone.init_args.weights", str(checkpoint),
+                  "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1"])  # fmt: skip
+    assert len(list((segment / "runs").rglob("last.ckpt"))) == 1
