@@ -9,6 +9,7 @@ dilated stage (the two schemes) in :func:`block_dilations` only.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -410,8 +411,6 @@ class ResNet(nn.Module):
 
 def build_backbone(name: str, **options: object) -> ResNet:
     """Build ``ResNet(arch=name, **options)`` with a clear error for an unknown option."""
-    import inspect
-
     valid = set(inspect.signature(ResNet.__init__).parameters) - {"self", "arch"}
     unknown = sorted(set(options) - valid)
     if unknown:

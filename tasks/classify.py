@@ -21,7 +21,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from backbones import ResNet
-from tasks.common import Optimizer, Schedule, class_names, optimization
+from tasks.common import Optimizer, Schedule, class_names, optimization, writable_output
 
 
 def default_backbone() -> ResNet:
@@ -176,15 +176,10 @@ class PredictionCSV(BasePredictionWriter):
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         path = self.path(trainer)
-        try:
+        with writable_output(path, "--prediction_writer.output_file"):
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("w", newline="") as file:
                 csv.writer(file).writerow(["file", "class", "probability"])
-        except OSError as error:
-            raise PermissionError(
-                f"cannot write predictions to {str(path)!r} ({error}); pass a writable path as "
-                "--prediction_writer.output_file"
-            ) from error
 
     def write_on_batch_end(
         self,

@@ -1,9 +1,12 @@
-"""What the tasks share: optimizers, per-step learning-rate schedules and class names."""
+"""What the tasks share: optimizers, per-step learning-rate schedules, class names and the
+writability check of prediction outputs."""
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -59,3 +62,15 @@ def class_names(module: LightningModule, num_classes: int) -> list[str]:
     trainer = module._trainer
     names = getattr(getattr(trainer, "datamodule", None), "class_names", None) if trainer else None
     return list(names) if names else [str(i) for i in range(num_classes)]
+
+
+@contextlib.contextmanager
+def writable_output(path: Path, option: str) -> Iterator[None]:
+    """Turn an ``OSError`` while preparing ``path`` into an error naming it and the option to
+    change, raised before any prediction is made."""
+    try:
+        yield
+    except OSError as error:
+        raise PermissionError(
+            f"cannot write predictions to {str(path)!r} ({error}); pass a writable path as {option}"
+        ) from error

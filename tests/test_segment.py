@@ -214,3 +214,14 @@ def test_experiment_configs_parse(config: Path, capsys: pytest.CaptureFixture) -
     assert exit_info.value.code == 0
     printed = capsys.readouterr().out
     assert "fold: 3" in printed and "class_path: backbones.ResNet" in printed
+
+
+def test_prediction_folder_that_cannot_be_created_is_named(tmp_path: Path) -> None:
+    from tasks.predictions import MaskWriter
+
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file where the folder should be")
+    writer = MaskWriter(str(blocker / "predictions"))
+    with pytest.raises(PermissionError, match=r"--prediction_writer\.output_dir") as error:
+        writer.on_predict_start(None, None)
+    assert str(blocker / "predictions") in str(error.value)
