@@ -37,15 +37,21 @@ def baseline_predictions(name: str, batch: dict[str, Any]) -> torch.Tensor:
 
 
 def evaluate(datamodule: FewShotDataModule) -> dict[str, float]:
+    """Each baseline's test mIoU, the mean over the protocol's test seeds."""
     datamodule.prepare_data()
     datamodule.setup("test")
-    metrics = {name: FewShotIoU(datamodule.num_classes) for name in BASELINES}
-    for batch in datamodule.test_dataloader():
+    totals = dict.fromkeys(BASELINES, 0.0)
+    loaders = datamodule.test_dataloader()
+    for loader in loaders:
+        metrics = {name: FewShotIoU(datamodule.num_classes) for name in BASELINES}
+        for batch in loader:
+            for name, metric in metrics.items():
+                metric.update(
+                    baseline_predictions(name, batch), batch["query_label"], batch["class_id"]
+                )
         for name, metric in metrics.items():
-            metric.update(
-                baseline_predictions(name, batch), batch["query_label"], batch["class_id"]
-            )
-    return {name: float(metric.compute()["miou"]) for name, metric in metrics.items()}
+            totals[name] += float(metric.compute()["miou"]) / len(loaders)
+    return totals
 
 
 BASELINES = ("all-foreground", "paste-support")
@@ -58,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     datamodule = parser.instantiate_classes(args).data
     print(f"# {type(datamodule).__name__} fold {datamodule.fold}, {datamodule.shots}-shot, "
-          f"{datamodule.test_episodes} test episodes (seed {datamodule.seed})")  # fmt: skip
+          f"protocol {datamodule.protocol}")  # fmt: skip
     print("| baseline | test mIoU |")
     print("| --- | --- |")
     for name, miou in evaluate(datamodule).items():

@@ -145,6 +145,7 @@ class CocoFewShot(FewShotDataModule):
 
     num_classes = 80
     class_names = COCO_CLASSES
+    protocol_family = "coco"
 
     def __init__(
         self,

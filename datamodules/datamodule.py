@@ -7,7 +7,8 @@ in :mod:`datamodules.sampler`):
   held-out images (:func:`datamodules.splits.hold_out`); validation episodes over the **base**
   classes of the held-out images, so checkpoint selection never sees a novel class (PFENet, HSNet
   and ASGNet select on the test fold).
-* ``test`` -- episodes over the **novel** classes of the test list (VOC val / COCO val2014).
+* ``test`` -- episodes over the **novel** classes of the test list (VOC val / COCO val2014),
+  one loader per test seed, evaluated as the chosen protocol says (:mod:`datamodules.protocols`).
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
-from .episode import EpisodeDataset, collate_episodes
+from .episode import EpisodeDataset, Evaluation, collate_episodes
 from .index import ClassCounts, class_counts
 from .predict import PredictEpisodes
+from .protocols import EvalResize, Scoring, resolve_protocol
 from .sampler import EpisodeSampler, rank_and_world_size
 from .source import SegmentationSource
 from .splits import NUM_FOLDS, eligible_images, hold_out
@@ -78,10 +80,17 @@ class FewShotDataModule(LightningDataModule):
         train_episodes: training episodes per epoch; ``None`` = one per (image, base class) pair
             of the training list, as PFENet's epoch.
         val_episodes: fixed validation episodes (base classes, held-out images).
-        test_episodes: fixed test episodes (novel classes, test list).
-        seed: seed of the validation and test lists (PFENet family: 321).
-        min_pixels: pixels a class needs in an image to be used there (OSLSM: 2 * 32 * 32).
+        seed: seed of the validation list.
+        protocol: evaluation preset (``pfenet``, ``asgnet``, ``hsnet``, ``bam``; ``None``: this
+            project's defaults) setting the five options below (:mod:`datamodules.protocols`).
+        test_episodes: fixed test episodes per seed (novel classes, test list).
+        test_seeds: seeds of the test lists, or their number (the preset's first seed onwards);
+            each seed is one test pass, reported separately and as mean and std.
+        eval_resize: ``longer_pad`` (PFENet) or ``squash`` (HSNet) test resize.
+        eval_size: test input size (default: ``image_size``).
+        scoring: score test predictions at the ``original`` label or at the ``input`` size.
         exclude_novel_from_train: drop training images holding any novel-class pixel (BAM).
+        min_pixels: pixels a class needs in an image to be used there (OSLSM: 2 * 32 * 32).
         val_fraction: share of each class's training images held out for validation.
         cache_dir: where the class index is cached; ``None`` = :meth:`default_cache_dir`.
         predict_support: ``predict`` only: support image files (the K shots).
@@ -91,6 +100,8 @@ class FewShotDataModule(LightningDataModule):
 
     num_classes: int
     class_names: list[str]
+    #: which column of a protocol's per-dataset values applies (:mod:`datamodules.protocols`)
+    protocol_family = "pascal"
 
     def __init__(
         self,
@@ -102,10 +113,15 @@ class FewShotDataModule(LightningDataModule):
         num_workers: int = 4,
         train_episodes: int | None = None,
         val_episodes: int = 1000,
-        test_episodes: int = 1000,
         seed: int = 321,
+        protocol: str | None = None,
+        test_episodes: int | None = None,
+        test_seeds: int | list[int] | None = None,
+        eval_resize: EvalResize | None = None,
+        eval_size: int | None = None,
+        scoring: Scoring | None = None,
+        exclude_novel_from_train: bool | None = None,
         min_pixels: int = 2 * 32 * 32,
-        exclude_novel_from_train: bool = False,
         val_fraction: float = 0.1,
         cache_dir: str | None = None,
         predict_support: list[str] | None = None,
@@ -125,7 +141,8 @@ class FewShotDataModule(LightningDataModule):
             "None or an integer >= 1",
         )
         require("val_episodes", val_episodes, val_episodes >= 1, "an integer >= 1")
-        require("test_episodes", test_episodes, test_episodes >= 1, "an integer >= 1")
+        for name, value in (("test_episodes", test_episodes), ("eval_size", eval_size)):
+            require(name, value, value is None or value >= 1, "None or an integer >= 1")
         require("min_pixels", min_pixels, min_pixels >= 1, "an integer >= 1")
         require("val_fraction", val_fraction, 0 < val_fraction < 1, "in the open interval (0, 1)")
         self.save_hyperparameters()
@@ -137,10 +154,21 @@ class FewShotDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.train_episodes = train_episodes
         self.val_episodes = val_episodes
-        self.test_episodes = test_episodes
         self.seed = seed
+        self.protocol = resolve_protocol(
+            protocol,
+            self.protocol_family,
+            {
+                "test_episodes": test_episodes,
+                "test_seeds": test_seeds,
+                "eval_resize": eval_resize,
+                "eval_size": eval_size,
+                "scoring": scoring,
+                "exclude_novel_from_train": exclude_novel_from_train,
+            },
+            image_size,
+        )
         self.min_pixels = min_pixels
-        self.exclude_novel_from_train = exclude_novel_from_train
         self.val_fraction = val_fraction
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else self.default_cache_dir()
         self.novel_classes = self.fold_novel_classes()
@@ -179,15 +207,23 @@ class FewShotDataModule(LightningDataModule):
         for split in ("train", "test"):
             self.counts(split)
 
+    @property
+    def test_seeds(self) -> list[int]:
+        return self.protocol["test_seeds"]
+
     def setup(self, stage: str | None = None) -> None:
-        """Build the episode pools of ``stage`` (``fit``/``validate``: train + val; ``test``)."""
+        """Build the episode pools of ``stage`` (``fit``/``validate``: train + val; ``test``);
+        the resolved protocol goes to the trainer's loggers (the W&B run's config)."""
+        if self.trainer is not None:
+            for logger in self.trainer.loggers:
+                logger.log_hyperparams({"protocol": self.protocol})
         if stage == "predict":
             return
         if stage in (None, "fit", "validate") and "val" not in self._pools:
             counts = self.counts("train")
             held = hold_out(counts, self.val_fraction, self.min_pixels)
             train_ids = [image_id for image_id in counts if image_id not in held]
-            excluded = self.novel_classes if self.exclude_novel_from_train else ()
+            excluded = self.novel_classes if self.protocol["exclude_novel_from_train"] else ()
             self._pools["train"] = self._checked(
                 "train",
                 eligible_images(counts, train_ids, self.base_classes, self.min_pixels, excluded),
@@ -220,8 +256,9 @@ class FewShotDataModule(LightningDataModule):
             raise RuntimeError(f"call setup() before asking for the {stage!r} episodes")
         return self._pools[stage]
 
-    def sampler(self, stage: str) -> EpisodeSampler:
-        """The episode sampler of ``stage`` for this process (sharded under DDP)."""
+    def sampler(self, stage: str, test_seed: int | None = None) -> EpisodeSampler:
+        """The episode sampler of ``stage`` for this process (sharded under DDP); ``test`` takes
+        one of :attr:`test_seeds`."""
         rank, world_size = rank_and_world_size(self.trainer)
         pools = self.pools(stage)
         if stage == "train":
@@ -230,25 +267,32 @@ class FewShotDataModule(LightningDataModule):
                 seed = self.trainer.strategy.broadcast(seed, src=0)
             count = self.train_episodes or sum(len(ids) for ids in pools.values())
             return EpisodeSampler(pools, count, self.shots, (seed,), rank, world_size, train=True)
-        count = self.val_episodes if stage == "val" else self.test_episodes
-        seed = (self.seed, self.fold, self.shots, _STAGE_CODE[stage])
-        return EpisodeSampler(pools, count, self.shots, seed, rank, world_size)
+        if stage == "val":
+            count, seed = self.val_episodes, self.seed
+        else:
+            count, seed = self.protocol["test_episodes"], test_seed
+        codes = (seed, self.fold, self.shots, _STAGE_CODE[stage])
+        return EpisodeSampler(pools, count, self.shots, codes, rank, world_size)
 
-    def _loader(self, stage: str) -> DataLoader:
-        train = stage == "train"
-        transform = train_transform if train else eval_transform
-        dataset = EpisodeDataset(
-            self.source("test" if stage == "test" else "train"),
-            transform(self.image_size),
-            evaluation=not train,
-            size=self.image_size,
-        )
+    def _loader(self, stage: str, test_seed: int | None = None) -> DataLoader:
+        if stage == "train":
+            dataset = EpisodeDataset(self.source("train"), train_transform(self.image_size))
+        elif stage == "val":
+            evaluation = Evaluation(self.image_size)
+            transform = eval_transform(evaluation.size, evaluation.resize)
+            dataset = EpisodeDataset(self.source("train"), transform, evaluation)
+        else:
+            p = self.protocol
+            evaluation = Evaluation(p["eval_size"], p["eval_resize"], p["scoring"])
+            transform = eval_transform(evaluation.size, evaluation.resize)
+            dataset = EpisodeDataset(self.source("test"), transform, evaluation)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            sampler=self.sampler(stage),
+            sampler=self.sampler(stage, test_seed),
             num_workers=self.num_workers,
             collate_fn=collate_episodes,
+            pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0 and stage != "test",
         )
 
@@ -258,8 +302,9 @@ class FewShotDataModule(LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
+    def test_dataloader(self) -> list[DataLoader]:
+        """One loader per test seed, in the order of :attr:`test_seeds`."""
+        return [self._loader("test", seed) for seed in self.test_seeds]
 
     def predict_dataloader(self) -> DataLoader:
         """The user's queries, each segmented with the given support set (no labels needed)."""

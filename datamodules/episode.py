@@ -13,7 +13,8 @@ key                type / shape                meaning
 ``class_id``       int64 ``[B]``               0-based index into ``class_names`` (VOC k -> k-1)
 =================  ==========================  ==================================================
 
-``S`` is the datamodule's ``image_size``. Validation and test batches add:
+``S`` is the datamodule's ``image_size`` (in test, the protocol's ``eval_size``). Validation and
+test batches add:
 
 =================  ==========================  ==================================================
 ``query_label``    int64 ``[B, Hmax, Wmax]``   the query's binary label (0/1/255) at its original
@@ -24,6 +25,10 @@ key                type / shape                meaning
                                                ``S x S`` input (placed at the top-left)
 ``query_id``       ``list[str]``               file ids of the queries
 =================  ==========================  ==================================================
+
+Under a protocol that scores at the input resolution (HSNet), ``query_label`` is the transformed
+``query_mask`` and ``query_size`` = ``query_valid`` = ``(S, S)``, so the same scoring code serves
+both conventions.
 
 Training labels follow PFENet: the episode's class is 1, every other class 0, 255 kept. To score
 at the original resolution as PFENet/ASGNet (``ori_resize``): crop the logits to
@@ -48,8 +53,9 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from .protocols import EvalResize, Scoring
 from .source import IGNORE, SegmentationSource
-from .transforms import resized_size
+from .transforms import valid_size
 
 Batch = dict[str, Any]
 JointTransform = Callable[[tv_tensors.Image, tv_tensors.Mask], tuple[torch.Tensor, torch.Tensor]]
@@ -62,6 +68,27 @@ class Episode:
     query: str
     class_id: int
     support: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """How evaluation queries are resized and where they are scored."""
+
+    size: int
+    resize: EvalResize = "longer_pad"
+    scoring: Scoring = "original"
+
+    def label_fields(self, label: np.ndarray, mask: torch.Tensor) -> Batch:
+        """``query_label``, ``query_size`` and ``query_valid`` of one query."""
+        if self.scoring == "input":
+            size = torch.tensor([self.size, self.size])
+            return {"query_label": mask, "query_size": size, "query_valid": size.clone()}
+        height, width = label.shape
+        return {
+            "query_label": torch.from_numpy(label).long(),
+            "query_size": torch.tensor([height, width]),
+            "query_valid": torch.tensor(valid_size(height, width, self.size, self.resize)),
+        }
 
 
 def binary_label(label: np.ndarray, class_id: int) -> np.ndarray:
@@ -79,17 +106,18 @@ class EpisodeDataset(Dataset):
     Args:
         source: where the images and labels come from.
         transform: joint image/mask transform (:mod:`datamodules.transforms`).
-        evaluation: add the original-resolution query label and its geometry.
-        size: the model input size, needed to report ``query_valid`` in evaluation.
+        evaluation: add the query's scoring label and its geometry (``None`` in training).
     """
 
     def __init__(
-        self, source: SegmentationSource, transform: JointTransform, evaluation: bool, size: int
+        self,
+        source: SegmentationSource,
+        transform: JointTransform,
+        evaluation: Evaluation | None = None,
     ) -> None:
         self.source = source
         self.transform = transform
         self.evaluation = evaluation
-        self.size = size
 
     def _load(self, image_id: str, class_id: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         image, label = self.source.read(image_id)
@@ -108,11 +136,8 @@ class EpisodeDataset(Dataset):
             "support_masks": torch.stack([mask for _, mask in support]),
             "class_id": torch.tensor(episode.class_id),
         }
-        if self.evaluation:
-            height, width = query_label.shape
-            item["query_label"] = torch.from_numpy(query_label).long()
-            item["query_size"] = torch.tensor([height, width])
-            item["query_valid"] = torch.tensor(resized_size(height, width, self.size))
+        if self.evaluation is not None:
+            item.update(self.evaluation.label_fields(query_label, query_mask))
             item["query_id"] = episode.query
         return item
 

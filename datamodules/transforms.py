@@ -9,7 +9,8 @@ mean colour, as PFENet pads with the mean pixel) and every fill of the mask is `
   testing for any ``size`` (PFENet crops at native scale, which for VOC's 500 px images and a
   473 crop differs by under 6%).
 * Evaluation (PFENet ``test_Resize``): resize the longer side to ``size`` keeping the aspect
-  ratio, place at the top-left and pad to ``size x size`` (image 0, mask 255).
+  ratio, place at the top-left and pad to ``size x size`` (image 0, mask 255); or, as HSNet,
+  squash to ``size x size`` (``resize="squash"``, see :mod:`datamodules.protocols`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+
+from .protocols import EvalResize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -28,6 +31,11 @@ def resized_size(height: int, width: int, size: int) -> tuple[int, int]:
     """``(h, w)`` after resizing the longer side to ``size`` with the aspect ratio kept."""
     scale = size / max(height, width)
     return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def valid_size(height: int, width: int, size: int, resize: EvalResize) -> tuple[int, int]:
+    """``(h, w)`` of an ``height x width`` image inside the ``size x size`` evaluation input."""
+    return resized_size(height, width, size) if resize == "longer_pad" else (size, size)
 
 
 class ResizeLonger:
@@ -89,6 +97,9 @@ def train_transform(size: int) -> v2.Compose:
     )
 
 
-def eval_transform(size: int) -> v2.Compose:
-    """Longer side to ``size``, top-left placement, pad to ``size x size`` (PFENet test_Resize)."""
+def eval_transform(size: int, resize: EvalResize = "longer_pad") -> v2.Compose:
+    """Longer side to ``size``, top-left placement, pad to ``size x size`` (PFENet test_Resize),
+    or squash to ``size x size`` (HSNet)."""
+    if resize == "squash":
+        return v2.Compose([*_to_normalised(), v2.Resize((size, size), antialias=True)])
     return v2.Compose([*_to_normalised(), ResizeLonger(size), PadBottomRight(size)])

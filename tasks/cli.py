@@ -10,18 +10,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar
 
-from lightning.pytorch import Callback, LightningDataModule, LightningModule
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins import TorchCheckpointIO
 
+from tasks.checkpointing import AtomicCheckpointIO, SaveLastOnInterrupt
 from tasks.tracking import SaveConfigToRun
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 class TaskCLI(LightningCLI):
-    """Links the dataset's class count into the model and adds the task's own callbacks
-    (configured under their key, e.g. ``--prediction_writer.output_dir``)."""
+    """Links the dataset's class count into the model, adds the task's own callbacks
+    (configured under their key, e.g. ``--prediction_writer.output_dir``) and makes checkpoints
+    safe to kill (:mod:`tasks.checkpointing`)."""
 
     task_callbacks: ClassVar[dict[str, type[Callback]]] = {}
 
@@ -29,6 +32,13 @@ class TaskCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         for key, callback in self.task_callbacks.items():
             parser.add_lightning_class_args(callback, key)
+
+    def instantiate_trainer(self, **kwargs: object) -> Trainer:
+        """Atomic checkpoint writes unless the config chose its own checkpoint IO."""
+        trainer = super().instantiate_trainer(**kwargs)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        return trainer
 
     def before_instantiate_classes(self) -> None:
         """``--ckpt_path last`` with W&B: resume the newest run's ``last.ckpt`` and its W&B run.
@@ -69,7 +79,10 @@ def run_cli(
             subclass_mode_data=True,
             save_config_callback=SaveConfigToRun,
             # The datamodules shard episodes themselves; Lightning's sampler would pad them.
-            trainer_defaults={"use_distributed_sampler": False},
+            trainer_defaults={
+                "use_distributed_sampler": False,
+                "callbacks": [SaveLastOnInterrupt()],
+            },
             parser_kwargs={
                 subcommand: {"default_config_files": [str(CONFIGS / task / "default.yaml")]}
                 for subcommand in LightningCLI.subcommands()

@@ -9,6 +9,10 @@ A task in torchgeo's style: a LightningModule with ``configure_models``, ``confi
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -56,6 +60,17 @@ def original_resolution_predictions(logits: Tensor, batch: Mapping[str, Any]) ->
     return preds
 
 
+def compile_unsupported_reason() -> str | None:
+    """Why ``torch.compile`` cannot run here (``None`` if it can): TorchDynamo must support this
+    Python/platform, and Inductor's CPU code needs a C++ compiler."""
+    if not torch._dynamo.is_dynamo_supported():
+        return f"TorchDynamo does not support Python {sys.version.split()[0]} on {sys.platform}"
+    compiler = os.environ.get("CXX", "c++")
+    if not torch.cuda.is_available() and shutil.which(compiler) is None:
+        return f"no C++ compiler {compiler!r} on PATH for Inductor's CPU backend (set CXX)"
+    return None
+
+
 class FewShotSegmentation(LightningModule):
     """Predict the query mask of the support's class from K annotated support images.
 
@@ -74,6 +89,11 @@ class FewShotSegmentation(LightningModule):
         head_weights: an official checkpoint of the head's method (ASGNet's released ``.pth``),
             loaded into the head strictly through the head's key map; give the same file as
             the backbone's ``weights`` to load its encoder (``layer0`` = the deep stem).
+        channels_last: keep weights and images in channels-last memory order (faster
+            convolutions with tensor cores and on recent CPUs); results are unchanged.
+        compile: ``torch.compile`` the backbone and the head in place (state-dict keys and
+            checkpoints unchanged); where the platform cannot compile, a warning says why and
+            the model runs eagerly.
     """
 
     def __init__(
@@ -90,6 +110,8 @@ class FewShotSegmentation(LightningModule):
         poly_power: float = 0.9,
         backbone_lr_mult: float = 0.1,
         head_weights: str | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         for name, value in (("lr", lr), ("backbone_lr_mult", backbone_lr_mult)):
@@ -121,14 +143,25 @@ class FewShotSegmentation(LightningModule):
                     "has no official checkpoint format (ASGNetHead has)"
                 )
             load(read_checkpoint(self.hparams.head_weights))
+        if self.hparams.channels_last:
+            self.backbone.to(memory_format=torch.channels_last)
+            self.head.to(memory_format=torch.channels_last)
+        if self.hparams.compile:
+            reason = compile_unsupported_reason()
+            if reason:
+                warnings.warn(f"model.compile ignored, running eagerly: {reason}", stacklevel=2)
+            else:
+                self.backbone.compile()
+                self.head.compile()
 
     def configure_losses(self) -> None:
         self.criterion = nn.CrossEntropyLoss(ignore_index=IGNORE)
 
     def configure_metrics(self) -> None:
+        """Train and validation IoU; the test metrics, one per test seed, at test start."""
         self.train_iou = FewShotIoU(self.hparams.num_classes)
         self.val_iou = FewShotIoU(self.hparams.num_classes)
-        self.test_iou = FewShotIoU(self.hparams.num_classes)
+        self.test_ious = nn.ModuleList()
 
     @property
     def backbone_trainable(self) -> bool:
@@ -138,6 +171,8 @@ class FewShotSegmentation(LightningModule):
         """Query and support go through the backbone in one batched call."""
         batch, shots = support_images.shape[:2]
         images = torch.cat([query_image, support_images.flatten(0, 1)])
+        if self.hparams.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.backbone_trainable):
             features = self.backbone(images)
         query = {name: f[:batch] for name, f in features.items()}
@@ -203,22 +238,56 @@ class FewShotSegmentation(LightningModule):
     def on_validation_epoch_end(self) -> None:
         self._log_iou("val", self.val_iou)
 
-    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_iou)
+    def on_test_start(self) -> None:
+        """One metric per test loader: the datamodule gives one loader per test seed."""
+        count = len(self.trainer.test_dataloaders)
+        metrics = [FewShotIoU(self.hparams.num_classes) for _ in range(count)]
+        self.test_ious = nn.ModuleList(metrics).to(self.device)
+
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._evaluate(batch, self.test_ious[dataloader_idx])
 
     def on_test_epoch_end(self) -> None:
-        self._log_iou("test", self.test_iou)
+        """Per seed results into ``test_results`` (written by :class:`tasks.results.TestResults`);
+        ``test/miou`` and the others logged as means over the seeds, with their std."""
+        seeds = getattr(self.trainer.datamodule, "test_seeds", range(len(self.test_ious)))
+        self.test_results = [
+            {"seed": seed, **self._iou_summary(metric)}
+            for seed, metric in zip(seeds, self.test_ious, strict=True)
+        ]
+        for key in ("miou", "fbiou"):
+            values = torch.tensor([run[key] for run in self.test_results], dtype=torch.float64)
+            self.log(f"test/{key}", values.mean().item())
+            if len(values) > 1:
+                self.log(f"test/{key}_std", values.std().item())
+        names = dict.fromkeys(n for run in self.test_results for n in run["iou_per_class"])
+        for name in names:
+            ious = [run["iou_per_class"][name] for run in self.test_results]
+            self.log(f"test/iou/{name}", sum(ious) / len(ious))
 
-    def _log_iou(self, stage: str, metric: FewShotIoU) -> None:
-        """mIoU and FB-IoU over all ranks' episodes (the metric syncs its sums), per-class IoU."""
+    def _iou_summary(self, metric: FewShotIoU) -> dict[str, Any]:
+        """mIoU and FB-IoU over all ranks' episodes (the metric syncs its sums), and the IoU of
+        each class that had episodes."""
         result = metric.compute()
         metric.reset()
-        self.log(f"{stage}/miou", result["miou"], prog_bar=stage != "train")
-        self.log(f"{stage}/fbiou", result["fbiou"])
         names = self.class_names()
-        for index, iou in enumerate(result["iou_per_class"].tolist()):
-            if iou == iou:  # classes without episodes are NaN
-                self.log(f"{stage}/iou/{names[index]}", iou)
+        per_class = {
+            names[index]: iou
+            for index, iou in enumerate(result["iou_per_class"].tolist())
+            if iou == iou  # classes without episodes are NaN
+        }
+        return {
+            "miou": result["miou"].item(),
+            "fbiou": result["fbiou"].item(),
+            "iou_per_class": per_class,
+        }
+
+    def _log_iou(self, stage: str, metric: FewShotIoU) -> None:
+        summary = self._iou_summary(metric)
+        self.log(f"{stage}/miou", summary["miou"], prog_bar=stage != "train")
+        self.log(f"{stage}/fbiou", summary["fbiou"])
+        for name, iou in summary["iou_per_class"].items():
+            self.log(f"{stage}/iou/{name}", iou)
 
     def class_names(self) -> list[str]:
         return class_names(self, self.hparams.num_classes)
@@ -243,13 +312,14 @@ def main(args: list[str] | None = None) -> None:
     from datamodules import FewShotDataModule
     from tasks.cli import run_cli
     from tasks.predictions import MaskWriter
+    from tasks.results import TestResults
 
     run_cli(
         FewShotSegmentation,
         FewShotDataModule,
         "segment",
         args,
-        callbacks={"prediction_writer": MaskWriter},
+        callbacks={"prediction_writer": MaskWriter, "results": TestResults},
     )
 
 

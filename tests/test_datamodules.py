@@ -200,7 +200,7 @@ def test_workers_do_not_change_test_batches(make_dm) -> None:
     for workers in (0, 2):
         dm = make_dm(test_episodes=10, num_workers=workers)
         dm.setup("test")
-        batches[workers] = list(dm.test_dataloader())
+        batches[workers] = list(dm.test_dataloader()[0])
     for one, two in zip(batches[0], batches[2], strict=True):
         assert one["query_id"] == two["query_id"]
         for key in ("query_image", "support_masks", "class_id", "query_label", "query_valid"):
@@ -216,7 +216,7 @@ def test_ddp_trainer_contract(make_dm) -> None:
     dm.trainer = Trainer(
         accelerator="cpu", devices=2, strategy="ddp", logger=False, **TRAINER_KWARGS
     )
-    sampler = dm.test_dataloader().sampler
+    sampler = dm.test_dataloader()[0].sampler
     assert (sampler.rank, sampler.world_size, len(sampler)) == (0, 2, 5)
 
 
@@ -250,7 +250,7 @@ def test_train_batch_contract(make_dm) -> None:
 def test_eval_batch_contract(make_dm) -> None:
     dm = make_dm(test_episodes=4, image_size=48)
     dm.setup("test")
-    batch = next(iter(dm.test_dataloader()))
+    batch = next(iter(dm.test_dataloader()[0]))
     _check_common(batch, 48, 1)
     assert batch["query_label"].shape == (4, HEIGHT, WIDTH)
     assert batch["query_size"].tolist() == [[HEIGHT, WIDTH]] * 4
@@ -277,7 +277,7 @@ def test_query_label_padding_to_batch_max(own_tree: Path, make_dm) -> None:
     )
     dm = make_dm(own_tree, test_episodes=40, batch_size=40, image_size=48)
     dm.setup("test")
-    batch = next(iter(dm.test_dataloader()))
+    batch = next(iter(dm.test_dataloader()[0]))
     row = batch["query_id"].index(image_id)
     assert batch["query_size"][row].tolist() == [60, 90]
     assert batch["query_valid"][row].tolist() == [32, 48]

@@ -82,7 +82,7 @@ def test_loads_through_the_pascal_reader(shapes_root: Path) -> None:
     assert sorted(dm.pools("test")) == [5, 6, 7, 8, 9]
     train = next(iter(dm.train_dataloader()))
     assert train["query_image"].shape == (8, 3, 96, 96)
-    test = next(iter(dm.test_dataloader()))
+    test = next(iter(dm.test_dataloader()[0]))
     assert test["support_images"].shape == (8, 1, 3, 96, 96)
     assert test["query_valid"].max() == 96 and test["query_size"].max() == 128
     assert set(test["class_id"].tolist()) <= {5, 6, 7, 8, 9}

@@ -1,0 +1,88 @@
+"""Checkpoints that survive kills and interrupts.
+
+* :class:`AtomicCheckpointIO` -- Lightning writes checkpoints through fsspec, whose local
+  "transaction" writes to a temporary file in ``/tmp`` and moves it into place; across
+  filesystems (``/tmp`` local, checkpoints on NFS or Lustre) the move is a copy into the final
+  path, so a kill during it leaves a truncated ``last.ckpt`` and the previous one is gone. Here
+  the checkpoint is streamed into a temporary file *in the destination folder*, flushed to disk
+  and renamed over the old one (``os.replace``, atomic on POSIX): a reader sees the old file or
+  the new one, never a partial one.
+* :class:`SaveLastOnInterrupt` -- Ctrl-C (SIGINT) in a single-process run refreshes every
+  ``ModelCheckpoint``'s ``last.ckpt`` before Lightning shuts down, so ``fit --ckpt_path last``
+  resumes from the interrupted step. (Lightning's ``save_on_exception`` saves on *any* error,
+  also on one rank of a DDP job, where the collective save would wait on the other ranks.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
+    """A file that replaces ``path`` only once fully written and synced to disk."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(handle, mode) as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, path)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: Path, text: str) -> None:
+    with atomic_file(path, "w") as file:
+        file.write(text)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """``torch.save`` into a temporary sibling, then an atomic rename (local paths only; other
+    URLs go through Lightning's fsspec writer)."""
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None
+    ) -> None:
+        if storage_options is not None or "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        with atomic_file(Path(path)) as file:
+            torch.save(checkpoint, file)
+
+
+class SaveLastOnInterrupt(Callback):
+    """On Ctrl-C in a single-process run, write ``last.ckpt`` of each ``ModelCheckpoint`` that
+    keeps one (see the module docstring)."""
+
+    def on_exception(
+        self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
+    ) -> None:
+        if not isinstance(exception, KeyboardInterrupt) or trainer.world_size > 1:
+            return
+        if not trainer.training or trainer.sanity_checking:
+            return
+        folders = {
+            Path(callback.dirpath)
+            for callback in trainer.checkpoint_callbacks
+            if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath
+        }
+        for folder in sorted(folders):
+            path = (
+                folder / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+            )
+            trainer.save_checkpoint(path)
+            rank_zero_info(f"Interrupted at global step {trainer.global_step}: saved {path}")
