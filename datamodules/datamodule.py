@@ -258,7 +258,7 @@ class FewShotDataModule(LightningDataModule):
 
     def sampler(self, stage: str, test_seed: int | None = None) -> EpisodeSampler:
         """The episode sampler of ``stage`` for this process (sharded under DDP); ``test`` takes
-        one of :attr:`test_seeds`."""
+        one of :attr:`test_seeds` (default the first)."""
         rank, world_size = rank_and_world_size(self.trainer)
         pools = self.pools(stage)
         if stage == "train":
@@ -270,7 +270,8 @@ class FewShotDataModule(LightningDataModule):
         if stage == "val":
             count, seed = self.val_episodes, self.seed
         else:
-            count, seed = self.protocol["test_episodes"], test_seed
+            count = self.protocol["test_episodes"]
+            seed = self.test_seeds[0] if test_seed is None else test_seed
         codes = (seed, self.fold, self.shots, _STAGE_CODE[stage])
         return EpisodeSampler(pools, count, self.shots, codes, rank, world_size)
 

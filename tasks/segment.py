@@ -26,6 +26,7 @@ from backbones.weights import read_checkpoint
 from tasks.common import Optimizer, class_names, optimization
 from tasks.heads import HeadOutput, PrototypeHead
 from tasks.metrics import FewShotIoU
+from tasks.results import summarise
 
 IGNORE = 255
 HeadFactory = Callable[[Mapping[str, int]], nn.Module]
@@ -255,15 +256,13 @@ class FewShotSegmentation(LightningModule):
             {"seed": seed, **self._iou_summary(metric)}
             for seed, metric in zip(seeds, self.test_ious, strict=True)
         ]
+        summary = summarise(self.test_results)
         for key in ("miou", "fbiou"):
-            values = torch.tensor([run[key] for run in self.test_results], dtype=torch.float64)
-            self.log(f"test/{key}", values.mean().item())
-            if len(values) > 1:
-                self.log(f"test/{key}_std", values.std().item())
-        names = dict.fromkeys(n for run in self.test_results for n in run["iou_per_class"])
-        for name in names:
-            ious = [run["iou_per_class"][name] for run in self.test_results]
-            self.log(f"test/iou/{name}", sum(ious) / len(ious))
+            self.log(f"test/{key}", summary[f"{key}_mean"])
+            if len(self.test_results) > 1:
+                self.log(f"test/{key}_std", summary[f"{key}_std"])
+        for name, iou in summary["iou_per_class_mean"].items():
+            self.log(f"test/iou/{name}", iou)
 
     def _iou_summary(self, metric: FewShotIoU) -> dict[str, Any]:
         """mIoU and FB-IoU over all ranks' episodes (the metric syncs its sums), and the IoU of

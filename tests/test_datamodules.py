@@ -128,7 +128,7 @@ def test_eval_episodes_are_fixed_by_seed(make_dm) -> None:
     second.setup("test")
     assert first.sampler("test").episodes() == second.sampler("test").episodes()
     assert list(first.sampler("test")) == first.sampler("test").episodes()
-    other = make_dm(test_episodes=30, seed=5)
+    other = make_dm(test_episodes=30, test_seeds=[5])
     other.setup("test")
     assert other.sampler("test").episodes() != first.sampler("test").episodes()
 
@@ -399,7 +399,7 @@ def test_too_few_images_for_the_shots(make_dm) -> None:
         ("shots", 0, "an integer >= 1"),
         ("val_fraction", 1.0, r"in the open interval \(0, 1\)"),
         ("min_pixels", 0, "an integer >= 1"),
-        ("test_episodes", 0, "an integer >= 1"),
+        ("test_episodes", 0, "None or an integer >= 1"),
     ],
 )
 def test_bad_arguments(make_dm, field: str, value: object, allowed: str) -> None:

@@ -1,0 +1,137 @@
+"""Evaluation protocols: presets, overrides, per-seed test passes and the results files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from fixtures_data import write_pascal_tree
+from test_segment import tiny_args
+
+from datamodules import CocoFewShot, PascalFewShot
+from datamodules.protocols import resolve_protocol
+from tasks.report import main as report_main
+from tasks.segment import main
+
+
+@pytest.fixture(scope="module")
+def pascal_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_pascal_tree(tmp_path_factory.mktemp("voc") / "VOC2012")
+
+
+def pascal(root: Path, tmp_path: Path, **kwargs) -> PascalFewShot:
+    settings = {"num_workers": 0, "batch_size": 4, "image_size": 64, "val_fraction": 0.2}
+    return PascalFewShot(root=str(root), cache_dir=str(tmp_path / "cache"), **settings | kwargs)
+
+
+@pytest.mark.parametrize(
+    ("name", "family", "expected"),
+    [
+        ("pfenet", "pascal", (5000, [321], "longer_pad", 473, "original", False)),
+        ("pfenet", "coco", (20000, [321], "longer_pad", 473, "original", False)),
+        ("asgnet", "pascal", (1000, [321], "longer_pad", 473, "original", False)),
+        ("asgnet", "coco", (20000, [321], "longer_pad", 473, "original", False)),
+        ("hsnet", "pascal", (1000, [0], "squash", 400, "input", False)),
+        ("hsnet", "coco", (1000, [0], "squash", 400, "input", False)),
+        ("bam", "pascal", (1000, [510, 365, 382, 322, 988], "longer_pad", 473, "original", True)),
+        (None, "pascal", (1000, [321], "longer_pad", 473, "original", False)),
+    ],
+)
+def test_presets_resolve_to_the_documented_values(name, family, expected) -> None:
+    resolved = resolve_protocol(name, family, {}, image_size=473)
+    keys = ("test_episodes", "test_seeds", "eval_resize", "eval_size", "scoring")
+    keys += ("exclude_novel_from_train",)
+    assert tuple(resolved[k] for k in keys) == expected
+    assert resolved["name"] == (name or "custom") and resolved["overridden"] == []
+
+
+def test_explicit_options_override_a_preset_and_are_recorded() -> None:
+    explicit = {"test_episodes": 200, "test_seeds": 3, "eval_size": None, "scoring": "original"}
+    resolved = resolve_protocol("hsnet", "pascal", explicit, image_size=64)
+    assert resolved["test_episodes"] == 200
+    assert resolved["test_seeds"] == [0, 1, 2]  # a count: the preset's first seed onwards
+    assert resolved["eval_size"] == 400 and resolved["eval_resize"] == "squash"
+    assert resolved["scoring"] == "original"
+    assert resolved["overridden"] == ["scoring", "test_episodes", "test_seeds"]
+
+
+@pytest.mark.parametrize(
+    ("name", "explicit", "message"),
+    [
+        ("pfenet5", {}, r"data.protocol='pfenet5': expected one of \['asgnet', 'bam'"),
+        ("pfenet", {"test_seeds": 0}, r"data.test_seeds=0: expected a count >= 1"),
+        ("pfenet", {"test_seeds": [1, 1]}, r"data.test_seeds=\[1, 1\]: expected .* distinct"),
+    ],
+)
+def test_bad_protocol_options_are_named(name, explicit, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        resolve_protocol(name, "pascal", explicit, image_size=64)
+
+
+def test_datamodules_pick_their_dataset_column(pascal_root: Path, tmp_path: Path) -> None:
+    assert pascal(pascal_root, tmp_path, protocol="pfenet").protocol["test_episodes"] == 5000
+    coco = CocoFewShot(root=str(tmp_path), protocol="pfenet", cache_dir=str(tmp_path))
+    assert coco.protocol["test_episodes"] == 20000
+
+
+def test_seeds_change_the_episodes_but_not_the_protocol(pascal_root: Path, tmp_path) -> None:
+    dm = pascal(pascal_root, tmp_path, test_episodes=12, test_seeds=[7, 8])
+    dm.setup("test")
+    loaders = dm.test_dataloader()
+    episodes = [loader.sampler.episodes() for loader in loaders]
+    assert len(loaders) == 2 and episodes[0] != episodes[1]
+    assert [len(e) for e in episodes] == [12, 12]
+    alone = pascal(pascal_root, tmp_path, test_episodes=12, test_seeds=[8])
+    alone.setup("test")
+    assert alone.test_dataloader()[0].sampler.episodes() == episodes[1]
+    for loader in loaders:
+        assert loader.dataset.evaluation == loaders[0].dataset.evaluation
+
+
+def test_hsnet_squashes_and_scores_at_the_input_size(pascal_root: Path, tmp_path: Path) -> None:
+    dm = pascal(pascal_root, tmp_path, protocol="hsnet", eval_size=48, test_episodes=4)
+    dm.setup("test")
+    batch = next(iter(dm.test_dataloader()[0]))
+    assert batch["query_image"].shape[-2:] == (48, 48)
+    assert torch.equal(batch["query_label"], batch["query_mask"])
+    assert batch["query_size"].tolist() == batch["query_valid"].tolist() == [[48, 48]] * 4
+    pfenet = pascal(pascal_root, tmp_path, protocol="pfenet", test_episodes=4)
+    pfenet.setup("test")
+    batch = next(iter(pfenet.test_dataloader()[0]))
+    assert batch["query_label"].shape[-2:] != (64, 64)  # the original labels, not the input
+
+
+def test_multi_seed_test_writes_results_that_match_single_seed_runs(tmp_path: Path) -> None:
+    """Each seed's score equals a separate single-seed test; the summary is their mean and
+    sample std; the report tabulates the file."""
+    limits = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2"]
+    main(["fit", *tiny_args(tmp_path), *limits])
+    checkpoint = next((tmp_path / "runs").rglob("last.ckpt"))
+    out = tmp_path / "results"
+    test = ["test", *tiny_args(tmp_path), "--ckpt_path", str(checkpoint), "--results.output_dir"]
+    main([*test, str(out / "both"), "--data.test_seeds", "[3, 4]"])
+    main([*test, str(out / "single"), "--data.test_seeds", "[4]"])
+    (both,) = (out / "both").glob("*.results.json")
+    (single,) = (out / "single").glob("*.results.json")
+    assert both.name == "last.ShapesFewShot-fold0-1shot-custom.results.json"
+    result, alone = json.loads(both.read_text()), json.loads(single.read_text())
+    assert result["seeds"] == [3, 4] and result["protocol"]["test_seeds"] == [3, 4]
+    assert result["per_seed"][1] == alone["per_seed"][0]
+    mious = torch.tensor([run["miou"] for run in result["per_seed"]], dtype=torch.float64)
+    assert result["summary"]["miou_mean"] == pytest.approx(mious.mean().item())
+    assert result["summary"]["miou_std"] == pytest.approx(mious.std().item())
+    assert result["checkpoint"]["path"] == str(checkpoint)
+    assert len(result["checkpoint"]["sha256"]) == 64
+    assert result["provenance"]["version"] and result["backbone_label"].startswith("resnet18")
+    assert both.with_suffix(".csv").read_text().startswith("seed,miou,fbiou,")
+    report_main([str(out / "both"), "--csv", str(out / "table.csv")])
+    assert (out / "table.csv").read_text().count("\n") == 2
+
+
+def test_results_folder_that_cannot_be_written_fails_before_testing(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(PermissionError, match=r"cannot write test results to .*--results"):
+        main(["test", *tiny_args(tmp_path), "--results.output_dir", str(blocker / "sub")])
