@@ -78,3 +78,11 @@ class OfflineRun:
                 for item in record.config.update:
                     config[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
         return config
+
+    @property
+    def exit_code(self) -> int | None:
+        """The exit code the run was closed with; ``None`` if it never was."""
+        for record in self.records:
+            if record.WhichOneof("record_type") == "exit":
+                return record.exit.exit_code
+        return None
