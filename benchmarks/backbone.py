@@ -10,10 +10,6 @@ torchvision's (target: at most 1.02). Modes: float32, channels_last, bf16 autoca
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
-import time
-from collections.abc import Callable
 from functools import partial
 
 import torch
@@ -21,6 +17,7 @@ import torchvision
 from torch import nn
 
 from backbones import build_backbone
+from benchmarks.common import add_device_arguments, describe, setup_device, time_alternating
 
 DILATION = {32: [False, False, False], 16: [False, False, True], 8: [False, True, True]}
 
@@ -49,29 +46,6 @@ def step(model: nn.Module, x: torch.Tensor, backward: bool, autocast: bool) -> N
         sum(f.float().mean() for f in features.values()).backward()
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_alternating(
-    runs: dict[str, Callable[[], None]], repeats: int, warmup: int, device: torch.device
-) -> dict[str, float]:
-    """Median seconds per call of each function, the calls interleaved."""
-    for _ in range(warmup):
-        for run in runs.values():
-            run()
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, run in runs.items():
-            synchronize(device)
-            start = time.perf_counter()
-            run()
-            synchronize(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="resnet50")
@@ -80,21 +54,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_device_arguments(parser)
     parser.add_argument("--modes", default="float32,channels_last,bf16")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    device = setup_device(args)
     torch.manual_seed(0)
     ours = build_backbone(args.arch, output_stride=args.output_stride).to(device)
     reference = getattr(torchvision.models, args.arch)(
         replace_stride_with_dilation=DILATION[args.output_stride]
     )
     reference = TorchvisionFeatures(reference).to(device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     print(
         f"# {args.arch} output stride {args.output_stride}, batch {args.batch}, "
-        f"{args.size}x{args.size}, device {device} ({name or platform.machine()}), "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+        f"{args.size}x{args.size}, {describe(device)}"
     )
     print("| mode | pass | ours (ms) | torchvision (ms) | ratio |")
     print("| --- | --- | --- | --- | --- |")

@@ -18,17 +18,8 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import episodes_per_second
 from datamodules import ShapesFewShot
-
-
-def episodes_per_second(loader: torch.utils.data.DataLoader, batches: int) -> float:
-    """Throughput after one warm-up batch (worker start-up excluded)."""
-    iterator = iter(loader)
-    next(iterator)
-    start, episodes = time.perf_counter(), 0
-    for _ in range(batches):
-        episodes += next(iterator)["query_image"].shape[0]
-    return episodes / (time.perf_counter() - start)
 
 
 def timed(action) -> float:
@@ -65,7 +56,10 @@ def main() -> None:
             dm.setup("fit")
             dm.setup("test")
             train = episodes_per_second(dm.train_dataloader(), args.batches)
-            test = episodes_per_second(dm.test_dataloader(), args.batches)
+            test_loaders = dm.test_dataloader()  # one loader per test seed, or a single one
+            if isinstance(test_loaders, list):
+                test_loaders = test_loaders[0]
+            test = episodes_per_second(test_loaders, args.batches)
             print(f"  {shots}-shot, {workers} workers: train {train:6.1f}  test {test:6.1f}")
 
 

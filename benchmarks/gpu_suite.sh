@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Every benchmark on CUDA at the issue's settings, in one invocation; Markdown tables on stdout,
+# each under the header line that names the device, torch version and settings:
+#
+#   bash benchmarks/gpu_suite.sh 2>&1 | tee gpu_suite.log
+#
+# segment: ResNet-50 and ResNet-101 (deep stem, OS 8), both heads, fp32 / bf16+cl / compiled,
+# 473 px, batch 8; memory: fine-tuned ResNet-101 at 473, batch 8, with and without gradient
+# checkpointing; loader against step; DDP over 1 and all GPUs; the backbone against torchvision.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device')"
+
+run() {
+    echo
+    echo "## python -m $*"
+    python -m "$@"
+}
+
+run benchmarks.segment --device cuda --size 473 --batch 8 \
+    --backbones resnet50_deep_os8 resnet101_deep_os8 --heads prototype asgnet \
+    --modes fp32 bf16+cl bf16+cl+compile
+run benchmarks.memory --device cuda --backbone resnet101_deep_os8 --size 473 --batch 8
+run benchmarks.loader_vs_step --device cuda --workers 0 1 2 4
+run benchmarks.ddp --device cuda --sync-batchnorm
+run benchmarks.backbone --device cuda --arch resnet101 --output-stride 8 --size 473 --batch 8

@@ -1,0 +1,129 @@
+"""The training loader's episodes/s against what the training step consumes on the same machine
+(target: the loader delivers at least twice what the step consumes).
+
+The real datamodule of the default experiment (``configs/segment/default.yaml``: shapes fold 0,
+1-shot, 96 px, batch 8) at each worker count, and the default model's training step (ResNet-18
+at output stride 8, fine-tuned, prototype head, SGD) on batches taken from that loader and held
+in memory. Each worker count gets its own step measurement right after its loader measurement, so
+every ratio compares neighbouring times. The last column runs the step fed by the live loader
+(the loop of a real fit, without Lightning): workers and step then share the cores.
+
+    python -m benchmarks.loader_vs_step --workers 0 1 2
+    python -m benchmarks.loader_vs_step --dataset pascal --root /data/VOC2012 --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from benchmarks.common import (
+    add_device_arguments,
+    default_datamodule,
+    default_model,
+    describe,
+    episodes_per_second,
+    markdown_row,
+    markdown_table,
+    setup_device,
+    sgd,
+    synchronize,
+    time_alternating,
+    train_step,
+)
+from tasks.segment import FewShotSegmentation
+
+DATASETS = {"shapes": "datamodules.ShapesFewShot", "pascal": "datamodules.PascalFewShot"}
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def step_rate(
+    model: FewShotSegmentation,
+    optimizer: torch.optim.Optimizer,
+    batches: list[dict[str, Any]],
+    args: argparse.Namespace,
+    device: torch.device,
+) -> float:
+    """Episodes/s of the training step on in-memory batches (taken in turn)."""
+    cycle = itertools.cycle(batches)
+    runs = {"step": lambda: train_step(model, optimizer, next(cycle))}
+    seconds = time_alternating(runs, args.steps, args.warmup, device)["step"]
+    return batches[0]["query_image"].shape[0] / seconds
+
+
+def fed_rate(
+    model: FewShotSegmentation,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    steps: int,
+    device: torch.device,
+) -> float:
+    """Episodes/s of the step fed by the live loader, after one warm-up step."""
+    iterator = iter(loader)
+    train_step(model, optimizer, to_device(next(iterator), device))
+    synchronize(device)
+    start, episodes = time.perf_counter(), 0
+    for batch in itertools.islice(iterator, steps):
+        train_step(model, optimizer, to_device(batch, device))
+        episodes += batch["query_image"].shape[0]
+    synchronize(device)
+    return episodes / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", choices=list(DATASETS), default="shapes")
+    parser.add_argument("--root", default=None, help="dataset root (default: the datamodule's)")
+    parser.add_argument("--image-size", type=int, default=None, help="default: the datamodule's")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--batches", type=int, default=40, help="timed loader batches")
+    parser.add_argument("--steps", type=int, default=8, help="timed training steps")
+    parser.add_argument("--warmup", type=int, default=2)
+    add_device_arguments(parser)
+    args = parser.parse_args(argv)
+    device = setup_device(args)
+    overrides: dict[str, Any] = {"root": args.root, "batch_size": args.batch_size}
+    if args.image_size:
+        overrides["image_size"] = args.image_size
+    probe = default_datamodule(DATASETS[args.dataset], num_workers=0, **overrides)
+    probe.prepare_data()
+    probe.setup("fit")
+    torch.manual_seed(0)
+    model = default_model().to(device)
+    optimizer = sgd(model)
+    batches = [to_device(b, device) for b in itertools.islice(probe.train_dataloader(), 4)]
+    print(
+        f"# {args.dataset} ({type(probe).__name__}), {probe.image_size} px, batch "
+        f"{args.batch_size}, {probe.shots}-shot; default model "
+        f"({model.backbone.arch}, output stride {model.backbone.output_stride}, "
+        f"{type(model.head).__name__}, fine-tuned); {describe(device)}"
+    )
+    header = ["loader workers", "loader ep/s", "step ep/s (batches in memory)", "loader / step",
+              "step fed by the loader ep/s"]  # fmt: skip
+    print(markdown_table(header), flush=True)
+    for workers in args.workers:
+        datamodule = default_datamodule(DATASETS[args.dataset], num_workers=workers, **overrides)
+        datamodule.setup("fit")
+        loader = datamodule.train_dataloader()
+        loaded = episodes_per_second(loader, args.batches)
+        consumed = step_rate(model, optimizer, batches, args, device)
+        fed = fed_rate(model, optimizer, loader, args.steps, device)
+        ratio = f"{loaded / consumed:.1f}x"
+        print(
+            markdown_row([workers, f"{loaded:.1f}", f"{consumed:.2f}", ratio, f"{fed:.2f}"]),
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()
