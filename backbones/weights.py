@@ -127,6 +127,31 @@ def to_native(state: dict[str, Tensor], is_lightning: bool) -> tuple[dict, list[
     return native, skipped, layout
 
 
+def checkpoint_arch(state: Mapping[str, Tensor]) -> tuple[list[int], list[str]]:
+    """Blocks per stage of native-named tensors, and the architectures they fit (by depths,
+    block type and the first bottleneck's width and groups), to name a checkpoint's network."""
+    from backbones.resnet import ARCHS, STAGES
+
+    depths = [
+        len({k.split(".")[1] for k in state if k.startswith(f"{stage}.")}) for stage in STAGES
+    ]
+    bottleneck = "layer1.0.conv3.weight" in state
+    conv2 = state.get("layer1.0.conv2.weight")
+    archs = []
+    for name, arch in ARCHS.items():
+        if list(arch.depths) != depths or (arch.block.expansion > 1) != bottleneck:
+            continue
+        width = arch.width_per_group * arch.groups  # conv2 of layer1's first bottleneck
+        if (
+            bottleneck
+            and conv2 is not None
+            and tuple(conv2.shape[:2]) != (width, arch.width_per_group)
+        ):
+            continue
+        archs.append(name)
+    return depths, archs
+
+
 def load_state(model: ResNet, state: dict[str, Tensor], layout: str, source: str) -> LoadReport:
     """Load native-named tensors strictly; every mismatch is listed in one error."""
     expected = model.state_dict()
@@ -149,6 +174,9 @@ def load_state(model: ResNet, state: dict[str, Tensor], layout: str, source: str
         if keys
     ]
     if problems:
+        depths, archs = checkpoint_arch(state)
+        if archs and model.arch not in archs:
+            problems.insert(0, f"they hold a {' or '.join(archs)} (blocks per stage {depths})")
         raise WeightsError(
             f"weights {source!r} ({layout} layout) do not fit backbone {model.arch} "
             f"(stem={model.stem_type}): " + "; ".join(problems)

@@ -21,7 +21,14 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from backbones import ResNet
-from tasks.common import Optimizer, Schedule, class_names, optimization, writable_output
+from tasks.common import (
+    Optimizer,
+    Schedule,
+    check_checkpoint_fits,
+    class_names,
+    optimization,
+    writable_output,
+)
 
 
 def default_backbone() -> ResNet:
@@ -150,6 +157,10 @@ class ImageClassification(LightningModule):
 
     def class_names(self) -> list[str]:
         return class_names(self, self.hparams.num_classes)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint of another task or model fails here, naming the file."""
+        check_checkpoint_fits(self, checkpoint)
 
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]

@@ -8,7 +8,7 @@ import contextlib
 import importlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, NoReturn
 
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -19,6 +19,13 @@ from tasks.checkpointing import AtomicCheckpointIO, SaveLastOnInterrupt
 from tasks.tracking import SaveConfigToRun
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+class TaskArgumentParser(LightningArgumentParser):
+    """Command-line errors without jsonargparse's union report around the real one."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        super().error(condense_union_report(message), ex)
 
 
 class TaskCLI(LightningCLI):
@@ -39,6 +46,43 @@ class TaskCLI(LightningCLI):
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+    def init_parser(self, **kwargs: object) -> LightningArgumentParser:
+        self.parser_class = TaskArgumentParser
+        return super().init_parser(**kwargs)
+
+    def instantiate_classes(self) -> None:
+        """An error raised while jsonargparse instantiates a ``class_path`` object (the backbone,
+        the datamodule) arrives inside its multi-line union report: raise the error itself."""
+        try:
+            super().instantiate_classes()
+        except ValueError as error:
+            cause = unwrap_union_error(error)
+            if cause is error:
+                raise
+        else:
+            return
+        raise cause
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI (2.6, a private hook) reads ``--ckpt_path``'s hyper-parameters into the
+        config before anything else; name the file when it cannot be read or belongs to another
+        task."""
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        try:
+            super()._parse_ckpt_path()
+        except SystemExit:
+            self.parser.error(
+                f"--ckpt_path {path!r}: its hyper-parameters are not options of this task's "
+                "model; expected a checkpoint of the same task (another task's encoder loads as "
+                "--model.backbone.init_args.weights)"
+            )
+        except Exception as error:
+            raise ValueError(
+                f"--ckpt_path {path!r} could not be read ({type(error).__name__}: {error}); "
+                "expected a checkpoint written by this project's fit"
+            ) from error
 
     def before_instantiate_classes(self) -> None:
         """``--ckpt_path last`` with W&B: resume the newest run's ``last.ckpt`` and its W&B run.
@@ -117,3 +161,33 @@ def finished_wandb_run() -> Iterator[None]:
         raise
     if wandb.run is not None:
         wandb.finish()
+
+
+UNION_REPORT = "Does not validate against any of the Union subtypes"
+
+
+def unwrap_union_error(error: BaseException) -> BaseException:
+    """The project's own error inside jsonargparse's union reports (``__cause__`` chain)."""
+    while error.__cause__ is not None and str(error).startswith(UNION_REPORT):
+        error = error.__cause__
+    return error
+
+
+def condense_union_report(message: str) -> str:
+    """``Parser key "data": datamodules.ShapesFewShot: Parser key "shots": Expected ...`` from
+    jsonargparse's multi-line report of a value no alternative of an optional class accepts."""
+    if UNION_REPORT not in message:
+        return message
+    lines = message.splitlines()
+    start = next(
+        (i for i, line in enumerate(lines) if "- Problem with given class_path" in line), None
+    )
+    if start is None:
+        return message
+    indent = len(lines[start]) - len(lines[start].lstrip())
+    own = [lines[start].strip().removeprefix("- Problem with given class_path ").rstrip(":")]
+    for line in lines[start + 1 :]:
+        if len(line) - len(line.lstrip()) <= indent:
+            break
+        own.append(line.strip())
+    return " ".join([lines[0].strip(), *own])

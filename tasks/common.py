@@ -1,11 +1,11 @@
-"""What the tasks share: optimizers, per-step learning-rate schedules, class names and the
-writability check of prediction outputs."""
+"""What the tasks share: optimizers, per-step learning-rate schedules, class names, the
+writability check of prediction outputs and the check that a checkpoint fits the model."""
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -65,12 +65,54 @@ def class_names(module: LightningModule, num_classes: int) -> list[str]:
 
 
 @contextlib.contextmanager
-def writable_output(path: Path, option: str) -> Iterator[None]:
+def writable_output(path: Path, option: str, what: str = "predictions") -> Iterator[None]:
     """Turn an ``OSError`` while preparing ``path`` into an error naming it and the option to
-    change, raised before any prediction is made."""
+    change, raised before any prediction or test is run."""
     try:
         yield
     except OSError as error:
         raise PermissionError(
-            f"cannot write predictions to {str(path)!r} ({error}); pass a writable path as {option}"
+            f"cannot write {what} to {str(path)!r} ({error}); pass a writable path as {option}"
         ) from error
+
+
+def _listing(keys: list[str], limit: int = 6) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def check_checkpoint_fits(module: LightningModule, checkpoint: Mapping[str, Any]) -> None:
+    """Raise one error naming the file when a checkpoint's weights are not ``module``'s (another
+    task's checkpoint, another backbone or class count), before Lightning's strict load fails
+    with a multi-line listing that names neither. For ``on_load_checkpoint``."""
+    trainer = module._trainer
+    path = getattr(trainer, "ckpt_path", None) if trainer is not None else None
+    source = f"checkpoint {str(path)!r}" if path else "the checkpoint"
+    name = type(module).__name__
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{source} holds no state_dict; expected a Lightning checkpoint of {name}")
+    expected = module.state_dict()
+    strict = module.strict_loading
+    missing = sorted(set(expected) - set(state)) if strict else []
+    unexpected = sorted(set(state) - set(expected)) if strict else []
+    misshapen = sorted(
+        f"{key} {tuple(state[key].shape)} (expected {tuple(expected[key].shape)})"
+        for key in set(expected) & set(state)
+        if isinstance(state[key], Tensor) and state[key].shape != expected[key].shape
+    )
+    problems = [
+        f"{label}: {_listing(keys)}"
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape mismatch", misshapen),
+        )
+        if keys
+    ]
+    if problems:
+        raise ValueError(
+            f"{source} does not fit {name} ({'; '.join(problems)}); expected a checkpoint of "
+            f"{name} with the same model settings (a checkpoint of the other task? its encoder "
+            "loads as --model.backbone.init_args.weights)"
+        )

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from backbones import ResNet
 from backbones.weights import read_checkpoint
-from tasks.common import Optimizer, class_names, optimization
+from tasks.common import Optimizer, check_checkpoint_fits, class_names, optimization
 from tasks.heads import HeadOutput, PrototypeHead
 from tasks.metrics import FewShotIoU
 from tasks.results import summarise
@@ -296,6 +296,10 @@ class FewShotSegmentation(LightningModule):
         output = self.segment(batch)
         masks = [p.to(torch.uint8).cpu() for p in original_size_predictions(output.logits, batch)]
         return {"query_id": batch["query_id"], "query_path": batch["query_path"], "masks": masks}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint of another task or model fails here, naming the file."""
+        check_checkpoint_fits(self, checkpoint)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

@@ -1,0 +1,451 @@
+"""Bad inputs through the real command lines: ``tasks.segment.main`` / ``tasks.classify.main``
+in-process (a command-line error is their ``SystemExit(2)``), and ``python -m tasks.segment`` for
+the process exit of config-file errors (marked slow: a fresh interpreter each).
+
+Every row of :data:`CASES` must fail with one readable message: the first line of the error (or,
+for a command-line error, jsonargparse's ``error:`` section) names the field, file or value and
+what was expected. Failures must come before training: no checkpoint is written and no
+``training_step`` is in the traceback. The non-finite loss is the one failure that needs a
+training step; its own test checks that it names the step.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+import pytest
+import torch
+from fixtures_data import HEIGHT, WIDTH, pascal_label, write_pascal_tree
+from lightning.fabric.utilities.exceptions import MisconfigurationException
+from lightning.pytorch import LightningModule, Trainer
+from PIL import Image
+from test_classify import cifar_batch, write_image, write_pickle
+
+from backbones import ResNet
+from backbones.weights import WeightsError
+from datamodules.pascal import save_label_png
+from datamodules.shapes import ensure_shapes
+from tasks.classify import ImageClassification
+from tasks.classify import main as classify_main
+from tasks.segment import FewShotSegmentation
+from tasks.segment import main as segment_main
+
+REPO = Path(__file__).resolve().parents[1]
+SEGMENT, CLASSIFY = "segment", "classify"
+
+
+class MessageMissing(Exception):
+    """No error of the expected type and message anywhere in the chain: the readable error does
+    not exist. (An ``AssertionError`` means it exists but is not the one the caller sees.)"""
+
+
+# Errors raised while jsonargparse instantiates a ``class_path`` object (``model.backbone``,
+# ``data``) arrive wrapped in its multi-line union report; tasks.cli.TaskCLI re-raises the project's
+# own error, and condenses the report of a value rejected while parsing to one line. LightningCLI
+# reads ``--ckpt_path``'s hyper-parameters before anything is instantiated; TaskCLI names the file
+# when that fails (unreadable file, checkpoint of the other task).
+
+# The tiny shapes set of tests/test_segment.py's tiny_args, generated once per module.
+SHAPES = ("--data.root", "{shapes}", "--data.num_train", "200", "--data.num_test", "80",
+          "--data.image_size", "64", "--data.batch_size", "4", "--data.num_workers", "0",
+          "--data.val_episodes", "8", "--data.test_episodes", "8",
+          "--data.min_pixels", "32")  # fmt: skip
+# The PASCAL tree of tests/fixtures_data.py: 10 training and 2 test images per class.
+PASCAL = ("--data", "datamodules.PascalFewShot", "--data.root", "{voc}", "--data.image_size", "32",
+          "--data.batch_size", "2", "--data.num_workers", "0", "--data.val_episodes", "2",
+          "--data.test_episodes", "2", "--data.val_fraction", "0.2", "--data.min_pixels", "2048",
+          "--data.cache_dir", "{tmp}/cache")  # fmt: skip
+FOLDER = ("--data", "ImageFolderData", "--data.root", "{folder}", "--data.image_size", "16",
+          "--data.batch_size", "2", "--data.num_workers", "0")  # fmt: skip
+CIFAR = ("--data", "CifarData", "--data.root", "{cifar}", "--data.batch_size", "2",
+         "--data.num_workers", "0")  # fmt: skip
+# Appended to every command: a case that wrongly does not fail stops after two steps.
+BOUNDED = ("--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
+           "--trainer.limit_test_batches", "1", "--trainer.limit_predict_batches", "1")  # fmt: skip
+
+
+# --- damage done to a test's own copy of the data --------------------------------------------
+
+
+def corrupt_jpeg(paths: dict[str, Path]) -> None:
+    (paths["voc"] / "JPEGImages" / "2008_train0007.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+
+
+def label_of_another_size(paths: dict[str, Path]) -> None:
+    label = paths["voc"] / "SegmentationClassAug" / "2008_train0007.png"
+    save_label_png(pascal_label(8, 0)[:, : WIDTH - 6], label)
+
+
+def label_outside_the_classes(paths: dict[str, Path]) -> None:
+    label = pascal_label(8, 0)
+    label[0, 0] = 21
+    save_label_png(label, paths["voc"] / "SegmentationClassAug" / "2008_train0007.png")
+
+
+def remove_label_folder(paths: dict[str, Path]) -> None:
+    shutil.rmtree(paths["voc"] / "SegmentationClassAug")
+
+
+def empty_class(paths: dict[str, Path]) -> None:
+    (paths["folder"] / "train" / "emu").mkdir()
+
+
+def missing_cifar_batch(paths: dict[str, Path]) -> None:
+    (paths["cifar"] / "data_batch_3").unlink()
+
+
+def block_output(paths: dict[str, Path]) -> None:
+    (paths["tmp"] / "taken").write_text("a file where the output folder should be")
+
+
+def unknown_yaml_key(paths: dict[str, Path]) -> None:
+    (paths["tmp"] / "bad.yaml").write_text("model:\n  lr: 0.01\n  learning_rate: 0.01\n")
+
+
+# --- the table -------------------------------------------------------------------------------
+
+CASES = [
+    # Backbone
+    pytest.param(SEGMENT, ("fit", *SHAPES, "--model.backbone.init_args.arch", "resnet19"),
+                 ValueError, r"unknown backbone arch 'resnet19'; expected one of \['resnet18'",
+                 None, id="unknown-arch"),
+    pytest.param(SEGMENT, ("fit", *SHAPES, "--model.backbone.init_args.depth", "50"),
+                 2, r"model\.backbone.*Option 'depth' is not accepted", None,
+                 id="unknown-backbone-option"),
+    pytest.param(SEGMENT, ("fit", *SHAPES, "--model.backbone.init_args.output_stride", "12"),
+                 ValueError, r"output_stride=12 is not supported; expected one of \[8, 16, 32\]",
+                 None, id="output-stride-12"),
+    pytest.param(SEGMENT, ("fit", *SHAPES, "--model.backbone.init_args.multi_grid",
+                           '{"layer5": [1, 2]}'),
+                 ValueError, r"multi_grid names stage 'layer5', which does not exist; expected "
+                 r"one of \['layer1'", None, id="multi-grid-missing-stage"),
+    pytest.param(SEGMENT, ("fit", *SHAPES, "--model.backbone.init_args.arch", "resnet50",
+                           "--model.backbone.init_args.weights", "{resnet18_weights}"),
+                 WeightsError, r"weights '.*resnet18\.pth' \(native layout\) do not fit backbone "
+                 r"resnet50 \(stem=standard\): they hold a resnet18 \(blocks per stage "
+                 r"\[2, 2, 2, 2\]\); missing: ", None, id="weights-of-another-depth"),
+    pytest.param(SEGMENT, ("fit", *SHAPES, "--model.backbone.init_args.weights",
+                           "{truncated_weights}"),
+                 WeightsError, r"could not read checkpoint '.*truncated\.pth' .*expected a file "
+                 r"written by torch\.save", None, id="truncated-weights-file"),
+    # Segmentation data
+    pytest.param(SEGMENT, ("fit", *PASCAL, "--data.root", "{tmp}/nowhere"),
+                 FileNotFoundError, r"dataset root not found: .*nowhere$", None,
+                 id="data-root-missing"),
+    pytest.param(SEGMENT, ("fit", *PASCAL), FileNotFoundError,
+                 r"folder not found: .*VOC2012/SegmentationClassAug$", remove_label_folder,
+                 id="pascal-without-SegmentationClassAug"),
+    pytest.param(SEGMENT, ("fit", *PASCAL), ValueError,
+                 r"cannot read image .*2008_train0007\.jpg", corrupt_jpeg, id="corrupt-jpeg"),
+    pytest.param(SEGMENT, ("fit", *PASCAL), ValueError,
+                 rf"size mismatch: image .*2008_train0007\.jpg is \({HEIGHT}, {WIDTH}\) but label "
+                 rf".*2008_train0007\.png is \({HEIGHT}, {WIDTH - 6}\)", label_of_another_size,
+                 id="label-of-another-size"),
+    pytest.param(SEGMENT, ("fit", *PASCAL), ValueError,
+                 r"label .*2008_train0007\.png has values \[21\] that are not classes "
+                 r"\(allowed: 0\.\.20 and 255\)", label_outside_the_classes,
+                 id="label-values-outside-the-classes"),
+    pytest.param(SEGMENT, ("fit", *PASCAL, "--data.fold", "4"), ValueError,
+                 r"fold must be one of \[0, 1, 2, 3\], got 4", None, id="fold-4"),
+    pytest.param(SEGMENT, ("fit", *SHAPES, "--data.shots", "0"), ValueError,
+                 r"shots must be an integer >= 1, got 0", None, id="shots-0"),
+    pytest.param(SEGMENT, ("fit", *SHAPES, "--data.shots", "two"), 2,
+                 r"shots.*Expected a <class 'int'>\. Got value: two", None,
+                 id="shots-not-a-number"),
+    pytest.param(SEGMENT, ("test", *PASCAL, "--data.shots", "2"), ValueError,
+                 r"PascalFewShot fold 0, test split: 2-shot episodes need at least 3 images per "
+                 r"class .*too few for 'aeroplane' \(class 0\): 2", None,
+                 id="class-with-too-few-images-for-the-shots"),
+    # Optimisation and trainer
+    pytest.param(SEGMENT, ("fit", *SHAPES, "--model.lr", "-0.1"), ValueError,
+                 r"^lr=-0\.1: expected a positive number$", None, id="negative-lr"),
+    pytest.param(CLASSIFY, ("fit", *FOLDER, "--model.dropout", "1.0"), ValueError,
+                 r"^dropout=1\.0: expected in \[0, 1\)$", None, id="classify-dropout-1"),
+    # Lightning accepts any CPU device count (`--trainer.devices 64` on two cores launches 64
+    # processes), so "devices that do not exist" is CUDA: on this CPU machine no CUDA device, on
+    # a GPU machine one more than there are.
+    pytest.param(SEGMENT, ("fit", *SHAPES, "--trainer.accelerator", "cuda", "--trainer.devices",
+                           str(torch.cuda.device_count() + 1)),
+                 MisconfigurationException,
+                 r"CUDAAccelerator` can not run on your system since the accelerator is not "
+                 r"available|only has", None, id="cuda-devices-that-do-not-exist"),
+    # Config files (the process exit code itself: test_config_errors_exit_the_process)
+    pytest.param(SEGMENT, ("fit", "--config", "{tmp}/bad.yaml"), 2,
+                 r"does not accept option 'model\.learning_rate'", unknown_yaml_key,
+                 id="unknown-yaml-key"),
+    pytest.param(SEGMENT, ("fit", "--config", "{tmp}/missing.yaml"), 2,
+                 r"Parser key \"config\": File does not exist: '.*missing\.yaml'", None,
+                 id="config-file-not-found"),
+    # Checkpoints
+    pytest.param(SEGMENT, ("test", *SHAPES, "--ckpt_path", "{tmp}/missing.ckpt"),
+                 FileNotFoundError, r"Checkpoint file not found: .*missing\.ckpt$", None,
+                 id="ckpt-path-missing"),
+    pytest.param(SEGMENT, ("test", *SHAPES, "--ckpt_path", "{truncated_ckpt}"), Exception,
+                 r"truncated\.ckpt", None, id="ckpt-path-truncated"),
+    pytest.param(SEGMENT, ("test", *SHAPES, "--ckpt_path", "{classify_ckpt}"), 2,
+                 r"ckpt_path .*classify\.ckpt", None, id="classify-checkpoint-to-segment-test"),
+    pytest.param(CLASSIFY, ("test", *FOLDER, "--ckpt_path", "{segment_ckpt}"), 2,
+                 r"ckpt_path .*segment\.ckpt", None, id="segment-checkpoint-to-classify-test"),
+    pytest.param(CLASSIFY, ("test", *FOLDER, "--ckpt_path", "{classify_ckpt}",
+                            "--model.backbone.init_args.arch", "resnet34"), ValueError,
+                 r"checkpoint '.*classify\.ckpt' does not fit ImageClassification \(missing: "
+                 r"backbone\.layer1\.2\.", None, id="checkpoint-of-another-backbone"),
+    # Classification data
+    pytest.param(CLASSIFY, ("fit", *FOLDER), ValueError,
+                 r"class folder .*train/emu holds no images", empty_class,
+                 id="empty-imagefolder-class"),
+    pytest.param(CLASSIFY, ("fit", *FOLDER, "--data.root", "{tmp}/nowhere"), FileNotFoundError,
+                 r"dataset root not found: .*nowhere$", None, id="imagefolder-root-missing"),
+    pytest.param(CLASSIFY, ("fit", *CIFAR), FileNotFoundError,
+                 r"CIFAR batch file not found: .*data_batch_3$", missing_cifar_batch,
+                 id="cifar-missing-batch"),
+    # Prediction
+    pytest.param(SEGMENT, ("predict", *SHAPES, "--data.predict_support", "[{image}]",
+                           "--data.predict_queries", "[{image}]"), ValueError,
+                 r"one mask per support image: got 1 support images \(data\.predict_support\) "
+                 r"and 0 masks", None, id="predict-support-without-mask"),
+    pytest.param(SEGMENT, ("predict", *SHAPES, "--data.predict_support", "[{image}]",
+                           "--data.predict_support_masks", "[{tmp}/missing.png]",
+                           "--data.predict_queries", "[{image}]"), FileNotFoundError,
+                 r"support mask '.*missing\.png' does not exist", None,
+                 id="predict-support-mask-missing"),
+    pytest.param(SEGMENT, ("predict", *SHAPES, "--data.predict_support", "[{image}]",
+                           "--data.predict_support_masks", "[{mask}]",
+                           "--data.predict_queries", "[{tmp}]"), FileNotFoundError,
+                 r"predict query folder '.*' holds no images", None,
+                 id="predict-query-folder-without-images"),
+    pytest.param(SEGMENT, ("predict", *SHAPES, "--data.predict_support", "[{image}]",
+                           "--data.predict_support_masks", "[{mask}]",
+                           "--data.predict_queries", "[{image}]",
+                           "--prediction_writer.output_dir", "{tmp}/taken/predictions"),
+                 PermissionError, r"cannot write predictions to '.*taken/predictions' .*pass a "
+                 r"writable path as --prediction_writer\.output_dir", block_output,
+                 id="segment-output-folder-not-writable"),
+    pytest.param(CLASSIFY, ("predict", *FOLDER, "--prediction_writer.output_file",
+                            "{tmp}/taken/predictions.csv"),
+                 PermissionError, r"cannot write predictions to '.*taken/predictions\.csv' .*pass "
+                 r"a writable path as --prediction_writer\.output_file", block_output,
+                 id="classify-output-file-not-writable"),
+]  # fmt: skip
+
+
+# --- data shared by the module, copied where a test damages it -------------------------------
+
+
+def save_checkpoint(model: LightningModule, path: Path) -> Path:
+    """A real Lightning checkpoint of ``model``, as ``fit`` writes it."""
+    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, accelerator="cpu", devices=1)  # fmt: skip
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(path)
+    return path
+
+
+def truncated(path: Path, name: str) -> Path:
+    copy = path.with_name(name)
+    copy.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return copy
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("bad-inputs")
+    shapes = root / "shapes"
+    ensure_shapes(shapes, 200, 80, 0)
+    voc = write_pascal_tree(root / "VOC2012")
+    folder = root / "folder"
+    for label, name in enumerate(("cat", "dog", "owl")):
+        colour = tuple(255 if c == label else 30 for c in range(3))
+        for split in ("train", "val"):
+            for index in range(2):
+                write_image(folder / split / name / f"{index}.png", colour)
+    cifar = root / "cifar-10-batches-py"
+    cifar.mkdir()
+    for index in range(1, 6):
+        write_pickle(cifar / f"data_batch_{index}", cifar_batch([index, 9 - index], b"labels"))
+    write_pickle(cifar / "test_batch", cifar_batch([3, 1], b"labels"))
+    write_pickle(cifar / "batches.meta", {b"label_names": [f"c{i}".encode() for i in range(10)]})
+    mask = root / "mask.png"
+    Image.fromarray((pascal_label(1, 0) == 1).astype(np.uint8)).save(mask)
+    weights = root / "resnet18.pth"
+    torch.save(ResNet("resnet18").state_dict(), weights)
+    segment = FewShotSegmentation(ResNet("resnet18", output_stride=8), num_classes=20)
+    segment_ckpt = save_checkpoint(segment, root / "segment.ckpt")
+    classify = ImageClassification(ResNet("resnet18"), num_classes=3)  # as the folder's
+    return {
+        "shapes": shapes,
+        "voc": voc,
+        "folder": folder,
+        "cifar": cifar,
+        "image": voc / "JPEGImages" / "2008_train0000.jpg",
+        "mask": mask,
+        "resnet18_weights": weights,
+        "truncated_weights": truncated(weights, "truncated.pth"),
+        "segment_ckpt": segment_ckpt,
+        "truncated_ckpt": truncated(segment_ckpt, "truncated.ckpt"),
+        "classify_ckpt": save_checkpoint(classify, root / "classify.ckpt"),
+    }
+
+
+@pytest.fixture(autouse=True)
+def outputs_in_tmp(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Nothing is written to ``~/.cache`` or the working folder, whatever a case leaves at its
+    default."""
+    monkeypatch.setenv("FEWSHOT_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+
+
+def workspace(shared: dict[str, Path], tmp_path: Path, args: tuple[str, ...]) -> dict[str, Path]:
+    """The paths the placeholders of ``args`` name; trees a case may damage are copied."""
+    paths = dict(shared, tmp=tmp_path)
+    for tree in ("voc", "folder", "cifar"):
+        if any(f"{{{tree}}}" in arg for arg in args):
+            paths[tree] = Path(shutil.copytree(shared[tree], tmp_path / shared[tree].name))
+    return paths
+
+
+def substitute(arg: str, paths: dict[str, Path]) -> str:
+    """``{name}`` placeholders replaced by the workspace's paths; other braces (JSON) kept."""
+    return re.sub(r"\{(\w+)\}", lambda m: str(paths.get(m[1], m[0])), arg)
+
+
+# --- checking a failure ----------------------------------------------------------------------
+
+
+def chain(error: BaseException | None) -> Iterator[BaseException]:
+    """``error`` and the errors it was raised from or while handling."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+def frames(error: BaseException) -> set[str]:
+    """Function names on the tracebacks of ``error`` and the errors it was raised from."""
+    names = set()
+    for link in chain(error):
+        tb: TracebackType | None = link.__traceback__
+        while tb is not None:
+            names.add(tb.tb_frame.f_code.co_name)
+            tb = tb.tb_next
+    return names
+
+
+def first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else ""
+
+
+def cli_error(stderr: str) -> str:
+    """jsonargparse's message: what follows the last ``error:`` of the usage text."""
+    if "error:" not in stderr:
+        pytest.fail(f"no 'error:' in the output:\n{stderr[-3000:]}")
+    return stderr.rsplit("error:", 1)[1].strip()
+
+
+def check_exception(
+    main: Callable[[list[str]], None], args: list[str], expected: type, message: str
+) -> None:
+    try:
+        main(args)
+    except Exception as error:
+        readable = [e for e in chain(error) if isinstance(e, expected)]
+        if "training_step" in frames(error):
+            pytest.fail(f"raised during training, not before: {error}")
+        if not any(re.search(message, first_line(e)) for e in readable):
+            raise MessageMissing(
+                f"expected {expected.__name__} matching {message!r}, got "
+                f"{type(error).__name__}: {error}"
+            ) from error
+        assert isinstance(error, expected), f"{type(error).__name__}: {error}"
+        assert re.search(message, first_line(error)), f"unreadable message:\n{error}"
+    else:
+        pytest.fail(f"did not fail: {args}")
+
+
+def check_exit(
+    task: str, args: list[str], code: int, message: str, capsys: pytest.CaptureFixture
+) -> None:
+    main = segment_main if task == SEGMENT else classify_main
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    stderr = capsys.readouterr().err
+    if info.value.code != code:
+        pytest.fail(f"exit code {info.value.code}, expected {code}:\n{stderr[-3000:]}")
+    text = cli_error(stderr)
+    if not re.search(message, text, re.DOTALL):
+        raise MessageMissing(f"expected {message!r} in the error, got:\n{text}")
+    assert re.search(message, text.splitlines()[0]), f"unreadable message:\n{text}"
+
+
+@pytest.mark.parametrize(("task", "args", "expected", "message", "damage"), CASES)
+def test_bad_input_fails_before_training_with_a_readable_message(
+    shared: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    task: str,
+    args: tuple[str, ...],
+    expected: type | int,
+    message: str,
+    damage: Callable[[dict[str, Path]], None] | None,
+) -> None:
+    paths = workspace(shared, tmp_path, args)
+    if damage is not None:
+        damage(paths)
+    runs = tmp_path / "runs"
+    argv = [substitute(arg, paths) for arg in args]
+    argv += [*BOUNDED, "--trainer.logger.init_args.save_dir", str(runs)]
+    if isinstance(expected, int):
+        check_exit(task, argv, expected, message, capsys)
+    else:
+        main = segment_main if task == SEGMENT else classify_main
+        check_exception(main, argv, expected, message)
+    assert not list(tmp_path.rglob("*.ckpt")), "a checkpoint was written"
+
+
+def test_non_finite_loss_stops_with_the_step_and_a_hint(
+    shared: dict[str, Path], tmp_path: Path
+) -> None:
+    """A learning rate of 1e30 blows the weights up in the first update: the second step's loss
+    is NaN and the run stops there, naming the step and the option to change."""
+    args = [substitute(arg, shared) for arg in SHAPES]
+    with pytest.raises(FloatingPointError) as info:
+        segment_main(["fit", *args, *BOUNDED, "--trainer.max_steps", "5", "--model.lr", "1e30",
+                      "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")])  # fmt: skip
+    assert re.fullmatch(
+        r"non-finite training loss \((nan|inf|-inf)\) at global step 1, epoch 0: lower the "
+        r"learning rate \(model\.lr\) or check the data",
+        str(info.value),
+    )
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ("bad.yaml", r"does not accept option 'model\.learning_rate'"),
+        ("missing.yaml", r"File does not exist: '.*missing\.yaml'"),
+    ],
+    ids=["unknown-yaml-key", "config-file-not-found"],
+)
+def test_config_errors_exit_the_process(tmp_path: Path, config: str, message: str) -> None:
+    """``python -m tasks.segment`` itself exits with code 2 and says why on stderr."""
+    unknown_yaml_key({"tmp": tmp_path})
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, "-m", "tasks.segment", "fit", "--config", str(tmp_path / config)],
+        cwd=tmp_path, env=dict(os.environ, PYTHONPATH=path), capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert re.search(message, cli_error(result.stderr).splitlines()[0])
+    assert [p.name for p in tmp_path.iterdir()] == ["bad.yaml"], "the command wrote files"
