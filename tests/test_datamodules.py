@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -422,3 +423,14 @@ def test_configurable_from_lightning_cli(pascal_root: Path, tmp_path: Path) -> N
     assert isinstance(cli.datamodule, PascalFewShot)
     assert (cli.datamodule.fold, cli.datamodule.shots) == (3, 5)
     assert cli.datamodule.novel_classes == [15, 16, 17, 18, 19]
+
+
+def test_file_that_disappears_mid_run_is_named_from_a_worker(own_tree: Path, make_dm) -> None:
+    """Deleted after the index was built, read in a loader worker: the error names the file."""
+    dm = make_dm(own_tree, num_workers=2, test_episodes=8)
+    dm.setup("test")
+    first = dm.test_dataloader()[0].sampler.episodes()[0].query
+    (image,) = (own_tree / "JPEGImages").glob(f"{first}.jpg")
+    image.unlink()
+    with pytest.raises(ValueError, match=rf"cannot read image {re.escape(str(image))}"):
+        list(dm.test_dataloader()[0])
