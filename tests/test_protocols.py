@@ -128,6 +128,10 @@ def test_multi_seed_test_writes_results_that_match_single_seed_runs(tmp_path: Pa
     assert both.with_suffix(".csv").read_text().startswith("seed,miou,fbiou,")
     report_main([str(out / "both"), "--csv", str(out / "table.csv")])
     assert (out / "table.csv").read_text().count("\n") == 2
+    tables = sorted((tmp_path / "runs" / "wandb").rglob("test/results_*.table.json"))
+    logged = [json.loads(table.read_text()) for table in tables]  # W&B offline, read back
+    assert [row[0] for row in logged[0]["data"]] == ["3", "4", "mean", "std"]
+    assert logged[0]["data"][0][1] == pytest.approx(result["per_seed"][0]["miou"])
 
 
 def test_results_folder_that_cannot_be_written_fails_before_testing(tmp_path: Path) -> None:
