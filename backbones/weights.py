@@ -152,20 +152,24 @@ def checkpoint_arch(state: Mapping[str, Tensor]) -> tuple[list[int], list[str]]:
     return depths, archs
 
 
-def load_state(model: ResNet, state: dict[str, Tensor], layout: str, source: str) -> LoadReport:
-    """Load native-named tensors strictly; every mismatch is listed in one error."""
-    expected = model.state_dict()
-    wanted = {k for k in expected if not k.endswith(COUNTER)}
-    given = {k for k in state if not k.endswith(COUNTER)}
-    missing = sorted(wanted - given)
-    unexpected = sorted(given - wanted)
+def state_mismatches(
+    expected: Mapping[str, Tensor],
+    state: Mapping[str, object],
+    compare_keys: bool = True,
+    limit: int = 12,
+) -> list[str]:
+    """``missing: ...``, ``unexpected: ...`` and ``shape mismatch: ...`` between ``state`` and
+    the ``expected`` state dict, empty when it fits; ``compare_keys=False`` compares the shapes
+    of shared keys only (non-strict loading)."""
+    missing = sorted(set(expected) - set(state)) if compare_keys else []
+    unexpected = sorted(set(state) - set(expected)) if compare_keys else []
     misshapen = sorted(
-        f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k].shape)})"
-        for k in wanted & given
-        if state[k].shape != expected[k].shape
+        f"{key} {tuple(state[key].shape)} (expected {tuple(expected[key].shape)})"
+        for key in set(expected) & set(state)
+        if isinstance(state[key], Tensor) and state[key].shape != expected[key].shape
     )
-    problems = [
-        f"{label}: {_listing(keys)}"
+    return [
+        f"{label}: {_listing(keys, limit)}"
         for label, keys in (
             ("missing", missing),
             ("unexpected", unexpected),
@@ -173,6 +177,16 @@ def load_state(model: ResNet, state: dict[str, Tensor], layout: str, source: str
         )
         if keys
     ]
+
+
+def load_state(model: ResNet, state: dict[str, Tensor], layout: str, source: str) -> LoadReport:
+    """Load native-named tensors strictly; every mismatch is listed in one error."""
+    expected = model.state_dict()
+    given = {k for k in state if not k.endswith(COUNTER)}
+    problems = state_mismatches(
+        {k: v for k, v in expected.items() if not k.endswith(COUNTER)},
+        {k: state[k] for k in given},
+    )
     if problems:
         depths, archs = checkpoint_arch(state)
         if archs and model.arch not in archs:

@@ -13,6 +13,8 @@ import torch
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
+from backbones.weights import state_mismatches
+
 Optimizer = Literal["sgd", "adamw"]
 Schedule = Literal["cosine", "poly"]
 
@@ -76,9 +78,13 @@ def writable_output(path: Path, option: str, what: str = "predictions") -> Itera
         ) from error
 
 
-def _listing(keys: list[str], limit: int = 6) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
+def writable_folder(path: Path, option: str, what: str) -> None:
+    """Create ``path`` and check a file can be written there, before any work starts."""
+    with writable_output(path, option, what):
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.touch()
+        probe.unlink()
 
 
 def check_checkpoint_fits(module: LightningModule, checkpoint: Mapping[str, Any]) -> None:
@@ -92,24 +98,7 @@ def check_checkpoint_fits(module: LightningModule, checkpoint: Mapping[str, Any]
     state = checkpoint.get("state_dict")
     if not isinstance(state, Mapping):
         raise ValueError(f"{source} holds no state_dict; expected a Lightning checkpoint of {name}")
-    expected = module.state_dict()
-    strict = module.strict_loading
-    missing = sorted(set(expected) - set(state)) if strict else []
-    unexpected = sorted(set(state) - set(expected)) if strict else []
-    misshapen = sorted(
-        f"{key} {tuple(state[key].shape)} (expected {tuple(expected[key].shape)})"
-        for key in set(expected) & set(state)
-        if isinstance(state[key], Tensor) and state[key].shape != expected[key].shape
-    )
-    problems = [
-        f"{label}: {_listing(keys)}"
-        for label, keys in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("shape mismatch", misshapen),
-        )
-        if keys
-    ]
+    problems = state_mismatches(module.state_dict(), state, module.strict_loading, limit=6)
     if problems:
         raise ValueError(
             f"{source} does not fit {name} ({'; '.join(problems)}); expected a checkpoint of "

@@ -11,7 +11,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
-from tasks.common import writable_output
+from tasks.common import writable_folder
 
 OVERLAY_COLOUR = np.array([255, 40, 40], dtype=np.float32)
 PALETTE = [0, 0, 0, 255, 40, 40] + [0, 0, 0] * 254  # 0 background, 1 foreground
@@ -32,11 +32,7 @@ class MaskWriter(BasePredictionWriter):
         self.alpha = alpha
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        with writable_output(self.output_dir, "--prediction_writer.output_dir"):
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.output_dir / ".write-test"
-            probe.touch()
-            probe.unlink()
+        writable_folder(self.output_dir, "--prediction_writer.output_dir", "predictions")
 
     def write_on_batch_end(
         self,

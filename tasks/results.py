@@ -32,7 +32,7 @@ from rich.table import Table
 
 from backbones import ResNet
 from tasks.checkpointing import write_atomic
-from tasks.common import writable_output
+from tasks.common import writable_folder
 
 FORMAT = "fewshot-dilated/test-results"
 FORMAT_VERSION = 1
@@ -194,12 +194,7 @@ class TestResults(Callback):
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Fail before testing if the results cannot be written."""
         if trainer.is_global_zero:
-            folder = self.folder(trainer)
-            with writable_output(folder, "--results.output_dir", "test results"):
-                folder.mkdir(parents=True, exist_ok=True)
-                probe = folder / ".write-test"
-                probe.touch()
-                probe.unlink()
+            writable_folder(self.folder(trainer), "--results.output_dir", "test results")
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero:
