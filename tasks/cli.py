@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins import TorchCheckpointIO
 
 from tasks.checkpointing import AtomicCheckpointIO, SaveLastOnInterrupt
+from tasks.sync_batchnorm import AnyDeviceSyncBatchNorm
 from tasks.tracking import SaveConfigToRun
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -41,7 +42,14 @@ class TaskCLI(LightningCLI):
             parser.add_lightning_class_args(callback, key)
 
     def instantiate_trainer(self, **kwargs: object) -> Trainer:
-        """Atomic checkpoint writes unless the config chose its own checkpoint IO."""
+        """Atomic checkpoint writes unless the config chose its own checkpoint IO;
+        ``trainer.sync_batchnorm`` (on by default) synchronises BatchNorm on every device
+        (:mod:`tasks.sync_batchnorm`), not only on GPUs."""
+        config = self.config_init.get(str(self.subcommand), self.config_init)["trainer"]
+        if config.get("sync_batchnorm"):
+            plugins = config.get("plugins") or []
+            plugins = plugins if isinstance(plugins, list) else [plugins]
+            kwargs["plugins"] = [*plugins, AnyDeviceSyncBatchNorm()]
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
@@ -125,6 +133,8 @@ def run_cli(
             # The datamodules shard episodes themselves; Lightning's sampler would pad them.
             trainer_defaults={
                 "use_distributed_sampler": False,
+                # Trainable BatchNorm sees the global batch under DDP, as on one device.
+                "sync_batchnorm": True,
                 "callbacks": [SaveLastOnInterrupt()],
             },
             parser_kwargs={

@@ -42,6 +42,16 @@ def upsample(logits: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=True)
 
 
+def episode_mean_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """The mean over episodes of each episode's cross-entropy averaged over its labelled pixels
+    (255 ignored). Every episode weighs the same, so the loss and its gradient do not depend on
+    how a global batch is split over devices and accumulated batches; a pixel mean over the
+    batch (PFENet) would weigh each device's episodes by its own count of labelled pixels."""
+    pixels = F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="none").flatten(1)
+    labelled = (target != IGNORE).flatten(1).sum(1).clamp(min=1)
+    return (pixels.sum(1) / labelled).mean()
+
+
 def original_size_predictions(logits: Tensor, batch: Mapping[str, Any]) -> list[Tensor]:
     """Each query's prediction [h, w] at its original size (PFENet/ASGNet ``ori_resize``): the
     logits, upsampled to the model input, cropped to the query's valid region and resized."""
@@ -156,7 +166,7 @@ class FewShotSegmentation(LightningModule):
                 self.head.compile()
 
     def configure_losses(self) -> None:
-        self.criterion = nn.CrossEntropyLoss(ignore_index=IGNORE)
+        self.criterion = episode_mean_cross_entropy
 
     def configure_metrics(self) -> None:
         """Train and validation IoU; the test metrics, one per test seed, at test start."""
@@ -191,7 +201,8 @@ class FewShotSegmentation(LightningModule):
             logger.log_hyperparams({"parameters": counts})
 
     def loss(self, output: HeadOutput, target: Tensor) -> tuple[Tensor, Tensor]:
-        """Cross-entropy (255 ignored) plus the head's weighted mean auxiliary loss."""
+        """Cross-entropy (:func:`episode_mean_cross_entropy`) plus the head's weighted mean
+        auxiliary loss."""
         size = target.shape[-2:]
         main = self.criterion(upsample(output.logits, size).float(), target)
         if not output.aux_logits:
@@ -218,8 +229,9 @@ class FewShotSegmentation(LightningModule):
             upsample(output.logits.detach(), size).argmax(1), batch["query_mask"], batch["class_id"]
         )
         batch_size = batch["query_image"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        self.log("train/main_loss", main, batch_size=batch_size)
+        # Averaged over the ranks' equal batches: the loss of the global batch.
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
+        self.log("train/main_loss", main, batch_size=batch_size, sync_dist=True)
         return loss
 
     def on_train_epoch_end(self) -> None:
