@@ -144,24 +144,41 @@ def last_weights(runs: Path) -> dict[str, torch.Tensor]:
     return torch.load(checkpoint, weights_only=False)["state_dict"]
 
 
-def torchrun_two_nodes(tmp_path: Path, *args: str) -> None:
-    """The README's torchrun line with two "nodes" on localhost: one launcher per node rank."""
+def two_nodes(tmp_path: Path, launcher: str, *args: str) -> None:
+    """A README multi-node line with two "nodes" of one process each on localhost: ``torchrun``
+    (one launcher per node rank), or ``srun`` (not installed here: each node's task gets the
+    variables srun sets, ``SLURM_PROCID`` and the others, and runs the command after ``srun``)."""
     port = free_port()
-    launchers = [
-        subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
-             "--nproc-per-node", "1", "--node-rank", str(node), "--master-addr", "127.0.0.1",
-             "--master-port", port, "-m", "tasks.segment", *args, "--trainer.num_nodes", "2",
-             "--trainer.devices", "1", "--trainer.strategy", "ddp", "--trainer.accelerator",
-             "cpu"],
-            cwd=tmp_path, env=os.environ | {"PYTHONUNBUFFERED": "1"}, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )
-        for node in (0, 1)
-    ]  # fmt: skip
-    for launcher in launchers:
-        output, _ = launcher.communicate(timeout=TIMEOUT)
-        assert launcher.returncode == 0, output[-5000:]
+    command = ["-m", "tasks.segment", *args, "--trainer.num_nodes", "2", "--trainer.devices", "1",
+               "--trainer.strategy", "ddp", "--trainer.accelerator", "cpu"]  # fmt: skip
+    nodes = []
+    for node in (0, 1):
+        env = os.environ | {"PYTHONUNBUFFERED": "1"}
+        if launcher == "torchrun":
+            launch = ["-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                      "--node-rank", str(node), "--master-addr", "127.0.0.1", "--master-port",
+                      port]  # fmt: skip
+        else:
+            launch = []
+            env |= {"SLURM_NTASKS": "2", "SLURM_NNODES": "2", "SLURM_NTASKS_PER_NODE": "1",
+                    "SLURM_PROCID": str(node), "SLURM_NODEID": str(node), "SLURM_LOCALID": "0",
+                    "SLURM_NODELIST": "127.0.0.1", "SLURM_JOB_ID": "15",
+                    "SLURM_JOB_NAME": "fewshot", "MASTER_PORT": port}  # fmt: skip
+        nodes.append(
+            subprocess.Popen([sys.executable, *launch, *command], cwd=tmp_path, env=env,
+                             text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        )  # fmt: skip
+    for process in nodes:
+        output, _ = process.communicate(timeout=TIMEOUT)
+        assert process.returncode == 0, output[-5000:]
+
+
+def wandb_training(save_dir: Path) -> tuple[dict[int, float], dict[str, torch.Tensor], Path]:
+    """Step losses as the run's only W&B run recorded them, last weights, the W&B run folder."""
+    (run,) = save_dir.rglob("offline-run-*")  # one W&B run, written by rank zero
+    history = OfflineRun(run).history()
+    losses = {r["trainer/global_step"]: r["train/loss"] for r in history if "train/loss" in r}
+    return losses, last_weights(save_dir), run
 
 
 def assert_same_training(
@@ -187,10 +204,11 @@ def assert_same_training(
 def test_one_two_processes_and_two_nodes_train_the_same_weights(tmp_path: Path) -> None:
     """The default experiment (fine-tuned ResNet-18 with BatchNorm, prototype head, dropout off),
     3 optimizer steps of global batch 8: one process with batch 8, and two processes with batch 4
-    each, started by Lightning's launcher or as two torchrun "nodes", log the same losses and end
-    with the same weights. In float64 they agree to 1e-10: the float32 differences (measured up
-    to 5e-5; 0.3 without synchronised BatchNorm) are rounding amplified by training. The torchrun
-    fit is one W&B run, and testing its checkpoint on two nodes works too."""
+    each, started by Lightning's launcher, as two torchrun "nodes" or as two SLURM tasks on two
+    "nodes", log the same losses and end with the same weights. In float64 they agree to 1e-10:
+    the float32 differences (measured up to 5e-5; 0.3 without synchronised BatchNorm) are
+    rounding amplified by training. Each multi-node fit is one W&B run; testing the torchrun
+    checkpoint on two nodes works too and is a second run."""
     recipe = tiny_args(tmp_path, "--data.global_batch_size", "8", "--data.batch_size", "8",
                        "--data.train_episodes", "24", "--trainer.max_epochs", "1",
                        "--trainer.log_every_n_steps", "1", "--model.head.init_args.dropout", "0",
@@ -201,20 +219,25 @@ def test_one_two_processes_and_two_nodes_train_the_same_weights(tmp_path: Path) 
         run_task("segment", tmp_path, "fit", *recipe, *ddp(devices), *csv_logger(save_dir),
                  "--trainer.precision", precision)  # fmt: skip
         runs[precision, devices] = step_losses(save_dir), last_weights(save_dir)
-    torchrun_two_nodes(tmp_path, "fit", *recipe)
-    (fit_run,) = (tmp_path / "runs").rglob("offline-run-*")  # one W&B run, by rank zero
-    history = OfflineRun(fit_run).history()
-    losses = {r["trainer/global_step"]: r["train/loss"] for r in history if "train/loss" in r}
+    fit_runs = {}
+    for launcher in ("torchrun", "srun"):
+        save_dir = tmp_path / f"runs-{launcher}"
+        two_nodes(tmp_path, launcher, "fit", *recipe, "--trainer.logger.init_args.save_dir",
+                  str(save_dir))  # fmt: skip
+        losses, weights, fit_runs[launcher] = wandb_training(save_dir)
+        runs[launcher] = losses, weights
 
     reference = runs["32-true", 1]
     assert sorted(reference[0]) == [0, 1, 2] and reference[0][0] != reference[0][2]
-    assert_same_training(runs["32-true", 2], reference, 5e-4, 1e-6)
-    assert_same_training((losses, last_weights(tmp_path / "runs")), reference, 5e-4, 1e-6)
+    for run in (("32-true", 2), "torchrun", "srun"):
+        assert_same_training(runs[run], reference, 5e-4, 1e-6)
     assert_same_training(runs["64-true", 2], runs["64-true", 1], 1e-10, 1e-14)
 
-    checkpoint = next((tmp_path / "runs").rglob("last.ckpt"))
-    torchrun_two_nodes(tmp_path, "test", *recipe, "--ckpt_path", str(checkpoint))
-    wandb_runs = sorted((tmp_path / "runs").rglob("offline-run-*"))
+    save_dir = tmp_path / "runs-torchrun"
+    checkpoint = next(save_dir.rglob("last.ckpt"))
+    two_nodes(tmp_path, "torchrun", "test", *recipe, "--trainer.logger.init_args.save_dir",
+              str(save_dir), "--ckpt_path", str(checkpoint))  # fmt: skip
+    wandb_runs = sorted(save_dir.rglob("offline-run-*"))
     assert len(wandb_runs) == 2, wandb_runs  # the fit's and the test's
-    (test_run,) = [run for run in wandb_runs if run != fit_run]
+    (test_run,) = [run for run in wandb_runs if run != fit_runs["torchrun"]]
     assert any("test/miou" in row for row in OfflineRun(test_run).history())
