@@ -93,6 +93,7 @@ def _sync_batchnorm_rank(rank: int, init: str, batch: torch.Tensor, out: str) ->
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_sync_batchnorm_on_cpu_equals_batchnorm_of_the_global_batch(tmp_path: Path) -> None:
     """Two gloo processes with 3 images each: outputs, input gradients, running statistics and
     (summed over ranks, as DDP's mean over ranks of the per-rank losses' sum) parameter gradients
@@ -203,18 +204,18 @@ def assert_same_training(
 @pytest.mark.slow
 def test_one_two_processes_and_two_nodes_train_the_same_weights(tmp_path: Path) -> None:
     """The default experiment (fine-tuned ResNet-18 with BatchNorm, prototype head, dropout off),
-    3 optimizer steps of global batch 8: one process with batch 8, and two processes with batch 4
-    each, started by Lightning's launcher, as two torchrun "nodes" or as two SLURM tasks on two
-    "nodes", log the same losses and end with the same weights. In float64 they agree to 1e-10:
-    the float32 differences (measured up to 5e-5; 0.3 without synchronised BatchNorm) are
-    rounding amplified by training. Each multi-node fit is one W&B run; testing the torchrun
-    checkpoint on two nodes works too and is a second run."""
+    3 optimizer steps of global batch 8: one process with batch 8 and two processes with batch 4
+    each log the same losses and end with the same weights, to float32 rounding (measured up to
+    5e-5 of a tensor's scale; 0.3 without synchronised BatchNorm). In float64 two one-process
+    "nodes", launched by torchrun or as SLURM tasks, agree with one process to 1e-10, so the
+    float32 difference is rounding amplified by training. Each multi-node fit is one W&B run;
+    testing the torchrun checkpoint on two nodes works too and is a second run."""
     recipe = tiny_args(tmp_path, "--data.global_batch_size", "8", "--data.batch_size", "8",
                        "--data.train_episodes", "24", "--trainer.max_epochs", "1",
                        "--trainer.log_every_n_steps", "1", "--model.head.init_args.dropout", "0",
                        "--model.head.init_args.decoder_dropout", "0")  # fmt: skip
     runs = {}
-    for precision, devices in (("32-true", 1), ("32-true", 2), ("64-true", 1), ("64-true", 2)):
+    for precision, devices in (("32-true", 1), ("32-true", 2), ("64-true", 1)):
         save_dir = tmp_path / f"fit-{precision}-{devices}"
         run_task("segment", tmp_path, "fit", *recipe, *ddp(devices), *csv_logger(save_dir),
                  "--trainer.precision", precision)  # fmt: skip
@@ -222,16 +223,16 @@ def test_one_two_processes_and_two_nodes_train_the_same_weights(tmp_path: Path) 
     fit_runs = {}
     for launcher in ("torchrun", "srun"):
         save_dir = tmp_path / f"runs-{launcher}"
-        two_nodes(tmp_path, launcher, "fit", *recipe, "--trainer.logger.init_args.save_dir",
-                  str(save_dir))  # fmt: skip
+        two_nodes(tmp_path, launcher, "fit", *recipe, "--trainer.precision", "64-true",
+                  "--trainer.logger.init_args.save_dir", str(save_dir))  # fmt: skip
         losses, weights, fit_runs[launcher] = wandb_training(save_dir)
         runs[launcher] = losses, weights
 
     reference = runs["32-true", 1]
     assert sorted(reference[0]) == [0, 1, 2] and reference[0][0] != reference[0][2]
-    for run in (("32-true", 2), "torchrun", "srun"):
-        assert_same_training(runs[run], reference, 5e-4, 1e-6)
-    assert_same_training(runs["64-true", 2], runs["64-true", 1], 1e-10, 1e-14)
+    assert_same_training(runs["32-true", 2], reference, 5e-4, 1e-6)
+    for launcher in ("torchrun", "srun"):
+        assert_same_training(runs[launcher], runs["64-true", 1], 1e-10, 1e-14)
 
     save_dir = tmp_path / "runs-torchrun"
     checkpoint = next(save_dir.rglob("last.ckpt"))
