@@ -40,12 +40,13 @@ class CpuSyncBatchNorm(_BatchNorm):
         if not (self.training and dist.is_available() and dist.is_initialized()):
             return super().forward(input)
         self._check_input_dim(input)
-        dims = [0, *range(2, input.dim())]
-        count = torch.tensor([input.numel() / input.shape[1]], dtype=input.dtype)
-        sums = all_reduce(torch.cat([input.sum(dims), count]))
+        # Statistics in float32 at least, as F.batch_norm's for bfloat16 and float16 inputs.
+        dims, dtype = [0, *range(2, input.dim())], torch.promote_types(input.dtype, torch.float32)
+        count = torch.tensor([input.numel() / input.shape[1]], dtype=dtype)
+        sums = all_reduce(torch.cat([input.sum(dims, dtype=dtype), count]))
         total = sums[-1]
         mean = sums[:-1] / total
-        centred = input - _channels(mean, input.dim())
+        centred = input.to(dtype) - _channels(mean, input.dim())
         var = all_reduce((centred * centred).sum(dims)) / total
         if self.track_running_stats:
             unbiased = var.detach() * total / (total - 1).clamp(min=1)
@@ -54,7 +55,7 @@ class CpuSyncBatchNorm(_BatchNorm):
         if self.affine:
             output = output * _channels(self.weight, input.dim())
             output = output + _channels(self.bias, input.dim())
-        return output
+        return output.to(input.dtype)
 
     @torch.no_grad()
     def _update_running_stats(self, mean: Tensor, unbiased_var: Tensor) -> None:
