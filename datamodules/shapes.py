@@ -256,6 +256,8 @@ class ShapesFewShot(FewShotDataModule):
         root: cache folder holding generated sets and their class index; ``None`` =
             ``data_dir()/shapes`` (``$FEWSHOT_DATA_DIR/shapes`` or
             ``~/.cache/fewshot-dilated/shapes``).
+        train_episodes: training episodes per epoch (a fixed number: the generated set is large).
+        val_episodes: validation episodes.
         num_train: images in the training list.
         num_test: images in the test list.
         data_seed: seed of the generator (the episode seed is ``seed``).
@@ -272,6 +274,8 @@ class ShapesFewShot(FewShotDataModule):
         batch_size: int = 8,
         num_workers: int = 2,
         min_pixels: int = 128,
+        train_episodes: int | None = 2000,
+        val_episodes: int = 300,
         num_train: int = 2500,
         num_test: int = 500,
         data_seed: int = 0,
@@ -288,6 +292,8 @@ class ShapesFewShot(FewShotDataModule):
             batch_size=batch_size,
             num_workers=num_workers,
             min_pixels=min_pixels,
+            train_episodes=train_episodes,
+            val_episodes=val_episodes,
             **kwargs,
         )
 
