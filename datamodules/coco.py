@@ -7,7 +7,7 @@ import hashlib
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from pycocotools.coco import COCO
@@ -150,14 +150,15 @@ class CocoFewShot(FewShotDataModule):
     class_names = COCO_CLASSES
     protocol_family = "coco"
     protocol_unused = ("train_list",)
+    dataset_defaults: ClassVar[dict[str, int]] = {
+        **FewShotDataModule.dataset_defaults,
+        "image_size": 641,
+        "batch_size": 8,
+    }
 
     def __init__(
         self,
         root: str | None = None,
-        image_size: int = 641,
-        batch_size: int = 8,
-        num_workers: int = 4,
-        min_pixels: int = 2 * 32 * 32,
         split: CocoSplit = "interleaved",
         masks: str | None = None,
         coco_crowd: CocoCrowd | None = None,
@@ -168,14 +169,7 @@ class CocoFewShot(FewShotDataModule):
         self.split = split
         self.masks = masks
         self.coco_crowd = coco_crowd
-        super().__init__(
-            root=root,
-            image_size=image_size,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            min_pixels=min_pixels,
-            **kwargs,
-        )
+        super().__init__(root=root, **kwargs)
 
     def dataset_protocol_options(self) -> dict[str, Any]:
         return {"coco_crowd": self.coco_crowd}

@@ -20,7 +20,7 @@ import tempfile
 from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from lightning import LightningDataModule
@@ -82,6 +82,10 @@ def require(name: str, value: Any, ok: bool, allowed: str) -> None:
 class FewShotDataModule(LightningDataModule):
     """Episodic few-shot segmentation data for one fold.
 
+    Options that default to ``None`` take the dataset's own value (:attr:`dataset_defaults`), so a
+    config that switches ``data.class_path`` never inherits another dataset's values (jsonargparse
+    keeps the init_args the new class shares with the old one).
+
     Args:
         root: dataset root (layout per subclass).
         fold: cross-validation fold, 0..3.
@@ -89,8 +93,8 @@ class FewShotDataModule(LightningDataModule):
         image_size: square training crop and evaluation canvas.
         batch_size: episodes per batch.
         num_workers: loader worker processes.
-        train_episodes: training episodes per epoch; ``None`` = one per (image, base class) pair
-            of the training list, as PFENet's epoch.
+        train_episodes: training episodes per epoch; ``None`` = the dataset's epoch
+            (:meth:`train_epoch_length`).
         val_episodes: fixed validation episodes (base classes, held-out images).
         seed: seed of the validation list.
         protocol: the pipeline preset: ``clean`` (this project's, the default; also ``None``),
@@ -99,6 +103,8 @@ class FewShotDataModule(LightningDataModule):
             has the table and the sources).
         test_episodes: test episodes per seed (novel classes, test list).
         extra_test_episode: one episode more than ``test_episodes`` (PFENet's/ASGNet's loop).
+        max_test_passes: at most this many passes over the list of a walking ``test_sampling``
+            (PFENet's/ASGNet's ``for e in range(20)``).
         test_seeds: seeds of the test lists, or their number (the preset's seeds first); each
             seed is one test pass, reported separately and as mean and std.
         test_sampling: ``balanced``, ``image_walk``, ``pair_walk`` or ``class_first``
@@ -136,6 +142,14 @@ class FewShotDataModule(LightningDataModule):
     class_names: list[str]
     #: which column of a protocol's per-dataset values applies (:mod:`datamodules.protocols`)
     protocol_family = "pascal"
+    #: the values of the options left ``None`` (PASCAL-5i's recipe: PFENet/ASGNet)
+    dataset_defaults: ClassVar[dict[str, int]] = {
+        "image_size": 473,
+        "batch_size": 4,
+        "num_workers": 4,
+        "val_episodes": 1000,
+        "min_pixels": 2 * 32 * 32,
+    }
     #: protocol options this dataset has no use for, left out of the resolved protocol
     protocol_unused: tuple[str, ...] = ("train_list", "coco_crowd")
 
@@ -144,15 +158,16 @@ class FewShotDataModule(LightningDataModule):
         root: str | None = None,
         fold: int = 0,
         shots: int = 1,
-        image_size: int = 473,
-        batch_size: int = 4,
-        num_workers: int = 4,
+        image_size: int | None = None,
+        batch_size: int | None = None,
+        num_workers: int | None = None,
         train_episodes: int | None = None,
-        val_episodes: int = 1000,
+        val_episodes: int | None = None,
         seed: int = 321,
         protocol: str | None = None,
         test_episodes: int | None = None,
         extra_test_episode: bool | None = None,
+        max_test_passes: int | None = None,
         test_seeds: int | list[int] | None = None,
         test_sampling: TestSampling | None = None,
         query_classes: QueryClasses | None = None,
@@ -168,7 +183,7 @@ class FewShotDataModule(LightningDataModule):
         train_resize_longer: bool | None = None,
         train_augment: bool | None = None,
         backbone_norm: BackboneNorm | None = None,
-        min_pixels: int = 2 * 32 * 32,
+        min_pixels: int | None = None,
         val_fraction: float = 0.1,
         cache_dir: str | None = None,
         predict_support: list[str] | None = None,
@@ -176,6 +191,20 @@ class FewShotDataModule(LightningDataModule):
         predict_queries: list[str] | None = None,
     ) -> None:
         super().__init__()
+        given = {
+            "image_size": image_size,
+            "batch_size": batch_size,
+            "num_workers": num_workers,
+            "val_episodes": val_episodes,
+            "min_pixels": min_pixels,
+        }
+        defaults = self.dataset_defaults | {k: v for k, v in given.items() if v is not None}
+        image_size, batch_size, num_workers = (
+            defaults["image_size"],
+            defaults["batch_size"],
+            defaults["num_workers"],
+        )
+        val_episodes, min_pixels = defaults["val_episodes"], defaults["min_pixels"]
         require("fold", fold, fold in range(NUM_FOLDS), f"one of {list(range(NUM_FOLDS))}")
         require("shots", shots, shots >= 1, "an integer >= 1")
         require("image_size", image_size, image_size >= 8, "an integer >= 8")
@@ -205,6 +234,7 @@ class FewShotDataModule(LightningDataModule):
         explicit = {
             "test_episodes": test_episodes,
             "extra_test_episode": extra_test_episode,
+            "max_test_passes": max_test_passes,
             "test_seeds": test_seeds,
             "test_sampling": test_sampling,
             "query_classes": query_classes,
@@ -374,14 +404,23 @@ class FewShotDataModule(LightningDataModule):
         if stage == "val":
             count, seed = self.val_episodes, self.seed
         else:
-            count = episodes_per_pass(self.protocol)
+            count = self.test_episode_count()
             seed = self.test_seeds[0] if test_seed is None else test_seed
         codes = (seed, self.fold, self.shots, _STAGE_CODE[stage])
         return EpisodeSampler(pools, count, self.shots, codes, rank, world_size, draw=draw)
 
+    def test_episode_count(self) -> int:
+        """Episodes of one test pass (after setup): the protocol's count, capped at
+        ``max_test_passes`` passes over a walked list."""
+        count = episodes_per_pass(self.protocol)
+        passes = self.protocol["max_test_passes"]
+        if passes is not None and self.protocol["test_sampling"] in ("image_walk", "pair_walk"):
+            count = min(count, passes * len(self.episode_rule("test").walk))
+        return count
+
     def train_epoch_length(self) -> int:
         """Episodes of a training epoch when ``train_episodes`` is ``None``: one per (image,
-        class) pair, or one per listed image under ``train_sampling: images`` (PFENet)."""
+        class) pair, or one per listed image under ``train_sampling: images`` (PFENet's epoch)."""
         if self.protocol["train_sampling"] == "images":
             return len(self._walks["train"])
         return sum(len(ids) for ids in self.pools("train").values())

@@ -111,10 +111,6 @@ class PascalFewShot(FewShotDataModule):
     def __init__(
         self,
         root: str | None = None,
-        image_size: int = 473,
-        batch_size: int = 4,
-        num_workers: int = 4,
-        min_pixels: int = 2 * 32 * 32,
         train_list: str | None = None,
         test_list: str = "ImageSets/Segmentation/val.txt",
         label_dir: str = "SegmentationClassAug",
@@ -123,14 +119,7 @@ class PascalFewShot(FewShotDataModule):
         self.given_train_list = train_list
         self.test_list = test_list
         self.label_dir = label_dir
-        super().__init__(
-            root=root,
-            image_size=image_size,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            min_pixels=min_pixels,
-            **kwargs,
-        )
+        super().__init__(root=root, **kwargs)
 
     def dataset_protocol_options(self) -> dict[str, Any]:
         return {"train_list": self.given_train_list}

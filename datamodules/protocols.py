@@ -12,6 +12,7 @@ option                     ``clean``    ``pfenet``   ``asgnet``   ``hsnet``     
 =========================  ===========  ===========  ===========  ==============  ===========
 test_episodes              1000 / 1000  5000/20000   1000/20000   1000 / 1000     1000 / 1000
 extra_test_episode         no           yes          yes          no              no
+max_test_passes            (none)       20           20           (none)          (none)
 test_seeds                 321          321          321          0               5 (see below)
 test_sampling              balanced     image_walk   image_walk   pair_walk /     image_walk
                                                                   class_first
@@ -37,7 +38,8 @@ Sources, read from the official code:
 
 * PFENet (Tian et al., TPAMI 2020; ``test.py``, ``util/dataset.py``, ``util/transform.py``,
   ``config/*``): ``test_num`` 5000 / 20000 with the loop ``if (iter_num - 1) * bs >= test_num:
-  break`` (so ``test_num + 1`` episodes), seed 321, the loader walks the filtered test list in
+  break`` (so ``test_num + 1`` episodes) inside ``for e in range(20)`` (at most 20 passes over
+  the list: fewer episodes on a short list), seed 321, the loader walks the filtered test list in
   order (``shuffle=False``) and draws the episode's class among the novel classes present in the
   query at any pixel count (``SemData.__getitem__``; the 2 * 32 * 32 rule only decides which images
   enter the list and which serve as supports); ``resized_val: True`` selects ``transform.Resize``:
@@ -110,6 +112,7 @@ class Protocol:
     test_seeds: tuple[int, ...]
     source: str
     extra_test_episode: bool = False
+    max_test_passes: int | None = None
     test_sampling: TestSampling | dict[str, TestSampling] = "balanced"
     query_classes: QueryClasses = "eligible"
     support_repeats: bool = False
@@ -156,6 +159,7 @@ PROTOCOLS: dict[str, Protocol] = {
         (321,),
         source="PFENet (Tian et al., TPAMI 2020)",
         extra_test_episode=True,
+        max_test_passes=20,
         backbone_norm="batch",
     ),
     "asgnet": _pfenet_family(
@@ -163,6 +167,7 @@ PROTOCOLS: dict[str, Protocol] = {
         (321,),
         source="ASGNet (Li et al., CVPR 2021)",
         extra_test_episode=True,
+        max_test_passes=20,
         backbone_norm="batch",
     ),
     "hsnet": Protocol(
@@ -190,6 +195,7 @@ PROTOCOLS: dict[str, Protocol] = {
 OPTIONS = (
     "test_episodes",
     "extra_test_episode",
+    "max_test_passes",
     "test_seeds",
     "test_sampling",
     "query_classes",

@@ -204,9 +204,11 @@ class FewShotSegmentation(LightningModule):
         return self.backbone_norm == "batch" and self.hparams.freeze_backbone
 
     def setup(self, stage: str) -> None:
-        """Read the protocol's backbone BatchNorm recipe from the datamodule."""
+        """Read the protocol's backbone BatchNorm recipe from the datamodule and apply it (the
+        loops keep each module's mode as they find it)."""
         protocol = getattr(self.trainer.datamodule, "protocol", None) or {}
         self.backbone_norm = protocol.get("backbone_norm", "frozen")
+        self.train(self.training)
 
     def train(self, mode: bool = True) -> FewShotSegmentation:
         """As :meth:`nn.Module.train`; the backbone's BatchNorm layers follow ``mode`` under
