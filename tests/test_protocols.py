@@ -26,6 +26,9 @@ def pascal(root: Path, tmp_path: Path, **kwargs) -> PascalFewShot:
     return PascalFewShot(root=str(root), cache_dir=str(tmp_path / "cache"), **settings | kwargs)
 
 
+BAM_SEEDS = [510, 365, 382, 322, 988]
+
+
 @pytest.mark.parametrize(
     ("name", "family", "expected"),
     [
@@ -35,8 +38,7 @@ def pascal(root: Path, tmp_path: Path, **kwargs) -> PascalFewShot:
         ("asgnet", "coco", (20000, True, [321], "floor8", 473, "black", "square", False)),
         ("hsnet", "pascal", (1000, False, [0], "squash", 400, "mean", "input", False)),
         ("hsnet", "coco", (1000, False, [0], "squash", 400, "mean", "input", False)),
-        ("bam", "pascal", (1000, False, [510, 365, 382, 322, 988], "floor8", 473, "black",
-                           "square", True)),  # fmt: skip
+        ("bam", "pascal", (1000, False, BAM_SEEDS, "floor8", 473, "black", "square", True)),
         ("clean", "pascal", (1000, False, [321], "longer_pad", 473, "mean", "original", False)),
         (None, "coco", (1000, False, [321], "longer_pad", 473, "mean", "original", False)),
     ],
