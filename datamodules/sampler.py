@@ -23,7 +23,7 @@ per-step ``self.log(..., sync_dist=True)``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -93,6 +93,9 @@ class EpisodeSampler(Sampler[Episode]):
             optimizer step's episodes in contiguous blocks.
         step_episodes: training episodes of one rank per optimizer step (``global batch /
             world_size``); the list is cut to whole steps.
+        draw: ``draw(count, seed)`` gives the list (a protocol's rule,
+            :class:`datamodules.sampling.EpisodeRule`); default :func:`draw_episodes` over
+            ``pools``.
     """
 
     def __init__(
@@ -105,6 +108,7 @@ class EpisodeSampler(Sampler[Episode]):
         world_size: int = 1,
         train: bool = False,
         step_episodes: int = 1,
+        draw: Callable[[int, Sequence[int]], list[Episode]] | None = None,
     ) -> None:
         step = step_episodes * world_size
         if train and count < step:
@@ -113,6 +117,7 @@ class EpisodeSampler(Sampler[Episode]):
                 "(data.global_batch_size): raise data.train_episodes"
             )
         self.pools = pools
+        self.draw = draw
         self.count = count - count % step if train else count
         self.shots = shots
         self.seed = tuple(seed)
@@ -128,11 +133,14 @@ class EpisodeSampler(Sampler[Episode]):
 
     def episodes(self) -> list[Episode]:
         """The whole list of the current epoch, over all ranks."""
+        seed = (*self.seed, self.epoch) if self.train else self.seed
+        if self.draw is not None:
+            episodes = self.draw(self.count, seed)
+        else:
+            episodes = draw_episodes(self.pools, self.count, self.shots, seed)
         if not self.train:
-            return draw_episodes(self.pools, self.count, self.shots, self.seed)
-        seed = (*self.seed, self.epoch)
-        episodes = draw_episodes(self.pools, self.count, self.shots, seed)
-        augment = np.random.default_rng([*seed, _AUGMENT]).integers(2**63, size=self.count)
+            return episodes
+        augment = np.random.default_rng([*seed, _AUGMENT]).integers(2**63, size=len(episodes))
         return [replace(e, seed=int(s)) for e, s in zip(episodes, augment, strict=True)]
 
     def __iter__(self) -> Iterator[Episode]:
