@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from backbones import ResNet
 from backbones.weights import read_checkpoint
@@ -226,7 +227,7 @@ class FewShotSegmentation(LightningModule):
         super().train(mode)
         if mode and self.backbone_batch_statistics:
             for module in self.backbone.modules():
-                if isinstance(module, nn.BatchNorm2d):
+                if isinstance(module, _BatchNorm):  # SyncBatchNorm under DDP too
                     module.train()
         return self
 
