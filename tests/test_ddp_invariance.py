@@ -117,6 +117,17 @@ def test_sync_batchnorm_on_cpu_equals_batchnorm_of_the_global_batch(tmp_path: Pa
             assert torch.allclose(rank["state"][f"0.{key}"], value, atol=1e-5), key
 
 
+def test_accumulated_batches_make_one_step_and_the_schedule_counts_steps(tmp_path: Path) -> None:
+    """Global batch 8 in batches of 4 on one process: 16 episodes are 2 optimizer steps, and the
+    poly schedule reaches 0 at the second (counting the 4 batches it would be at half)."""
+    args = tiny_args(tmp_path, "--data.global_batch_size", "8", "--data.train_episodes", "16",
+                     "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "1")  # fmt: skip
+    main(["fit", *args])
+    checkpoint = torch.load(last_checkpoint(tmp_path / "runs"), weights_only=False)
+    assert checkpoint["global_step"] == 2
+    assert [g["lr"] for g in checkpoint["optimizer_states"][0]["param_groups"]] == [0.0, 0.0]
+
+
 def test_explicit_accumulation_that_contradicts_the_global_batch_is_named(tmp_path: Path) -> None:
     args = tiny_args(
         tmp_path, "--data.global_batch_size", "8", "--trainer.accumulate_grad_batches", "3"
@@ -140,9 +151,13 @@ def step_losses(save_dir: Path) -> dict[int, float]:
     return {int(row["step"]): float(row["train/loss"]) for row in rows if row["train/loss"]}
 
 
-def last_weights(runs: Path) -> dict[str, torch.Tensor]:
+def last_checkpoint(runs: Path) -> Path:
     (checkpoint,) = runs.rglob("last.ckpt")
-    return torch.load(checkpoint, weights_only=False)["state_dict"]
+    return checkpoint
+
+
+def last_weights(runs: Path) -> dict[str, torch.Tensor]:
+    return torch.load(last_checkpoint(runs), weights_only=False)["state_dict"]
 
 
 def two_nodes(tmp_path: Path, launcher: str, *args: str) -> None:
