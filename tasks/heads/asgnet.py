@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .common import (
+    MID_LEVEL_LAYERS,
     HeadOutput,
     check_inputs,
     cosine_similarity_map,
@@ -312,6 +313,17 @@ class ASGNetHead(nn.Module):
         super().__init__()
         if not bins or any(b <= 0 for b in bins):
             raise ValueError(f"bins must be a non-empty list of positive sizes, got {bins}")
+        self.init_args = {
+            "reduce_dim": reduce_dim,
+            "bins": list(bins),
+            "max_superpixels": max_superpixels,
+            "superpixel_area": superpixel_area,
+            "train_iterations": train_iterations,
+            "eval_iterations": eval_iterations,
+            "aux_weight": aux_weight,
+            "dropout": dropout,
+        }
+        self.in_features = MID_LEVEL_LAYERS  # layer4 is not used (Li et al., Sec. 4.1)
         self.bins = tuple(bins)
         self.max_superpixels = max_superpixels
         self.superpixel_area = superpixel_area
