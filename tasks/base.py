@@ -36,6 +36,17 @@ def describe_head(head: nn.Module) -> dict[str, Any]:
     return {"class_path": class_path(head), "init_args": dict(getattr(head, "init_args", {}))}
 
 
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: Schedule, total_steps: int, poly_power: float
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """torch's ``PolynomialLR`` (``lr * (1 - step / total) ** power``: DeepLab, PSPNet, PFENet,
+    ASGNet) or ``CosineAnnealingLR`` (Loshchilov & Hutter, 2017) to 0 over ``total_steps``."""
+    total = max(1, total_steps)
+    if schedule == "poly":
+        return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total, power=poly_power)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+
+
 class BaseTask(LightningModule):
     """A task whose checkpoints describe its model.
 
@@ -78,9 +89,8 @@ class BaseTask(LightningModule):
         self, params: Iterable[Tensor] | Iterable[dict[str, Any]], schedule: Schedule
     ) -> dict[str, Any]:
         """``configure_optimizers``'s answer from the ``optimizer``, ``lr``, ``momentum``,
-        ``weight_decay`` and ``poly_power`` hyper-parameters: torch's ``PolynomialLR`` (DeepLab,
-        PSPNet, PFENet, ASGNet) or ``CosineAnnealingLR`` (Loshchilov & Hutter, 2017) to 0 over
-        the run, stepped every batch."""
+        ``weight_decay`` and ``poly_power`` hyper-parameters, the schedule
+        (:func:`build_scheduler`) running to 0 over the run, stepped every batch."""
         hp = self.hparams
         if hp.optimizer == "sgd":
             optimizer = torch.optim.SGD(
@@ -88,13 +98,8 @@ class BaseTask(LightningModule):
             )
         else:
             optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        if schedule == "poly":
-            scheduler = torch.optim.lr_scheduler.PolynomialLR(
-                optimizer, total_iters=total, power=hp.poly_power
-            )
-        else:
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = build_scheduler(optimizer, schedule, total, hp.poly_power)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},

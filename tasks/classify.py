@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 from jsonargparse import lazy_instance
 from lightning.pytorch import LightningModule, Trainer
@@ -23,6 +23,9 @@ from torchmetrics.classification import MulticlassAccuracy
 from backbones import Backbone, ResNet
 from tasks.base import BaseTask, Optimizer, Schedule, check_arguments
 from tasks.common import writable_output
+
+if TYPE_CHECKING:
+    from tasks.cli import TaskCLI
 
 #: The default experiment's encoder: a plain ResNet-18 (output stride 32), small enough to train
 #: on a CPU; the signature's default, which each model builds afresh.
@@ -202,12 +205,12 @@ class PredictionCSV(BasePredictionWriter):
             )
 
 
-def main(args: list[str] | None = None) -> None:
-    """The command line; ``args`` lets tests run it in-process."""
+def main(args: list[str] | None = None) -> TaskCLI:
+    """The command line; ``args`` lets tests run it in-process and read the CLI's trainer."""
     from datamodules import ClassificationDataModule
     from tasks.cli import run_cli
 
-    run_cli(
+    return run_cli(
         ImageClassification,
         ClassificationDataModule,
         "classify",

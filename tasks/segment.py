@@ -14,7 +14,7 @@ import shutil
 import sys
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,9 @@ from tasks.heads import ASGNetHead, HeadOutput, PrototypeHead
 from tasks.heads.asgnet import split_official_state_dict
 from tasks.metrics import FewShotIoU
 from tasks.results import summarise
+
+if TYPE_CHECKING:
+    from tasks.cli import TaskCLI
 
 IGNORE = 255
 HeadFactory = Callable[[Mapping[str, int]], nn.Module]
@@ -353,14 +356,14 @@ class FewShotSegmentation(BaseTask):
         return self.optimization(groups, "poly")
 
 
-def main(args: list[str] | None = None) -> None:
-    """The command line; ``args`` lets tests run it in-process."""
+def main(args: list[str] | None = None) -> TaskCLI:
+    """The command line; ``args`` lets tests run it in-process and read the CLI's trainer."""
     from datamodules import FewShotDataModule
     from tasks.cli import run_cli
     from tasks.predictions import MaskWriter
     from tasks.results import TestResults
 
-    run_cli(
+    return run_cli(
         FewShotSegmentation,
         FewShotDataModule,
         "segment",
