@@ -174,9 +174,10 @@ def unwrap_union_error(error: BaseException) -> BaseException:
 
 def condense_union_report(message: str) -> str:
     """``Parser key "data": datamodules.ShapesFewShot: Parser key "shots": Expected ...`` from
-    jsonargparse's multi-line report of a value no alternative of an optional class accepts."""
+    jsonargparse's multi-line report of a value no alternative of an optional class accepts;
+    another nested report (a ``class_path`` option) on one line."""
     if UNION_REPORT not in message:
-        return message
+        return " ".join(line.strip() for line in message.splitlines() if line.strip())
     lines = message.splitlines()
     start = next(
         (i for i, line in enumerate(lines) if "- Problem with given class_path" in line), None

@@ -194,9 +194,9 @@ CASES = [
                  r"ckpt_path .*classify\.ckpt", None, id="classify-checkpoint-to-segment-test"),
     pytest.param(CLASSIFY, ("test", *FOLDER, "--ckpt_path", "{segment_ckpt}"), 2,
                  r"ckpt_path .*segment\.ckpt", None, id="segment-checkpoint-to-classify-test"),
-    pytest.param(CLASSIFY, ("test", *FOLDER, "--ckpt_path", "{classify_ckpt}",
+    pytest.param(CLASSIFY, ("test", *FOLDER, "--ckpt_path", "{undescribed_ckpt}",
                             "--model.backbone.init_args.arch", "resnet34"), ValueError,
-                 r"checkpoint '.*classify\.ckpt' does not fit ImageClassification \(missing: "
+                 r"checkpoint '.*undescribed\.ckpt' does not fit ImageClassification \(missing: "
                  r"backbone\.layer1\.2\.", None, id="checkpoint-of-another-backbone"),
     # Classification data
     pytest.param(CLASSIFY, ("fit", *FOLDER), ValueError,
@@ -249,6 +249,16 @@ def save_checkpoint(model: LightningModule, path: Path) -> Path:
     return path
 
 
+def undescribed(path: Path, name: str) -> Path:
+    """A checkpoint as written before checkpoints described their model: the config given at
+    test time builds the model, which may not fit."""
+    checkpoint = torch.load(path, weights_only=True)
+    for key in ("backbone", "_instantiator"):
+        del checkpoint["hyper_parameters"][key]
+    torch.save(checkpoint, path.with_name(name))
+    return path.with_name(name)
+
+
 def truncated(path: Path, name: str) -> Path:
     copy = path.with_name(name)
     copy.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -292,6 +302,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "segment_ckpt": segment_ckpt,
         "truncated_ckpt": truncated(segment_ckpt, "truncated.ckpt"),
         "classify_ckpt": save_checkpoint(classify, root / "classify.ckpt"),
+        "undescribed_ckpt": undescribed(root / "classify.ckpt", "undescribed.ckpt"),
     }
 
 
