@@ -31,7 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from backbones import Backbone
-from tasks.checkpointing import write_atomic
+from datamodules.files import write_atomic
 from tasks.common import writable_folder
 
 FORMAT = "fewshot-dilated/test-results"

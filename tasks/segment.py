@@ -17,22 +17,22 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, get_args
 
 import torch
-import torch.nn.functional as F
 from jsonargparse import lazy_instance
 from torch import Tensor, nn
 
 from backbones import Backbone, ResNet, WeightsError
 from backbones.weights import checkpoint_arch, read_checkpoint, to_native
+from datamodules.source import IGNORE
 from tasks.base import BaseTask, Optimizer, check_arguments, describe_head
 from tasks.heads import ASGNetHead, HeadOutput, PrototypeHead
 from tasks.heads.asgnet import split_official_state_dict
+from tasks.heads.common import resize
 from tasks.metrics import FewShotIoU
 from tasks.results import summarise
 
 if TYPE_CHECKING:
     from tasks.cli import TaskCLI
 
-IGNORE = 255
 HeadFactory = Callable[[Mapping[str, int]], nn.Module]
 
 
@@ -76,7 +76,7 @@ def backbone_channels(backbone: Backbone) -> dict[str, int]:
 
 def upsample(logits: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     """Bilinear with ``align_corners=True``, as PFENet/ASGNet resize logits to the label."""
-    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=True)
+    return resize(logits, size)
 
 
 def original_size_predictions(logits: Tensor, batch: Mapping[str, Any]) -> list[Tensor]:
