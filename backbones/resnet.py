@@ -18,7 +18,6 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops.misc import FrozenBatchNorm2d
 
@@ -53,6 +52,9 @@ ARCHS: dict[str, Arch] = {
     "wide_resnet50_2": Arch(Bottleneck, (3, 4, 6, 3), width_per_group=128),
     "wide_resnet101_2": Arch(Bottleneck, (3, 4, 23, 3), width_per_group=128),
 }
+
+#: The BatchNorm classes (torch's common base is private); lazy variants subclass these.
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 NORM_LAYERS: dict[str, NormLayer] = {
     "batchnorm": nn.BatchNorm2d,
@@ -162,7 +164,7 @@ class _FreezeBatchNormStatistics:
     """
 
     def __init__(self, module: nn.Module) -> None:
-        self.norms = [m for m in module.modules() if isinstance(m, _BatchNorm)]
+        self.norms = [m for m in module.modules() if isinstance(m, BATCH_NORMS)]
 
     def __enter__(self) -> None:
         self.saved = [(m.momentum, _clone(m.num_batches_tracked)) for m in self.norms]
@@ -342,7 +344,7 @@ class ResNet(Backbone):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, _BatchNorm | nn.GroupNorm):
+            elif isinstance(m, (*BATCH_NORMS, nn.GroupNorm)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         if zero_init_residual:
@@ -406,7 +408,7 @@ class ResNet(Backbone):
                 module.eval()
             if self.norm_eval:
                 for m in self.modules():
-                    if isinstance(m, _BatchNorm):
+                    if isinstance(m, BATCH_NORMS):
                         m.eval()
         return self
 

@@ -272,3 +272,15 @@ def test_weights_file_that_needs_unpickling_is_refused(tmp_path: Path) -> None:
         ResNet("resnet18", weights=str(path))
     assert str(path) in str(error.value) and "argparse.Namespace" in str(error.value)
     ResNet("resnet18", weights=str(path), weights_trusted=True)
+
+
+def test_private_names_without_a_public_replacement_still_exist() -> None:
+    """Pins the private third-party names the project still relies on, so that an upgrade that
+    removes one fails here: TorchDynamo's platform check (``compile_unsupported_reason``) and
+    Lightning's allow-list of checkpoint instantiators (``test_checkpoint_description_...``).
+    LightningCLI's reading of ``--ckpt_path`` hyper-parameters is pinned by the reload tests,
+    jsonargparse's error wording by tests/test_bad_inputs.py."""
+    from lightning.pytorch.core.saving import _ALLOWED_INSTANTIATORS
+
+    assert isinstance(torch._dynamo.is_dynamo_supported(), bool)
+    assert isinstance(_ALLOWED_INSTANTIATORS, set | frozenset)
