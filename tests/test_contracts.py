@@ -67,7 +67,7 @@ def test_default_segmentation_checkpoint_reloads_alone(tmp_path: Path) -> None:
     """The default experiment with a non-default head and encoder depth: the checkpoint, not
     the config, says what the model is."""
     data = [*SHAPES, "--data.root", str(tmp_path / "shapes")]
-    model = ["--model.backbone.init_args.arch", "resnet34", "--model.head",
+    model = ["--model.backbone.init_args.output_stride", "16", "--model.head",
              "tasks.heads.ASGNetHead", "--model.head.init_args.reduce_dim", "16",
              "--model.head.init_args.bins", "[1.0, 0.5]"]  # fmt: skip
     fit_then_reload(segment.main, [*data, *model], data, tmp_path)

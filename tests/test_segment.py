@@ -26,7 +26,10 @@ def small_asgnet(in_channels):
     return ASGNetHead(in_channels, reduce_dim=32, bins=(1.0, 0.5))
 
 
-@pytest.mark.parametrize("backbone", list(BACKBONES))
+@pytest.mark.parametrize(
+    "backbone",
+    [b if "resnet18" in b else pytest.param(b, marks=pytest.mark.slow) for b in BACKBONES],
+)
 @pytest.mark.parametrize("head", [PrototypeHead, small_asgnet], ids=["prototype", "asgnet"])
 @pytest.mark.parametrize("shots", [1, 5])
 def test_heads_on_real_backbones(backbone: str, head, shots: int) -> None:
@@ -87,6 +90,7 @@ def tiny_args(tmp_path: Path, *extra: str) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_cli_fit_validate_test_in_process(tmp_path: Path) -> None:
     main(
         [
@@ -133,6 +137,7 @@ def test_frozen_backbone_is_unchanged_by_fit(tmp_path: Path) -> None:
     assert any(k.startswith("head.") for k in state)
 
 
+@pytest.mark.slow
 def test_cli_predict_writes_masks_at_original_size(tmp_path: Path) -> None:
     main(
         [
