@@ -2,7 +2,7 @@
 
 A task in torchgeo's style: a LightningModule with ``configure_models``, ``configure_losses`` and
 ``configure_metrics``, fed by the episodic datamodules of :mod:`datamodules` (batch contract in
-:mod:`datamodules.episode`). The backbone is any :class:`backbones.ResNet`; the head any of
+:mod:`datamodules.episode`). The backbone is any :class:`backbones.Backbone`; the head any of
 :mod:`tasks.heads`. Evaluation scores at the query's original label resolution, as PFENet/ASGNet
 (``ori_resize``), with :class:`tasks.metrics.FewShotIoU`.
 """
