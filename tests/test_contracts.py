@@ -4,9 +4,10 @@ backbone outputs, block intermediates against torchvision, weights read without 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -15,9 +16,10 @@ from fixtures_data import write_coco_tree, write_pascal_tree
 from lightning.pytorch import Trainer
 from torch import Tensor, nn
 
-from backbones import Backbone, ResNet, WeightsError
+from backbones import Backbone, FeatureInfo, ResNet, WeightsError
+from backbones.protocol import class_path
 from tasks import classify, segment
-from tasks.heads import ASGNetHead, HeadOutput
+from tasks.heads import ASGNetHead, HeadOutput, PrototypeHead
 from tasks.segment import FewShotSegmentation
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -284,3 +286,66 @@ def test_private_names_without_a_public_replacement_still_exist() -> None:
 
     assert isinstance(torch._dynamo.is_dynamo_supported(), bool)
     assert isinstance(_ALLOWED_INSTANTIATORS, set | frozenset)
+
+
+class TinyEncoder(Backbone):
+    """An encoder of another family (two plain conv stages, named as the heads read them):
+    the tasks must need nothing but the :class:`Backbone` contract."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.width = width
+        self.layer2 = nn.Sequential(nn.Conv2d(3, width, 3, stride=4, padding=1), nn.ReLU())
+        self.layer3 = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU())
+        self.selected: tuple[str, ...] = ("layer2", "layer3")
+
+    @property
+    def output_info(self) -> dict[str, FeatureInfo]:
+        return {
+            "layer2": FeatureInfo("layer2", self.width, 4),
+            "layer3": FeatureInfo("layer3", 2 * self.width, 8),
+        }
+
+    @property
+    def block_info(self) -> list[FeatureInfo]:
+        return list(self.output_info.values())
+
+    def select_outputs(self, names: Sequence[str]) -> None:
+        self.selected = tuple(name for name in self.output_info if name in names)
+
+    def idle_stages(self) -> Iterator[nn.Module]:
+        return iter([] if "layer3" in self.selected else [self.layer3])
+
+    def freeze(self, frozen_stages: int | str, norm_eval: bool = False) -> None:
+        if frozen_stages == "all":
+            self.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        outputs = dict(zip(self.output_info, self.forward_intermediates(x), strict=True))
+        return {name: outputs[name] for name in self.selected}
+
+    def forward_intermediates(
+        self, x: Tensor, indices: int | Sequence[int] | None = None
+    ) -> list[Tensor]:
+        layer2 = self.layer2(x)
+        outputs = [layer2, self.layer3(layer2)]
+        return outputs if indices is None else [outputs[i] for i in indices]
+
+    def describe(self) -> dict[str, Any]:
+        return {"class_path": class_path(self), "init_args": {"width": self.width}}
+
+    def summary(self) -> tuple[dict[str, Any], str]:
+        return {"width": self.width}, f"tiny-{self.width}"
+
+
+def test_an_encoder_of_another_family_trains_and_reloads(tmp_path: Path) -> None:
+    model = FewShotSegmentation(TinyEncoder(), head=partial(PrototypeHead, reduce_dim=8))
+    output = model(*episode())
+    assert output.logits.shape[:2] == (2, 2)
+    trainer = Trainer(logger=False, enable_progress_bar=False)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "tiny.ckpt")
+    reloaded = FewShotSegmentation.load_from_checkpoint(tmp_path / "tiny.ckpt")
+    assert isinstance(reloaded.backbone, TinyEncoder)
+    for key, value in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], value), key
