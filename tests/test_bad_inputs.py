@@ -11,6 +11,7 @@ training step; its own test checks that it names the step.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
@@ -136,6 +137,11 @@ CASES = [
                            "{truncated_weights}"),
                  WeightsError, r"could not read checkpoint '.*truncated\.pth' .*expected a file "
                  r"written by torch\.save", None, id="truncated-weights-file"),
+    pytest.param(SEGMENT, ("fit", *SHAPES, "--model.backbone.init_args.weights",
+                           "{pickled_weights}"),
+                 WeightsError, r"weights file '.*pickled\.pth' holds Python objects other than "
+                 r"tensors .*--model\.backbone\.init_args\.weights_trusted true", None,
+                 id="weights-file-needing-unpickling"),
     # Segmentation data
     pytest.param(SEGMENT, ("fit", *PASCAL, "--data.root", "{tmp}/nowhere"),
                  FileNotFoundError, r"dataset root not found: .*nowhere$", None,
@@ -259,6 +265,14 @@ def undescribed(path: Path, name: str) -> Path:
     return path.with_name(name)
 
 
+def pickled(path: Path, name: str) -> Path:
+    """The weights beside an ``argparse.Namespace``, as old training scripts saved their
+    arguments: loading it would unpickle arbitrary objects."""
+    copy = path.with_name(name)
+    torch.save({"state_dict": torch.load(path), "args": argparse.Namespace(lr=0.1)}, copy)
+    return copy
+
+
 def truncated(path: Path, name: str) -> Path:
     copy = path.with_name(name)
     copy.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -299,6 +313,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "mask": mask,
         "resnet18_weights": weights,
         "truncated_weights": truncated(weights, "truncated.pth"),
+        "pickled_weights": pickled(weights, "pickled.pth"),
         "segment_ckpt": segment_ckpt,
         "truncated_ckpt": truncated(segment_ckpt, "truncated.ckpt"),
         "classify_ckpt": save_checkpoint(classify, root / "classify.ckpt"),
