@@ -135,12 +135,9 @@ def test_checkpoint_description_is_what_lightning_rebuilds() -> None:
     assert model.hparams["head"]["class_path"] == "tasks.heads.asgnet.ASGNetHead"
 
 
-def test_official_model_is_one_option_and_reloads_without_the_file(tmp_path: Path) -> None:
-    """A released ASGNet file (DataParallel ``module.``, deep stem as ``layer0``) gives encoder
-    and head, frozen as in the paper; the Lightning checkpoint then rebuilds it alone."""
-    torch.manual_seed(0)
-    encoder = ResNet("resnet101", stem="deep", output_stride=8, dilation_scheme="uniform")
-    source = FewShotSegmentation(encoder, head=ASGNetHead, freeze_backbone=True)
+def write_official(source: FewShotSegmentation, path: Path) -> Path:
+    """``source`` saved as the official ASGNet code saves a model: DataParallel's ``module.``,
+    the deep stem as ``layer0`` (Sequential indices), the head's own names."""
     stem_index = {"conv1": 0, "bn1": 1, "conv2": 3, "bn2": 4, "conv3": 6, "bn3": 7}
     official = {}
     for key, value in source.backbone.state_dict().items():
@@ -149,8 +146,17 @@ def test_official_model_is_one_option_and_reloads_without_the_file(tmp_path: Pat
             key = ".".join(["layer0", str(stem_index[parts[1]]), *parts[2:]])
         official[f"module.{key}"] = value
     official.update({f"module.{k}": v for k, v in source.head.state_dict().items()})
-    path = tmp_path / "asgnet_fold0_resnet101.pth"
     torch.save({"epoch": 200, "state_dict": official}, path)
+    return path
+
+
+def test_official_model_is_one_option_and_reloads_without_the_file(tmp_path: Path) -> None:
+    """A released ASGNet file (DataParallel ``module.``, deep stem as ``layer0``) gives encoder
+    and head, frozen as in the paper; the Lightning checkpoint then rebuilds it alone."""
+    torch.manual_seed(0)
+    encoder = ResNet("resnet101", stem="deep", output_stride=8, dilation_scheme="uniform")
+    source = FewShotSegmentation(encoder, head=ASGNetHead, freeze_backbone=True)
+    path = write_official(source, tmp_path / "asgnet_fold0_resnet101.pth")
 
     model = FewShotSegmentation(official_checkpoint=str(path))
     assert model.backbone.summary()[1] == "resnet101-deep-os8-uniform"
@@ -349,3 +355,19 @@ def test_an_encoder_of_another_family_trains_and_reloads(tmp_path: Path) -> None
     assert isinstance(reloaded.backbone, TinyEncoder)
     for key, value in model.state_dict().items():
         assert torch.equal(reloaded.state_dict()[key], value), key
+
+
+@pytest.mark.slow
+def test_official_model_option_from_the_command_line(tmp_path: Path) -> None:
+    """``--model.official_checkpoint F`` alone replaces the configured encoder and head."""
+    torch.manual_seed(0)
+    encoder = ResNet("resnet50", stem="deep", output_stride=8, dilation_scheme="uniform")
+    source = FewShotSegmentation(encoder, head=ASGNetHead, freeze_backbone=True)
+    path = write_official(source, tmp_path / "asgnet_fold0_resnet50.pth")
+    data = [*SHAPES, "--data.root", str(tmp_path / "shapes"), *run_dir(tmp_path)]
+    cli = segment.main(["test", *data, "--model.official_checkpoint", str(path)])
+    assert cli.model.backbone.summary()[1] == "resnet50-deep-os8-uniform"
+    assert isinstance(cli.model.head, ASGNetHead) and cli.model.hparams.freeze_backbone
+    for key, value in source.state_dict().items():
+        assert torch.equal(cli.model.state_dict()[key], value), key
+    assert "test/miou" in test_metrics(cli)
