@@ -7,12 +7,13 @@ import hashlib
 import io
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from pycocotools.coco import COCO
 
 from .datamodule import FewShotDataModule, Split, data_dir
+from .protocols import CocoCrowd
 from .source import IGNORE, PngLabelSource, SegmentationSource, missing_path_error
 from .splits import CocoSplit, coco_novel_classes
 
@@ -139,6 +140,8 @@ class CocoFewShot(FewShotDataModule):
         split: ``"interleaved"`` (PFENet ``use_split_coco``, HSNet, ASGNet: fold ``i`` novel
             classes ``i+1, i+5, ..., i+77``) or ``"contiguous"`` (PANet: ``20i+1 .. 20i+20``).
         masks: folder (relative to ``root``) of pre-rendered masks; ``None`` reads the JSON.
+        coco_crowd: crowd (255) pixels ``ignore``d or made ``background`` (HSNet); ``None``: the
+            protocol's (:mod:`datamodules.protocols`).
         **kwargs: see :class:`FewShotDataModule`; ``root`` defaults to ``data_dir()/coco``,
             ``image_size`` to 641 and ``batch_size`` to 8 (PFENet/ASGNet COCO settings).
     """
@@ -146,30 +149,30 @@ class CocoFewShot(FewShotDataModule):
     num_classes = 80
     class_names = COCO_CLASSES
     protocol_family = "coco"
+    protocol_unused = ("train_list",)
+    dataset_defaults: ClassVar[dict[str, int]] = {
+        **FewShotDataModule.dataset_defaults,
+        "image_size": 641,
+        "batch_size": 8,
+    }
 
     def __init__(
         self,
         root: str | None = None,
-        image_size: int = 641,
-        batch_size: int = 8,
-        num_workers: int = 4,
-        min_pixels: int = 2 * 32 * 32,
         split: CocoSplit = "interleaved",
         masks: str | None = None,
+        coco_crowd: CocoCrowd | None = None,
         **kwargs: Any,
     ) -> None:
         if split not in ("interleaved", "contiguous"):
             raise ValueError(f"split must be one of 'interleaved', 'contiguous', got {split!r}")
         self.split = split
         self.masks = masks
-        super().__init__(
-            root=root,
-            image_size=image_size,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            min_pixels=min_pixels,
-            **kwargs,
-        )
+        self.coco_crowd = coco_crowd
+        super().__init__(root=root, **kwargs)
+
+    def dataset_protocol_options(self) -> dict[str, Any]:
+        return {"coco_crowd": self.coco_crowd}
 
     def default_root(self) -> Path:
         return data_dir() / "coco"

@@ -8,7 +8,8 @@ in :mod:`datamodules.sampler`):
   classes of the held-out images, so checkpoint selection never sees a novel class (PFENet, HSNet
   and ASGNet select on the test fold).
 * ``test`` -- episodes over the **novel** classes of the test list (VOC val / COCO val2014),
-  one loader per test seed, evaluated as the chosen protocol says (:mod:`datamodules.protocols`).
+  one loader per test seed, drawn and evaluated as the chosen protocol says
+  (:mod:`datamodules.protocols`, :mod:`datamodules.sampling`).
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import os
 import shutil
 import tempfile
 from abc import abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from lightning import LightningDataModule
@@ -28,8 +29,19 @@ from torch.utils.data import DataLoader
 from .episode import EpisodeDataset, Evaluation, collate_episodes
 from .index import ClassCounts, class_counts
 from .predict import PredictEpisodes
-from .protocols import EvalResize, Scoring, resolve_protocol
+from .protocols import (
+    BackboneNorm,
+    EvalPad,
+    EvalResize,
+    QueryClasses,
+    Scoring,
+    TestSampling,
+    TrainSampling,
+    episodes_per_pass,
+    resolve_protocol,
+)
 from .sampler import EpisodeSampler, rank_and_world_size
+from .sampling import EpisodeRule, pair_items, walk_items
 from .source import SegmentationSource
 from .splits import NUM_FOLDS, eligible_images, hold_out
 from .transforms import eval_transform, train_transform
@@ -70,6 +82,10 @@ def require(name: str, value: Any, ok: bool, allowed: str) -> None:
 class FewShotDataModule(LightningDataModule):
     """Episodic few-shot segmentation data for one fold.
 
+    Options that default to ``None`` take the dataset's own value (:attr:`dataset_defaults`), so a
+    config that switches ``data.class_path`` never inherits another dataset's values (jsonargparse
+    keeps the init_args the new class shares with the old one).
+
     Args:
         root: dataset root (layout per subclass).
         fold: cross-validation fold, 0..3.
@@ -77,19 +93,43 @@ class FewShotDataModule(LightningDataModule):
         image_size: square training crop and evaluation canvas.
         batch_size: episodes per batch.
         num_workers: loader worker processes.
-        train_episodes: training episodes per epoch; ``None`` = one per (image, base class) pair
-            of the training list, as PFENet's epoch.
+        train_episodes: training episodes per epoch; ``None`` = the dataset's epoch
+            (:meth:`train_epoch_length`).
         val_episodes: fixed validation episodes (base classes, held-out images).
         seed: seed of the validation list.
-        protocol: evaluation preset (``pfenet``, ``asgnet``, ``hsnet``, ``bam``; ``None``: this
-            project's defaults) setting the five options below (:mod:`datamodules.protocols`).
-        test_episodes: fixed test episodes per seed (novel classes, test list).
-        test_seeds: seeds of the test lists, or their number (the preset's first seed onwards);
-            each seed is one test pass, reported separately and as mean and std.
-        eval_resize: ``longer_pad`` (PFENet) or ``squash`` (HSNet) test resize.
+        protocol: the pipeline preset: ``clean`` (this project's, the default; also ``None``),
+            ``pfenet``, ``asgnet``, ``hsnet`` or ``bam``, setting every option below down to
+            ``backbone_norm``; each option given explicitly wins (:mod:`datamodules.protocols`
+            has the table and the sources).
+        test_episodes: test episodes per seed (novel classes, test list).
+        extra_test_episode: one episode more than ``test_episodes`` (PFENet's/ASGNet's loop).
+        max_test_passes: at most this many passes over the list of a walking ``test_sampling``
+            (PFENet's/ASGNet's ``for e in range(20)``).
+        test_seeds: seeds of the test lists, or their number (the preset's seeds first); each
+            seed is one test pass, reported separately and as mean and std.
+        test_sampling: ``balanced``, ``image_walk``, ``pair_walk`` or ``class_first``
+            (:mod:`datamodules.sampling`).
+        query_classes: a query is asked for a class it shows at all (``present``, PFENet) or
+            only for one covering ``min_pixels`` (``eligible``).
+        support_repeats: supports drawn with replacement (HSNet).
+        eval_resize: ``longer_pad``, ``floor8`` (PFENet's ``Resize``) or ``squash`` (HSNet).
         eval_size: test input size (default: ``image_size``).
-        scoring: score test predictions at the ``original`` label or at the ``input`` size.
+        eval_pad: the test canvas's padding: the ``mean`` colour or ``black`` (PFENet).
+        scoring: score at the ``original`` label (crop, then resize), PFENet's ``square``
+            (``ori_resize``: the padded output resized to the label's longer side) or at the
+            ``input`` size (HSNet).
+        train_sampling: training episodes over (image, class) ``pairs`` or one per listed
+            ``images`` (PFENet).
         exclude_novel_from_train: drop training images holding any novel-class pixel (BAM).
+        train_scale: random scale range of training crops.
+        rotate_p: probability of the random rotation (PFENet's ``RandRotate``: 0.5).
+        train_resize_longer: resize the longer side to ``image_size`` before augmenting (this
+            project) rather than augmenting at the native resolution (PFENet).
+        train_augment: augment training images; ``False`` squashes them to ``image_size``
+            (HSNet).
+        backbone_norm: a frozen backbone's BatchNorm in training: ``frozen`` (eval mode) or
+            ``batch`` (batch statistics, running statistics updated: PFENet's/ASGNet's
+            ``model.train()``); read by the task (:class:`tasks.segment.FewShotSegmentation`).
         min_pixels: pixels a class needs in an image to be used there (OSLSM: 2 * 32 * 32).
         val_fraction: share of each class's training images held out for validation.
         cache_dir: where the class index is cached; ``None`` = :meth:`default_cache_dir`.
@@ -102,26 +142,48 @@ class FewShotDataModule(LightningDataModule):
     class_names: list[str]
     #: which column of a protocol's per-dataset values applies (:mod:`datamodules.protocols`)
     protocol_family = "pascal"
+    #: the values of the options left ``None`` (PASCAL-5i's recipe: PFENet/ASGNet)
+    dataset_defaults: ClassVar[dict[str, int]] = {
+        "image_size": 473,
+        "batch_size": 4,
+        "num_workers": 4,
+        "val_episodes": 1000,
+        "min_pixels": 2 * 32 * 32,
+    }
+    #: protocol options this dataset has no use for, left out of the resolved protocol
+    protocol_unused: tuple[str, ...] = ("train_list", "coco_crowd")
 
     def __init__(
         self,
         root: str | None = None,
         fold: int = 0,
         shots: int = 1,
-        image_size: int = 473,
-        batch_size: int = 4,
-        num_workers: int = 4,
+        image_size: int | None = None,
+        batch_size: int | None = None,
+        num_workers: int | None = None,
         train_episodes: int | None = None,
-        val_episodes: int = 1000,
+        val_episodes: int | None = None,
         seed: int = 321,
         protocol: str | None = None,
         test_episodes: int | None = None,
+        extra_test_episode: bool | None = None,
+        max_test_passes: int | None = None,
         test_seeds: int | list[int] | None = None,
+        test_sampling: TestSampling | None = None,
+        query_classes: QueryClasses | None = None,
+        support_repeats: bool | None = None,
         eval_resize: EvalResize | None = None,
         eval_size: int | None = None,
+        eval_pad: EvalPad | None = None,
         scoring: Scoring | None = None,
+        train_sampling: TrainSampling | None = None,
         exclude_novel_from_train: bool | None = None,
-        min_pixels: int = 2 * 32 * 32,
+        train_scale: tuple[float, float] | None = None,
+        rotate_p: float | None = None,
+        train_resize_longer: bool | None = None,
+        train_augment: bool | None = None,
+        backbone_norm: BackboneNorm | None = None,
+        min_pixels: int | None = None,
         val_fraction: float = 0.1,
         cache_dir: str | None = None,
         predict_support: list[str] | None = None,
@@ -129,6 +191,20 @@ class FewShotDataModule(LightningDataModule):
         predict_queries: list[str] | None = None,
     ) -> None:
         super().__init__()
+        given = {
+            "image_size": image_size,
+            "batch_size": batch_size,
+            "num_workers": num_workers,
+            "val_episodes": val_episodes,
+            "min_pixels": min_pixels,
+        }
+        defaults = self.dataset_defaults | {k: v for k, v in given.items() if v is not None}
+        image_size, batch_size, num_workers = (
+            defaults["image_size"],
+            defaults["batch_size"],
+            defaults["num_workers"],
+        )
+        val_episodes, min_pixels = defaults["val_episodes"], defaults["min_pixels"]
         require("fold", fold, fold in range(NUM_FOLDS), f"one of {list(range(NUM_FOLDS))}")
         require("shots", shots, shots >= 1, "an integer >= 1")
         require("image_size", image_size, image_size >= 8, "an integer >= 8")
@@ -155,26 +231,52 @@ class FewShotDataModule(LightningDataModule):
         self.train_episodes = train_episodes
         self.val_episodes = val_episodes
         self.seed = seed
-        self.protocol = resolve_protocol(
-            protocol,
-            self.protocol_family,
-            {
-                "test_episodes": test_episodes,
-                "test_seeds": test_seeds,
-                "eval_resize": eval_resize,
-                "eval_size": eval_size,
-                "scoring": scoring,
-                "exclude_novel_from_train": exclude_novel_from_train,
-            },
-            image_size,
-        )
+        explicit = {
+            "test_episodes": test_episodes,
+            "extra_test_episode": extra_test_episode,
+            "max_test_passes": max_test_passes,
+            "test_seeds": test_seeds,
+            "test_sampling": test_sampling,
+            "query_classes": query_classes,
+            "support_repeats": support_repeats,
+            "eval_resize": eval_resize,
+            "eval_size": eval_size,
+            "eval_pad": eval_pad,
+            "scoring": scoring,
+            "train_sampling": train_sampling,
+            "exclude_novel_from_train": exclude_novel_from_train,
+            "train_scale": train_scale,
+            "rotate_p": rotate_p,
+            "train_resize_longer": train_resize_longer,
+            "train_augment": train_augment,
+            "backbone_norm": backbone_norm,
+        }
+        explicit |= self.dataset_protocol_options()
+        resolved = resolve_protocol(protocol, self.protocol_family, explicit, image_size)
+        self.protocol = {k: v for k, v in resolved.items() if k not in self.protocol_unused}
         self.min_pixels = min_pixels
         self.val_fraction = val_fraction
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else self.default_cache_dir()
         self.novel_classes = self.fold_novel_classes()
         self.base_classes = [c for c in range(self.num_classes) if c not in self.novel_classes]
+        classes = len(self.novel_classes)
+        if (
+            self.protocol["test_sampling"] == "balanced"
+            and episodes_per_pass(self.protocol) < classes
+        ):
+            raise ValueError(
+                f"data.test_episodes={self.protocol['test_episodes']}: balanced test sampling "
+                f"gives every one of the fold's {classes} classes episodes; expected at least "
+                f"{classes}"
+            )
         self._sources: dict[Split, SegmentationSource] = {}
         self._pools: dict[str, dict[int, list[str]]] = {}
+        self._walks: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
+
+    def dataset_protocol_options(self) -> dict[str, Any]:
+        """Protocol options of a dataset's own (``train_list``, ``coco_crowd``) as given to its
+        constructor (``None``: the preset's)."""
+        return {}
 
     @abstractmethod
     def default_root(self) -> Path:
@@ -228,6 +330,7 @@ class FewShotDataModule(LightningDataModule):
                 "train",
                 eligible_images(counts, train_ids, self.base_classes, self.min_pixels, excluded),
             )
+            self._walks["train"] = self._walk(counts, train_ids, self.base_classes, excluded)
             self._pools["val"] = self._checked(
                 "val", eligible_images(counts, held, self.base_classes, self.min_pixels)
             )
@@ -236,6 +339,34 @@ class FewShotDataModule(LightningDataModule):
             self._pools["test"] = self._checked(
                 "test", eligible_images(counts, counts, self.novel_classes, self.min_pixels)
             )
+            self._walks["test"] = self._walk(counts, list(counts), self.novel_classes)
+
+    def _walk(
+        self,
+        counts: ClassCounts,
+        image_ids: list[str],
+        classes: list[int],
+        excluded: Sequence[int] = (),
+    ) -> list[tuple[str, tuple[int, ...]]]:
+        present = self.protocol["query_classes"] == "present"
+        return walk_items(counts, image_ids, classes, self.min_pixels, present, excluded)
+
+    def episode_rule(self, stage: str) -> EpisodeRule:
+        """How ``stage`` draws its episodes under the protocol (after setup)."""
+        pools = self.pools(stage)
+        repeats = self.protocol["support_repeats"]
+        if stage == "val":  # this project's own validation: every base class, equal shares
+            return EpisodeRule("balanced", pools, self.shots)
+        if stage == "train":
+            if self.protocol["train_sampling"] == "pairs":
+                return EpisodeRule("pairs", pools, self.shots)
+            walk = self._walks["train"]
+            return EpisodeRule("image_passes", pools, self.shots, walk, repeats)
+        rule = self.protocol["test_sampling"]
+        walk = self._walks["test"]
+        if rule == "pair_walk":
+            walk = pair_items(walk)
+        return EpisodeRule(rule, pools, self.shots, walk, repeats)
 
     def _checked(self, stage: str, pools: dict[int, list[str]]) -> dict[int, list[str]]:
         short = {c: len(ids) for c, ids in pools.items() if len(ids) < self.shots + 1}
@@ -261,32 +392,59 @@ class FewShotDataModule(LightningDataModule):
         one of :attr:`test_seeds` (default the first)."""
         rank, world_size = rank_and_world_size(self.trainer)
         pools = self.pools(stage)
+        draw = self.episode_rule(stage).draw
         if stage == "train":
             seed = torch.initial_seed()  # set by Lightning's seed_everything
             if self.trainer is not None:
                 seed = self.trainer.strategy.broadcast(seed, src=0)
-            count = self.train_episodes or sum(len(ids) for ids in pools.values())
-            return EpisodeSampler(pools, count, self.shots, (seed,), rank, world_size, train=True)
+            count = self.train_episodes or self.train_epoch_length()
+            return EpisodeSampler(
+                pools, count, self.shots, (seed,), rank, world_size, train=True, draw=draw
+            )
         if stage == "val":
             count, seed = self.val_episodes, self.seed
         else:
-            count = self.protocol["test_episodes"]
+            count = self.test_episode_count()
             seed = self.test_seeds[0] if test_seed is None else test_seed
         codes = (seed, self.fold, self.shots, _STAGE_CODE[stage])
-        return EpisodeSampler(pools, count, self.shots, codes, rank, world_size)
+        return EpisodeSampler(pools, count, self.shots, codes, rank, world_size, draw=draw)
+
+    def test_episode_count(self) -> int:
+        """Episodes of one test pass (after setup): the protocol's count, capped at
+        ``max_test_passes`` passes over a walked list."""
+        count = episodes_per_pass(self.protocol)
+        passes = self.protocol["max_test_passes"]
+        if passes is not None and self.protocol["test_sampling"] in ("image_walk", "pair_walk"):
+            count = min(count, passes * len(self.episode_rule("test").walk))
+        return count
+
+    def train_epoch_length(self) -> int:
+        """Episodes of a training epoch when ``train_episodes`` is ``None``: one per (image,
+        class) pair, or one per listed image under ``train_sampling: images`` (PFENet's epoch)."""
+        if self.protocol["train_sampling"] == "images":
+            return len(self._walks["train"])
+        return sum(len(ids) for ids in self.pools("train").values())
 
     def _loader(self, stage: str, test_seed: int | None = None) -> DataLoader:
+        p = self.protocol
+        keep = p.get("coco_crowd", "ignore") == "ignore"
         if stage == "train":
-            dataset = EpisodeDataset(self.source("train"), train_transform(self.image_size))
+            transform = train_transform(
+                self.image_size,
+                tuple(p["train_scale"]),
+                p["rotate_p"],
+                p["train_resize_longer"],
+                p["train_augment"],
+            )
+            dataset = EpisodeDataset(self.source("train"), transform, keep_ignore=keep)
         elif stage == "val":
             evaluation = Evaluation(self.image_size)
             transform = eval_transform(evaluation.size, evaluation.resize)
-            dataset = EpisodeDataset(self.source("train"), transform, evaluation)
+            dataset = EpisodeDataset(self.source("train"), transform, evaluation, keep)
         else:
-            p = self.protocol
-            evaluation = Evaluation(p["eval_size"], p["eval_resize"], p["scoring"])
-            transform = eval_transform(evaluation.size, evaluation.resize)
-            dataset = EpisodeDataset(self.source("test"), transform, evaluation)
+            evaluation = Evaluation(p["eval_size"], p["eval_resize"], p["scoring"], p["eval_pad"])
+            transform = eval_transform(evaluation.size, evaluation.resize, evaluation.pad)
+            dataset = EpisodeDataset(self.source("test"), transform, evaluation, keep)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

@@ -23,12 +23,16 @@ test batches add:
 ``query_size``     int64 ``[B, 2]``            original ``(h, w)``
 ``query_valid``    int64 ``[B, 2]``            ``(h, w)`` of the resized image inside the padded
                                                ``S x S`` input (placed at the top-left)
+``query_resize_to`` int64 ``[B, 2]``           the size ``query_valid``'s region is resized to
+                                               before cropping to ``query_size``
 ``query_id``       ``list[str]``               file ids of the queries
 =================  ==========================  ==================================================
 
 Under a protocol that scores at the input resolution (HSNet), ``query_label`` is the transformed
-``query_mask`` and ``query_size`` = ``query_valid`` = ``(S, S)``, so the same scoring code serves
-both conventions.
+``query_mask`` and ``query_size`` = ``query_valid`` = ``query_resize_to`` = ``(S, S)``. Under
+PFENet's ``ori_resize`` (``square``), the whole ``S x S`` output (``query_valid``) is resized to
+a square of the label's longer side (``query_resize_to``) and cropped to ``query_size``. So one
+scoring rule (:func:`tasks.segment.original_size_predictions`) serves every convention.
 
 Training labels follow PFENet: the episode's class is 1, every other class 0, 255 kept. To score
 at the original resolution as PFENet/ASGNet (``ori_resize``): crop the logits to
@@ -53,7 +57,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from .protocols import EvalResize, Scoring
+from .protocols import EvalPad, EvalResize, Scoring
 from .source import IGNORE, SegmentationSource
 from .transforms import valid_size
 
@@ -72,29 +76,44 @@ class Episode:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """How evaluation queries are resized and where they are scored."""
+    """How evaluation queries are resized, padded and where they are scored."""
 
     size: int
     resize: EvalResize = "longer_pad"
     scoring: Scoring = "original"
+    pad: EvalPad = "mean"
 
     def label_fields(self, label: np.ndarray, mask: torch.Tensor) -> Batch:
-        """``query_label``, ``query_size`` and ``query_valid`` of one query."""
+        """``query_label``, ``query_size``, ``query_valid`` and ``query_resize_to`` of a query."""
+        canvas = torch.tensor([self.size, self.size])
         if self.scoring == "input":
-            size = torch.tensor([self.size, self.size])
-            return {"query_label": mask, "query_size": size, "query_valid": size.clone()}
+            return {
+                "query_label": mask,
+                "query_size": canvas,
+                "query_valid": canvas.clone(),
+                "query_resize_to": canvas.clone(),
+            }
         height, width = label.shape
+        size = torch.tensor([height, width])
+        if self.scoring == "square":  # PFENet's ori_resize
+            valid, resize_to = canvas, torch.tensor([max(height, width)] * 2)
+        else:
+            valid = torch.tensor(valid_size(height, width, self.size, self.resize))
+            resize_to = size.clone()
         return {
             "query_label": torch.from_numpy(label).long(),
-            "query_size": torch.tensor([height, width]),
-            "query_valid": torch.tensor(valid_size(height, width, self.size, self.resize)),
+            "query_size": size,
+            "query_valid": valid,
+            "query_resize_to": resize_to,
         }
 
 
-def binary_label(label: np.ndarray, class_id: int) -> np.ndarray:
-    """1 where the label is class ``class_id`` (0-based), 255 where ignored, 0 elsewhere."""
+def binary_label(label: np.ndarray, class_id: int, keep_ignore: bool = True) -> np.ndarray:
+    """1 where the label is class ``class_id`` (0-based), 255 where ignored (or 0 without
+    ``keep_ignore``: HSNet's COCO masks make crowd pixels background), 0 elsewhere."""
     binary = (label == class_id + 1).astype(np.uint8)
-    binary[label == IGNORE] = IGNORE
+    if keep_ignore:
+        binary[label == IGNORE] = IGNORE
     return binary
 
 
@@ -107,6 +126,7 @@ class EpisodeDataset(Dataset):
         source: where the images and labels come from.
         transform: joint image/mask transform (:mod:`datamodules.transforms`).
         evaluation: add the query's scoring label and its geometry (``None`` in training).
+        keep_ignore: keep the label's 255 pixels ignored; ``False`` makes them background.
     """
 
     def __init__(
@@ -114,14 +134,16 @@ class EpisodeDataset(Dataset):
         source: SegmentationSource,
         transform: JointTransform,
         evaluation: Evaluation | None = None,
+        keep_ignore: bool = True,
     ) -> None:
         self.source = source
         self.transform = transform
         self.evaluation = evaluation
+        self.keep_ignore = keep_ignore
 
     def _load(self, image_id: str, class_id: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         image, label = self.source.read(image_id)
-        binary = binary_label(label, class_id)
+        binary = binary_label(label, class_id, self.keep_ignore)
         pixels = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1))
         image_t, mask_t = self.transform(pixels, tv_tensors.Mask(torch.from_numpy(binary)))
         return image_t.as_subclass(torch.Tensor), mask_t.as_subclass(torch.Tensor).long(), binary

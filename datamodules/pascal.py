@@ -24,6 +24,8 @@ PASCAL_LAYOUT = """\
   JPEGImages/<id>.jpg
   SegmentationClassAug/<id>.png   single-channel labels: 0 background, 1..20 classes, 255 ignore
   ImageSets/SegmentationAug/train_aug.txt   training list (SBD-augmented train, 10582 images)
+  lists/pascal/voc_sbd_merge_noduplicate.txt  training list of the pfenet/asgnet/bam presets
+                                            (5953 images; from PFENet's repository)
   ImageSets/Segmentation/val.txt            test list (VOC2012 val, 1449 images)
 List lines are ids ("2007_000032") or image/label paths relative to <root>
 ("JPEGImages/2007_000032.jpg SegmentationClassAug/2007_000032.png", as PFENet's lists)."""
@@ -93,8 +95,10 @@ class PascalFewShot(FewShotDataModule):
     """PASCAL-5i episodes: 20 VOC classes, fold ``i`` novel classes ``5i+1 .. 5i+5``.
 
     Args:
-        train_list: training list relative to ``root`` (the SBD-augmented train list; PFENet's
-            5953-image ``voc_sbd_merge_noduplicate.txt`` also works).
+        train_list: training list relative to ``root``; ``None``: the protocol's (the clean
+            protocol and HSNet: the SBD-augmented ``train_aug.txt``; PFENet, ASGNet, BAM:
+            ``lists/pascal/voc_sbd_merge_noduplicate.txt``, 5953 images, from their repositories'
+            ``lists/pascal/``).
         test_list: test list relative to ``root`` (VOC2012 val).
         label_dir: folder of the single-channel label PNGs.
         **kwargs: see :class:`FewShotDataModule`; ``root`` defaults to ``data_dir()/VOC2012``.
@@ -102,29 +106,23 @@ class PascalFewShot(FewShotDataModule):
 
     num_classes = 20
     class_names = VOC_CLASSES
+    protocol_unused = ("coco_crowd",)
 
     def __init__(
         self,
         root: str | None = None,
-        image_size: int = 473,
-        batch_size: int = 4,
-        num_workers: int = 4,
-        min_pixels: int = 2 * 32 * 32,
-        train_list: str = "ImageSets/SegmentationAug/train_aug.txt",
+        train_list: str | None = None,
         test_list: str = "ImageSets/Segmentation/val.txt",
         label_dir: str = "SegmentationClassAug",
         **kwargs: Any,
     ) -> None:
-        self.lists = {"train": train_list, "test": test_list}
+        self.given_train_list = train_list
+        self.test_list = test_list
         self.label_dir = label_dir
-        super().__init__(
-            root=root,
-            image_size=image_size,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            min_pixels=min_pixels,
-            **kwargs,
-        )
+        super().__init__(root=root, **kwargs)
+
+    def dataset_protocol_options(self) -> dict[str, Any]:
+        return {"train_list": self.given_train_list}
 
     def default_root(self) -> Path:
         return data_dir() / "VOC2012"
@@ -133,6 +131,5 @@ class PascalFewShot(FewShotDataModule):
         return pascal_novel_classes(self.fold)
 
     def make_source(self, split: Split) -> PngLabelSource:
-        return pascal_source(
-            self.root, self.lists[split], f"pascal-{split}", label_dir=self.label_dir
-        )
+        list_file = self.protocol["train_list"] if split == "train" else self.test_list
+        return pascal_source(self.root, list_file, f"pascal-{split}", label_dir=self.label_dir)

@@ -1,110 +1,280 @@
-"""Named evaluation protocols of the few-shot segmentation literature.
+"""Named protocols of the few-shot segmentation literature: the whole pipeline of each paper.
 
-Papers differ in every evaluation detail, so numbers are comparable only under one protocol. A
-preset sets all of them at once; an option given explicitly (``--data.test_episodes 2000``) still
-wins, and the resolved values are saved with the run and in every results file.
+A number is comparable with a paper's only under that paper's pipeline, quirks included. A preset
+sets every option below at once; an option given explicitly (``--data.eval_pad mean``) still wins,
+is listed in ``overridden``, and the resolved values are saved with the run and in every results
+file. ``clean`` is this project's own protocol and the default.
 
-==========  ===================  =====================  =================  ==========  =========
-preset      test episodes        seeds                  resize, size       scored at   training
-            (PASCAL / COCO)                                                            images
-==========  ===================  =====================  =================  ==========  =========
-``pfenet``  5000 / 20000         321                    longer side, pad   original    all
-``asgnet``  1000 / 20000         321                    longer side, pad   original    all
-``hsnet``   1000 / 1000          0                      squash to 400      400 x 400   all
-``bam``     1000 / 1000          510 365 382 322 988    longer side, pad   original    no novel
-==========  ===================  =====================  =================  ==========  =========
+Options and what each preset sets (PASCAL / COCO where they differ):
 
-Sources: PFENet (Tian et al., TPAMI 2020) and ASGNet (Li et al., CVPR 2021) ``test.py``: seed
-321, ``test_Resize`` of the longer side to the training size (473 PASCAL, 641 COCO) with padding,
-``ori_resize`` scoring at the original label. HSNet (Min et al., ICCV 2021): ``fix_randseed(0)``,
-``Resize((400, 400))``, scored at 400 unless ``use_original_imgsize``. BAM (Lang et al., CVPR
-2022) ``test.py``: five seeds from ``np.random.seed(123); randint(0, 1000, 5)``, the mean
-reported, PFENet's resize and scoring, training lists without novel-class images. The episode
-*lists* differ from the papers' (their samplers are not ours); the seeds are kept for the record.
+=========================  ===========  ===========  ===========  ==============  ===========
+option                     ``clean``    ``pfenet``   ``asgnet``   ``hsnet``       ``bam``
+=========================  ===========  ===========  ===========  ==============  ===========
+test_episodes              1000 / 1000  5000/20000   1000/20000   1000 / 1000     1000 / 1000
+extra_test_episode         no           yes          yes          no              no
+max_test_passes            (none)       20           20           (none)          (none)
+test_seeds                 321          321          321          0               5 (see below)
+test_sampling              balanced     image_walk   image_walk   pair_walk /     image_walk
+                                                                  class_first
+query_classes              eligible     present      present      eligible        present
+support_repeats            no           no           no           yes             no
+eval_resize                longer_pad   floor8       floor8       squash          floor8
+eval_size                  image_size   image_size   image_size   400             image_size
+eval_pad                   mean         black        black        (none)          black
+scoring                    original     square       square       input           square
+train_list (PASCAL)        train_aug    noduplicate  noduplicate  train_aug       noduplicate
+train_sampling             pairs        images       images       pairs           images
+exclude_novel_from_train   no           no           no           no              yes
+train_scale                0.9-1.1      0.9-1.1 /    0.9-1.1 /    (none)          0.9-1.1 /
+                                        0.8-1.25     0.8-1.25                     0.8-1.25
+rotate_p                   1.0          0.5          0.5          (none)          0.5
+train_resize_longer        yes          no           no           no              no
+train_augment              yes          yes          yes          no              yes
+backbone_norm              frozen       batch        batch        frozen          frozen
+coco_crowd                 ignore       ignore       ignore       background      ignore
+=========================  ===========  ===========  ===========  ==============  ===========
 
-The embedded ``shapes`` set is laid out as PASCAL-5i and takes the PASCAL column.
+Sources, read from the official code:
+
+* PFENet (Tian et al., TPAMI 2020; ``test.py``, ``util/dataset.py``, ``util/transform.py``,
+  ``config/*``): ``test_num`` 5000 / 20000 with the loop ``if (iter_num - 1) * bs >= test_num:
+  break`` (so ``test_num + 1`` episodes) inside ``for e in range(20)`` (at most 20 passes over
+  the list: fewer episodes on a short list), seed 321, the loader walks the filtered test list in
+  order (``shuffle=False``) and draws the episode's class among the novel classes present in the
+  query at any pixel count (``SemData.__getitem__``; the 2 * 32 * 32 rule only decides which images
+  enter the list and which serve as supports); ``resized_val: True`` selects ``transform.Resize``:
+  longer side to ``val_size``, ``int()`` of the other, each side floored to a multiple of 8
+  (500 x 375 -> 472 x 352), ``cv2.INTER_LINEAR``, pasted top-left on a zero canvas *before*
+  normalisation (black); ``ori_resize: True`` upsamples the whole ``val_size`` output (bilinear,
+  ``align_corners=True``) to a square of the label's longer side, the label padded with 255.
+  Training: ``lists/pascal/voc_sbd_merge_noduplicate.txt`` (5953 images), one episode per listed
+  image per epoch with the class drawn among the base classes present at any size, ``RandScale``
+  (0.9-1.1 PASCAL, 0.8-1.25 COCO configs) at native resolution, ``RandRotate`` with ``p=0.5``;
+  ``model.train()`` on the whole model, so the "frozen" backbone's BatchNorm normalises with batch
+  statistics and updates its running statistics (query and each shot in separate calls).
+* ASGNet (Li et al., CVPR 2021; ``tool/test.py``): PFENet's pipeline with ``test_num`` 1000 /
+  20000 (so 1001 / 20001 episodes).
+* HSNet (Min et al., ICCV 2021; ``data/pascal.py``, ``data/coco.py``, ``common/logger.py``):
+  ``fix_randseed(0)``; PASCAL walks its ``(image, class)`` split list in order, 1000 episodes;
+  COCO draws the class uniformly, then an image of it; supports are redrawn only when equal to
+  the query, so K > 1 supports may repeat; COCO masks keep only the episode's class, so crowd
+  pixels are background; ``Resize((400, 400))``, scored at 400 (``use_original_imgsize`` off);
+  trained without augmentation, backbone in ``eval()``.
+* BAM (Lang et al., CVPR 2022; ``test.py``, ``util/dataset.py``): five seeds
+  ``np.random.seed(123); randint(0, 1000, 5)`` = 510 365 382 322 988, the mean reported;
+  ``test_num`` 1000 with ``if iter_num * bs >= test_num: break`` (exactly 1000, so only the first
+  1000 images of a longer list are ever queries); PFENet's resize and scoring; training images
+  with any novel-class pixel dropped; the encoder layers called with ``.eval()``.
+
+Every reference divides mIoU by all of the fold's classes (a class without episodes counts 0);
+this project does the same (:class:`tasks.metrics.FewShotIoU`), and its ``balanced`` sampling
+gives every class episodes, so no class is silently missing. The papers' random streams are not
+reproduced (they interleave Python's, NumPy's and torch's generators with loader workers): the
+episodes follow each paper's rules, drawn from our own seeded generator.
+
+The embedded ``shapes`` set is laid out as PASCAL-5i and takes the PASCAL column (but keeps its
+own list files).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-EvalResize = Literal["longer_pad", "squash"]
-Scoring = Literal["original", "input"]
+EvalResize = Literal["longer_pad", "floor8", "squash"]
+EvalPad = Literal["mean", "black"]
+Scoring = Literal["original", "square", "input"]
+TestSampling = Literal["balanced", "image_walk", "pair_walk", "class_first"]
+TrainSampling = Literal["pairs", "images"]
+QueryClasses = Literal["eligible", "present"]
+BackboneNorm = Literal["frozen", "batch"]
+CocoCrowd = Literal["ignore", "background"]
+Family = Literal["pascal", "coco"]
+
+#: PFENet/ASGNet/BAM's PASCAL-5i training list (VOC train + SBD, duplicates removed, 5953 images),
+#: published in each repository's ``lists/pascal/``; relative to the dataset root.
+NODUPLICATE_LIST = "lists/pascal/voc_sbd_merge_noduplicate.txt"
+#: The SBD-augmented training list (10582 images) of the clean protocol and HSNet's images.
+TRAIN_AUG_LIST = "ImageSets/SegmentationAug/train_aug.txt"
+
+PFENET_SCALE = {"pascal": (0.9, 1.1), "coco": (0.8, 1.25)}
 
 
 @dataclass(frozen=True)
 class Protocol:
-    """Every evaluation detail a preset fixes; ``eval_size`` ``None`` means the training size."""
+    """Every detail a preset fixes; a ``dict`` value is per dataset family (``pascal``/``coco``).
+
+    ``eval_size`` ``None`` means the datamodule's ``image_size``; ``train_list`` applies to
+    PASCAL-5i only.
+    """
 
     test_episodes: dict[str, int]
     test_seeds: tuple[int, ...]
+    source: str
+    extra_test_episode: bool = False
+    max_test_passes: int | None = None
+    test_sampling: TestSampling | dict[str, TestSampling] = "balanced"
+    query_classes: QueryClasses = "eligible"
+    support_repeats: bool = False
     eval_resize: EvalResize = "longer_pad"
     eval_size: int | None = None
+    eval_pad: EvalPad = "mean"
     scoring: Scoring = "original"
+    train_list: str = TRAIN_AUG_LIST
+    train_sampling: TrainSampling = "pairs"
     exclude_novel_from_train: bool = False
-    source: str = "this project's defaults"
+    train_scale: tuple[float, float] | dict[str, tuple[float, float]] = (0.9, 1.1)
+    rotate_p: float = 1.0
+    train_resize_longer: bool = True
+    train_augment: bool = True
+    backbone_norm: BackboneNorm = "frozen"
+    coco_crowd: CocoCrowd = "ignore"
+
+
+def _pfenet_family(test_episodes: dict[str, int], seeds: tuple[int, ...], **kwargs: Any):
+    settings: dict[str, Any] = {
+        "test_sampling": "image_walk",
+        "query_classes": "present",
+        "eval_resize": "floor8",
+        "eval_pad": "black",
+        "scoring": "square",
+        "train_list": NODUPLICATE_LIST,
+        "train_sampling": "images",
+        "train_scale": PFENET_SCALE,
+        "rotate_p": 0.5,
+        "train_resize_longer": False,
+    }
+    return Protocol(test_episodes, seeds, **settings | kwargs)
 
 
 PROTOCOLS: dict[str, Protocol] = {
-    "pfenet": Protocol(
-        {"pascal": 5000, "coco": 20000}, (321,), source="PFENet (Tian et al., TPAMI 2020)"
+    "clean": Protocol(
+        {"pascal": 1000, "coco": 1000},
+        (321,),
+        source="this project: held-out validation, 2048-px pairs, every class given episodes, "
+        "crop-then-resize scoring, BatchNorm of a frozen backbone in eval mode",
     ),
-    "asgnet": Protocol(
-        {"pascal": 1000, "coco": 20000}, (321,), source="ASGNet (Li et al., CVPR 2021)"
+    "pfenet": _pfenet_family(
+        {"pascal": 5000, "coco": 20000},
+        (321,),
+        source="PFENet (Tian et al., TPAMI 2020)",
+        extra_test_episode=True,
+        max_test_passes=20,
+        backbone_norm="batch",
+    ),
+    "asgnet": _pfenet_family(
+        {"pascal": 1000, "coco": 20000},
+        (321,),
+        source="ASGNet (Li et al., CVPR 2021)",
+        extra_test_episode=True,
+        max_test_passes=20,
+        backbone_norm="batch",
     ),
     "hsnet": Protocol(
         {"pascal": 1000, "coco": 1000},
         (0,),
+        source="HSNet (Min et al., ICCV 2021)",
+        test_sampling={"pascal": "pair_walk", "coco": "class_first"},
+        support_repeats=True,
         eval_resize="squash",
         eval_size=400,
         scoring="input",
-        source="HSNet (Min et al., ICCV 2021)",
+        train_resize_longer=False,
+        train_augment=False,
+        coco_crowd="background",
     ),
-    "bam": Protocol(
+    "bam": _pfenet_family(
         {"pascal": 1000, "coco": 1000},
         (510, 365, 382, 322, 988),
-        exclude_novel_from_train=True,
         source="BAM (Lang et al., CVPR 2022)",
+        exclude_novel_from_train=True,
     ),
 }
 
-#: The values used without a preset: this project's defaults.
-CUSTOM = Protocol({"pascal": 1000, "coco": 1000}, (321,))
+#: The options a user can set one by one (``--data.<option>``), in the order of the table above.
+OPTIONS = (
+    "test_episodes",
+    "extra_test_episode",
+    "max_test_passes",
+    "test_seeds",
+    "test_sampling",
+    "query_classes",
+    "support_repeats",
+    "eval_resize",
+    "eval_size",
+    "eval_pad",
+    "scoring",
+    "train_list",
+    "train_sampling",
+    "exclude_novel_from_train",
+    "train_scale",
+    "rotate_p",
+    "train_resize_longer",
+    "train_augment",
+    "backbone_norm",
+    "coco_crowd",
+)
+
+
+def _for_family(value: Any, family: str) -> Any:
+    return value[family] if isinstance(value, dict) else value
+
+
+def _extended_seeds(preset: tuple[int, ...], count: int) -> list[int]:
+    """``count`` seeds: the preset's own first, then the integers after its last one."""
+    seeds = list(preset[:count])
+    candidate = preset[-1]
+    while len(seeds) < count:
+        candidate += 1
+        if candidate not in seeds:
+            seeds.append(candidate)
+    return seeds
 
 
 def resolve_protocol(
     name: str | None, family: str, explicit: dict[str, Any], image_size: int
 ) -> dict[str, Any]:
-    """The resolved evaluation settings of preset ``name`` (``None``: :data:`CUSTOM`) for a
-    dataset ``family`` (``pascal``/``coco``), with the options in ``explicit`` (not ``None``)
-    taking precedence; ``overridden`` lists the preset values they replaced.
+    """The resolved settings of preset ``name`` (``None``: ``clean``) for a dataset ``family``,
+    with the options in ``explicit`` (not ``None``) taking precedence; ``overridden`` lists the
+    preset values they replaced.
 
-    ``test_seeds`` may be given as a count ``N``: the preset's first seed and the ``N - 1``
-    following integers.
+    ``test_seeds`` may be given as a count ``N``: the preset's first ``N`` seeds (BAM's five for
+    ``bam``), continued with the integers after its last one.
     """
-    if name is not None and name not in PROTOCOLS:
+    name = name or "clean"
+    if name not in PROTOCOLS:
         raise ValueError(f"data.protocol={name!r}: expected one of {sorted(PROTOCOLS)} or null")
-    preset = PROTOCOLS[name] if name else CUSTOM
-    resolved: dict[str, Any] = {
-        "name": name or "custom",
-        "test_episodes": preset.test_episodes[family],
-        "test_seeds": list(preset.test_seeds),
-        "eval_resize": preset.eval_resize,
-        "eval_size": preset.eval_size or image_size,
-        "scoring": preset.scoring,
-        "exclude_novel_from_train": preset.exclude_novel_from_train,
-    }
+    unknown = sorted(set(explicit) - set(OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown protocol options {unknown}; expected some of {list(OPTIONS)}")
+    preset = PROTOCOLS[name]
+    values = asdict(preset)
+    resolved: dict[str, Any] = {"name": name}
+    for option in OPTIONS:
+        resolved[option] = _for_family(values[option], family)
+    resolved["test_seeds"] = list(preset.test_seeds)
+    resolved["train_scale"] = list(resolved["train_scale"])
+    resolved["eval_size"] = resolved["eval_size"] or image_size
     given = {key: value for key, value in explicit.items() if value is not None}
-    overridden = sorted(key for key, value in given.items() if resolved[key] != value)
-    resolved.update(given, source=preset.source, overridden=overridden)
-    seeds = resolved["test_seeds"]
+    if isinstance(given.get("train_scale"), tuple):
+        given["train_scale"] = list(given["train_scale"])
+    seeds = given.get("test_seeds")
     if isinstance(seeds, int):
         if seeds < 1:
             raise ValueError(f"data.test_seeds={seeds}: expected a count >= 1 or a list of seeds")
-        first = preset.test_seeds[0]
-        resolved["test_seeds"] = list(range(first, first + seeds))
-    elif not seeds or len(set(seeds)) != len(seeds):
+        given["test_seeds"] = _extended_seeds(preset.test_seeds, seeds)
+    elif seeds is not None and (not seeds or len(set(seeds)) != len(seeds)):
         raise ValueError(f"data.test_seeds={seeds}: expected a non-empty list of distinct seeds")
+    overridden = sorted(key for key, value in given.items() if resolved[key] != value)
+    resolved.update(given, source=preset.source, overridden=overridden)
+    low, high = resolved["train_scale"]
+    if not 0 < low <= high:
+        raise ValueError(f"data.train_scale={[low, high]}: expected 0 < min <= max")
+    if not 0 <= resolved["rotate_p"] <= 1:
+        raise ValueError(f"data.rotate_p={resolved['rotate_p']}: expected a probability in [0, 1]")
     return resolved
+
+
+def episodes_per_pass(protocol: dict[str, Any]) -> int:
+    """Test episodes one seed runs: the preset's count, plus the PFENet/ASGNet loop's extra one."""
+    return protocol["test_episodes"] + int(protocol["extra_test_episode"])

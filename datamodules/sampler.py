@@ -17,7 +17,7 @@ per-step ``self.log(..., sync_dist=True)``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -64,6 +64,9 @@ class EpisodeSampler(Sampler[Episode]):
         rank: this process's rank.
         world_size: number of processes.
         train: redraw every epoch and cut shards to equal lengths.
+        draw: ``draw(count, seed)`` gives the list (a protocol's rule,
+            :class:`datamodules.sampling.EpisodeRule`); default :func:`draw_episodes` over
+            ``pools``.
     """
 
     def __init__(
@@ -75,8 +78,10 @@ class EpisodeSampler(Sampler[Episode]):
         rank: int = 0,
         world_size: int = 1,
         train: bool = False,
+        draw: Callable[[int, Sequence[int]], list[Episode]] | None = None,
     ) -> None:
         self.pools = pools
+        self.draw = draw
         self.count = count - count % world_size if train else count
         self.shots = shots
         self.seed = tuple(seed)
@@ -92,6 +97,8 @@ class EpisodeSampler(Sampler[Episode]):
     def episodes(self) -> list[Episode]:
         """The whole list of the current epoch, over all ranks."""
         seed = (*self.seed, self.epoch) if self.train else self.seed
+        if self.draw is not None:
+            return self.draw(self.count, seed)
         return draw_episodes(self.pools, self.count, self.shots, seed)
 
     def __iter__(self) -> Iterator[Episode]:

@@ -21,7 +21,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -249,8 +249,10 @@ def ensure_shapes(root: Path, num_train: int, num_test: int, seed: int) -> Path:
 class ShapesFewShot(FewShotDataModule):
     """Few-shot episodes on the generated ``shapes`` set, read as PASCAL-5i (4 folds of 5).
 
-    Defaults are sized for a fast CPU run. ``min_pixels = 128`` is OSLSM's 2 * 32 * 32 scaled
-    by the image area (128 px here vs 500 px for VOC: (128 / 512)^2 * 2048 = 128).
+    Defaults are sized for a fast CPU run (:attr:`dataset_defaults`: 96 px, batch 8, 2 workers,
+    300 validation episodes, epochs of 2000 training episodes). ``min_pixels = 128`` is OSLSM's
+    2 * 32 * 32 scaled by the image area (128 px here vs 500 px for VOC:
+    (128 / 512)^2 * 2048 = 128).
 
     Args:
         root: cache folder holding generated sets and their class index; ``None`` =
@@ -264,14 +266,17 @@ class ShapesFewShot(FewShotDataModule):
 
     num_classes = len(SHAPE_CLASSES)
     class_names = SHAPE_CLASS_NAMES
+    dataset_defaults: ClassVar[dict[str, int]] = {
+        "image_size": 96,
+        "batch_size": 8,
+        "num_workers": 2,
+        "val_episodes": 300,
+        "min_pixels": 128,
+    }
 
     def __init__(
         self,
         root: str | None = None,
-        image_size: int = 96,
-        batch_size: int = 8,
-        num_workers: int = 2,
-        min_pixels: int = 128,
         num_train: int = 2500,
         num_test: int = 500,
         data_seed: int = 0,
@@ -282,14 +287,7 @@ class ShapesFewShot(FewShotDataModule):
         self.num_train = num_train
         self.num_test = num_test
         self.data_seed = data_seed
-        super().__init__(
-            root=root,
-            image_size=image_size,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            min_pixels=min_pixels,
-            **kwargs,
-        )
+        super().__init__(root=root, **kwargs)
 
     def default_root(self) -> Path:
         return data_dir() / "shapes"
@@ -305,6 +303,10 @@ class ShapesFewShot(FewShotDataModule):
 
     def fold_novel_classes(self) -> list[int]:
         return pascal_novel_classes(self.fold)
+
+    def train_epoch_length(self) -> int:
+        """2000 episodes: the generated set is large and one pass over it is not an epoch."""
+        return 2000
 
     def make_source(self, split: Split) -> PngLabelSource:
         list_file = TRAIN_LIST if split == "train" else TEST_LIST

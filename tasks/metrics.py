@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -16,9 +19,12 @@ class FewShotIoU(Metric):
     github.com/Reagan1311/ASGNet), which the field reports:
 
     * mIoU: for each class, the foreground intersection and union are summed over all of that
-      class's episodes, the class IoU is their ratio, and mIoU is the mean over the classes that
-      occurred. A class that occurred but whose union is empty scores 0, as the reference
-      ``I / (U + 1e-10)`` does.
+      class's episodes, the class IoU is their ratio, and mIoU is the mean over ``classes`` (the
+      fold's classes), a class without episodes counting 0, as every reference divides by all
+      of the fold's classes (PFENet/ASGNet/BAM ``class_miou / split_gap``, HSNet
+      ``iou.index_select(class_ids_interest).mean()``). Without ``classes`` (training and
+      validation monitors), the mean is over the classes that occurred. A class that occurred
+      but whose union is empty scores 0, as the reference ``I / (U + 1e-10)`` does.
     * FB-IoU: background and foreground intersection and union are each summed over all
       episodes (whatever their class); FB-IoU is the mean of the two IoUs.
 
@@ -27,6 +33,7 @@ class FewShotIoU(Metric):
 
     Args:
         num_classes: Number of episode classes; ``class_ids`` index into ``[0, num_classes)``.
+        classes: the classes mIoU averages over (default: those with episodes).
     """
 
     is_differentiable = False
@@ -39,11 +46,16 @@ class FewShotIoU(Metric):
     fb_intersection: Tensor
     fb_union: Tensor
 
-    def __init__(self, num_classes: int, **kwargs) -> None:
+    def __init__(
+        self, num_classes: int, classes: Sequence[int] | None = None, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
+        if classes is not None and not all(0 <= c < num_classes for c in classes):
+            raise ValueError(f"classes must lie in [0, {num_classes}), got {list(classes)}")
         self.num_classes = num_classes
+        self.classes = None if classes is None else sorted(set(classes))
         for name, size in [
             ("class_intersection", num_classes),
             ("class_union", num_classes),
@@ -84,8 +96,10 @@ class FewShotIoU(Metric):
         iou = self.class_intersection.double() / self.class_union.clamp(min=1).double()
         iou = iou.masked_fill(self.class_episodes == 0, float("nan"))
         fb = self.fb_intersection.double() / self.fb_union.clamp(min=1).double()
+        fold = iou if self.classes is None else iou[self.classes].nan_to_num(0.0)
+        miou = fold.nanmean()
         return {
-            "miou": iou.nanmean().float(),
+            "miou": miou.float(),
             "fbiou": fb.mean().float(),
             "iou_per_class": iou.float(),
         }

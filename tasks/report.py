@@ -1,5 +1,5 @@
 """Few-shot segmentation result tables: ``python -m tasks.report RESULTS... [--markdown OUT.md]
-[--csv OUT.csv]``.
+[--csv OUT.csv] [--compare]``.
 
 Papers report one row per method and backbone with the mIoU of folds 0-3 and their mean, often
 with FB-IoU beside it (PFENet, Tian et al., TPAMI 2020, Tables 1-2; HSNet, Min et al., ICCV 2021,
@@ -13,9 +13,12 @@ A result file is a JSON object with ``format: "fewshot-dilated/test-results"``,
 
 Rules:
 
-* A row is one (method, backbone_label, dataset, shots). Its files must have equal ``protocol``
-  objects (episodes, seeds, evaluation size, scoring...): numbers measured differently are not
-  averaged into one mean. Different rows may differ; the Protocol column shows each one's name.
+* A row is one (method, backbone_label, dataset, shots, protocol name). Its files must have equal
+  ``protocol`` objects (a preset with an option overridden is not the preset): numbers measured
+  differently are not averaged into one mean. The Protocol column shows each row's name.
+* ``--compare`` prints instead what each protocol makes of the same checkpoint: one row per
+  (checkpoint, dataset, fold, shots), one column per protocol (the clean protocol first), each
+  cell the mIoU and its difference from the clean protocol's: what a paper's quirks are worth.
 * Two files for the same fold of a row are refused: which one belongs in the table is the user's
   choice, not the report's.
 * Cells are percent with one decimal, ``mean ± std`` over seeds when a fold has several, ``–``
@@ -138,12 +141,15 @@ class Row:
         return sum(m is not None for m in self.miou)
 
 
-def _describe(key: tuple[str, str, str, int]) -> str:
-    method, backbone, dataset, shots = key
-    return f"{method} / {backbone} / {dataset} / {shots}-shot"
+RowKey = tuple[str, str, str, int, str]
 
 
-def _check_protocol(key: tuple[str, str, str, int], first: Result, other: Result) -> None:
+def _describe(key: RowKey) -> str:
+    method, backbone, dataset, shots, protocol = key
+    return f"{method} / {backbone} / {dataset} / {shots}-shot / {protocol}"
+
+
+def _check_protocol(key: RowKey, first: Result, other: Result) -> None:
     """Refuse to average numbers measured under different protocols into one mean."""
     (path_a, a), (path_b, b) = first, other
     pa, pb = a["protocol"], b["protocol"]
@@ -160,13 +166,11 @@ def _check_protocol(key: tuple[str, str, str, int], first: Result, other: Result
         )
 
 
-def _row(key: tuple[str, str, str, int], folds: dict[int, Result]) -> Row:
+def _row(key: RowKey, folds: dict[int, Result]) -> Row:
     summaries = [folds[f][1]["summary"] if f in folds else None for f in range(FOLDS)]
     present = [s for s in summaries if s is not None]
-    first = next(iter(folds.values()))[1]
     return Row(
         *key,
-        protocol=first["protocol"]["name"],
         miou=tuple(None if s is None else 100 * s["miou_mean"] for s in summaries),
         std=tuple(None if s is None else 100 * s["miou_std"] for s in summaries),
         seeds=tuple(len(folds[f][1]["seeds"]) if f in folds else 0 for f in range(FOLDS)),
@@ -177,9 +181,15 @@ def _row(key: tuple[str, str, str, int], folds: dict[int, Result]) -> Row:
 
 def build_table(results: Iterable[Result]) -> list[Row]:
     """Group results into rows, refusing mixed protocols and duplicate folds within a row."""
-    groups: dict[tuple[str, str, str, int], dict[int, Result]] = {}
+    groups: dict[RowKey, dict[int, Result]] = {}
     for path, data in results:
-        key = (data["method"], data["backbone_label"], data["dataset"], data["shots"])
+        key = (
+            data["method"],
+            data["backbone_label"],
+            data["dataset"],
+            data["shots"],
+            data["protocol"]["name"],
+        )
         folds = groups.setdefault(key, {})
         fold = data["fold"]
         if fold in folds:
@@ -191,7 +201,48 @@ def build_table(results: Iterable[Result]) -> list[Row]:
             _check_protocol(key, next(iter(folds.values())), (path, data))
         folds[fold] = (path, data)
     rows = [_row(key, folds) for key, folds in groups.items()]
-    return sorted(rows, key=lambda r: (r.dataset, r.shots, r.method, r.backbone))
+    return sorted(rows, key=lambda r: (r.dataset, r.shots, r.method, r.backbone, r.protocol))
+
+
+def _checkpoint(data: dict[str, Any]) -> str:
+    checkpoint = data.get("checkpoint") or {}
+    if "sha256" not in checkpoint:
+        raise ReportError("--compare needs result files with their checkpoint's sha256")
+    return f"{Path(checkpoint['path']).name} ({checkpoint['sha256'][:8]})"
+
+
+def compare_protocols(results: Iterable[Result]) -> str:
+    """The ``--compare`` table as Markdown: one checkpoint under every protocol it was tested
+    with, each cell ``mIoU (difference from clean)`` in percent."""
+    cells: dict[tuple[str, str, int, int], dict[str, float]] = {}
+    names: set[str] = set()
+    for path, data in results:
+        key = (_checkpoint(data), data["dataset"], data["fold"], data["shots"])
+        name = data["protocol"]["name"]
+        if name in cells.setdefault(key, {}):
+            raise ReportError(
+                f"two {name!r} results for {key[0]} fold {key[2]}: {path} and another"
+            )
+        cells[key][name] = 100 * data["summary"]["miou_mean"]
+        names.add(name)
+    columns = sorted(names, key=lambda n: (n != "clean", n))
+    lines = [
+        "| Checkpoint | Dataset | Fold | Shots | " + " | ".join(columns) + " |",
+        "| :--- | :--- | ---: | ---: | " + " | ".join("---:" for _ in columns) + " |",
+    ]
+    for key in sorted(cells):
+        row = cells[key]
+        clean = row.get("clean")
+        texts = []
+        for name in columns:
+            if name not in row:
+                texts.append("–")
+            elif clean is None or name == "clean":
+                texts.append(f"{row[name]:.1f}")
+            else:
+                texts.append(f"{row[name]:.1f} ({row[name] - clean:+.1f})")
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | " + " | ".join(texts) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _cells(row: Row) -> list[str]:
@@ -254,12 +305,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--csv", type=Path, metavar="OUT.csv", help="also write the numbers to this CSV file"
     )
+    parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="one row per checkpoint, one column per protocol (differences from clean)",
+    )
     args = parser.parse_args(argv)
     try:
-        rows = build_table(collect(args.paths))
+        results = collect(args.paths)
+        rows = build_table(results)
+        markdown = compare_protocols(results) if args.compare else to_markdown(rows)
     except ReportError as error:
         parser.error(str(error))
-    markdown = to_markdown(rows)
     sys.stdout.write(markdown)
     if args.markdown:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)

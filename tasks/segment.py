@@ -80,13 +80,17 @@ def upsample(logits: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
 
 
 def original_size_predictions(logits: Tensor, batch: Mapping[str, Any]) -> list[Tensor]:
-    """Each query's prediction [h, w] at its original size (PFENet/ASGNet ``ori_resize``): the
-    logits, upsampled to the model input, cropped to the query's valid region and resized."""
+    """Each query's prediction [h, w] at its original size: the logits, upsampled to the model
+    input, cropped to ``query_valid``, resized to ``query_resize_to`` and cropped to
+    ``query_size`` (the batch contract of :mod:`datamodules.episode`: the clean protocol crops
+    then resizes; PFENet's ``ori_resize`` resizes the whole padded output to a square)."""
     logits = upsample(logits, batch["query_image"].shape[-2:])
-    sizes = zip(batch["query_valid"].tolist(), batch["query_size"].tolist(), strict=True)
+    resize_to = batch.get("query_resize_to", batch["query_size"]).tolist()
+    valid, sizes = batch["query_valid"].tolist(), batch["query_size"].tolist()
+    geometry = zip(valid, resize_to, sizes, strict=True)
     return [
-        upsample(logits[i : i + 1, :, :h_valid, :w_valid], (h, w)).argmax(1)[0]
-        for i, ((h_valid, w_valid), (h, w)) in enumerate(sizes)
+        upsample(logits[i : i + 1, :, :h_valid, :w_valid], target).argmax(1)[0, :h, :w]
+        for i, ((h_valid, w_valid), target, (h, w)) in enumerate(geometry)
     ]
 
 
@@ -169,6 +173,7 @@ class FewShotSegmentation(BaseTask):
             )
         )
         self.save_hyperparameters(ignore=["backbone", "head"])
+        self.backbone_norm = "frozen"
         if official_checkpoint is not None:
             backbone, head = official_asgnet(official_checkpoint, official_trusted)
         if freeze_backbone is None:
@@ -226,16 +231,51 @@ class FewShotSegmentation(BaseTask):
         return any(p.requires_grad for p in self.backbone.parameters())
 
     def forward(self, query_image: Tensor, support_images: Tensor, support_masks: Tensor) -> Any:
-        """Query and support go through the backbone in one batched call."""
+        """Query and support go through the backbone in one batched call; under PFENet's
+        BatchNorm recipe (:attr:`backbone_batch_statistics`) in one call per group, query first,
+        then each shot, as PFENet's forward does, so batch statistics are those of each group."""
         batch, shots = support_images.shape[:2]
-        images = torch.cat([query_image, support_images.flatten(0, 1)])
-        if self.hparams.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        groups = [query_image, support_images.flatten(0, 1)]
+        if self.backbone_batch_statistics and self.training:
+            groups = [query_image, *support_images.unbind(1)]
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.backbone_trainable):
-            features = self.backbone(images)
-        query = {name: f[:batch] for name, f in features.items()}
-        support = {name: f[batch:].unflatten(0, (batch, shots)) for name, f in features.items()}
+            outputs = [self.backbone(self._memory_format(images)) for images in groups]
+        if len(outputs) == 2:
+            query, support = outputs
+            support = {name: f.unflatten(0, (batch, shots)) for name, f in support.items()}
+        else:
+            query = outputs[0]
+            support = {name: torch.stack([o[name] for o in outputs[1:]], 1) for name in query}
         return self.head(query, support, support_masks)
+
+    def _memory_format(self, images: Tensor) -> Tensor:
+        if self.hparams.channels_last:
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    @property
+    def backbone_batch_statistics(self) -> bool:
+        """Whether the backbone's BatchNorm trains with batch statistics though the backbone is
+        frozen: the datamodule's ``backbone_norm: batch`` (PFENet/ASGNet call ``model.train()``
+        on the whole model and only stop the backbone's gradients)."""
+        return self.backbone_norm == "batch" and self.hparams.freeze_backbone
+
+    def setup(self, stage: str) -> None:
+        """Read the protocol's backbone BatchNorm recipe from the datamodule and apply it (the
+        loops keep each module's mode as they find it)."""
+        protocol = getattr(self.trainer.datamodule, "protocol", None) or {}
+        self.backbone_norm = protocol.get("backbone_norm", "frozen")
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> FewShotSegmentation:
+        """As :meth:`nn.Module.train`; the backbone's BatchNorm layers follow ``mode`` under
+        :attr:`backbone_batch_statistics` (the backbone keeps them in eval mode otherwise)."""
+        super().train(mode)
+        if mode and self.backbone_batch_statistics:
+            for module in self.backbone.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.train()
+        return self
 
     def on_fit_start(self) -> None:
         """Parameter counts into every logger's hyper-parameters (the W&B run's config)."""
@@ -293,9 +333,11 @@ class FewShotSegmentation(BaseTask):
         self._log_iou("val", self.val_iou)
 
     def on_test_start(self) -> None:
-        """One metric per test loader: the datamodule gives one loader per test seed."""
+        """One metric per test loader (the datamodule gives one loader per test seed), each
+        averaging over the fold's novel classes, as every reference does."""
         count = len(self.trainer.test_dataloaders)
-        metrics = [FewShotIoU(self.hparams.num_classes) for _ in range(count)]
+        classes = getattr(self.trainer.datamodule, "novel_classes", None)
+        metrics = [FewShotIoU(self.hparams.num_classes, classes) for _ in range(count)]
         self.test_ious = nn.ModuleList(metrics).to(self.device)
 
     def test_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -62,7 +62,7 @@ SHAPES = ("--data.root", "{shapes}", "--data.num_train", "200", "--data.num_test
 # The PASCAL tree of tests/fixtures_data.py: 10 training and 2 test images per class.
 PASCAL = ("--data", "datamodules.PascalFewShot", "--data.root", "{voc}", "--data.image_size", "32",
           "--data.batch_size", "2", "--data.num_workers", "0", "--data.val_episodes", "2",
-          "--data.test_episodes", "2", "--data.val_fraction", "0.2", "--data.min_pixels", "2048",
+          "--data.test_episodes", "5", "--data.val_fraction", "0.2", "--data.min_pixels", "2048",
           "--data.cache_dir", "{tmp}/cache")  # fmt: skip
 FOLDER = ("--data", "ImageFolderData", "--data.root", "{folder}", "--data.image_size", "16",
           "--data.batch_size", "2", "--data.num_workers", "0")  # fmt: skip

@@ -249,7 +249,7 @@ def test_train_batch_contract(make_dm) -> None:
 
 
 def test_eval_batch_contract(make_dm) -> None:
-    dm = make_dm(test_episodes=4, image_size=48)
+    dm = make_dm(test_episodes=5, batch_size=4, image_size=48)
     dm.setup("test")
     batch = next(iter(dm.test_dataloader()[0]))
     _check_common(batch, 48, 1)

@@ -71,7 +71,7 @@ def test_pre_rendered_masks_match_the_json(coco_root: Path, tmp_path: Path) -> N
 
 
 def test_eval_batch(coco_root: Path, tmp_path: Path) -> None:
-    dm = make_dm(coco_root, tmp_path, test_episodes=6, batch_size=6, image_size=48)
+    dm = make_dm(coco_root, tmp_path, test_episodes=20, batch_size=6, image_size=48)
     dm.setup("test")
     batch = next(iter(dm.test_dataloader()[0]))
     assert batch["query_image"].shape == (6, 3, 48, 48)

@@ -26,25 +26,29 @@ def pascal(root: Path, tmp_path: Path, **kwargs) -> PascalFewShot:
     return PascalFewShot(root=str(root), cache_dir=str(tmp_path / "cache"), **settings | kwargs)
 
 
+BAM_SEEDS = [510, 365, 382, 322, 988]
+
+
 @pytest.mark.parametrize(
     ("name", "family", "expected"),
     [
-        ("pfenet", "pascal", (5000, [321], "longer_pad", 473, "original", False)),
-        ("pfenet", "coco", (20000, [321], "longer_pad", 473, "original", False)),
-        ("asgnet", "pascal", (1000, [321], "longer_pad", 473, "original", False)),
-        ("asgnet", "coco", (20000, [321], "longer_pad", 473, "original", False)),
-        ("hsnet", "pascal", (1000, [0], "squash", 400, "input", False)),
-        ("hsnet", "coco", (1000, [0], "squash", 400, "input", False)),
-        ("bam", "pascal", (1000, [510, 365, 382, 322, 988], "longer_pad", 473, "original", True)),
-        (None, "pascal", (1000, [321], "longer_pad", 473, "original", False)),
+        ("pfenet", "pascal", (5000, True, [321], "floor8", 473, "black", "square", False)),
+        ("pfenet", "coco", (20000, True, [321], "floor8", 473, "black", "square", False)),
+        ("asgnet", "pascal", (1000, True, [321], "floor8", 473, "black", "square", False)),
+        ("asgnet", "coco", (20000, True, [321], "floor8", 473, "black", "square", False)),
+        ("hsnet", "pascal", (1000, False, [0], "squash", 400, "mean", "input", False)),
+        ("hsnet", "coco", (1000, False, [0], "squash", 400, "mean", "input", False)),
+        ("bam", "pascal", (1000, False, BAM_SEEDS, "floor8", 473, "black", "square", True)),
+        ("clean", "pascal", (1000, False, [321], "longer_pad", 473, "mean", "original", False)),
+        (None, "coco", (1000, False, [321], "longer_pad", 473, "mean", "original", False)),
     ],
 )
 def test_presets_resolve_to_the_documented_values(name, family, expected) -> None:
     resolved = resolve_protocol(name, family, {}, image_size=473)
-    keys = ("test_episodes", "test_seeds", "eval_resize", "eval_size", "scoring")
-    keys += ("exclude_novel_from_train",)
+    keys = ("test_episodes", "extra_test_episode", "test_seeds", "eval_resize", "eval_size")
+    keys += ("eval_pad", "scoring", "exclude_novel_from_train")
     assert tuple(resolved[k] for k in keys) == expected
-    assert resolved["name"] == (name or "custom") and resolved["overridden"] == []
+    assert resolved["name"] == (name or "clean") and resolved["overridden"] == []
 
 
 def test_explicit_options_override_a_preset_and_are_recorded() -> None:
@@ -60,7 +64,7 @@ def test_explicit_options_override_a_preset_and_are_recorded() -> None:
 @pytest.mark.parametrize(
     ("name", "explicit", "message"),
     [
-        ("pfenet5", {}, r"data.protocol='pfenet5': expected one of \['asgnet', 'bam'"),
+        ("pfenet5", {}, r"data.protocol='pfenet5': expected one of \['asgnet', 'bam', 'clean'"),
         ("pfenet", {"test_seeds": 0}, r"data.test_seeds=0: expected a count >= 1"),
         ("pfenet", {"test_seeds": [1, 1]}, r"data.test_seeds=\[1, 1\]: expected .* distinct"),
     ],
@@ -116,7 +120,7 @@ def test_multi_seed_test_writes_results_that_match_single_seed_runs(tmp_path: Pa
     main([*test, str(out / "single"), "--data.test_seeds", "[4]"])
     (both,) = (out / "both").glob("*.results.json")
     (single,) = (out / "single").glob("*.results.json")
-    assert both.name == "last.ShapesFewShot-fold0-1shot-custom.results.json"
+    assert both.name == "last.ShapesFewShot-fold0-1shot-clean.results.json"
     result, alone = json.loads(both.read_text()), json.loads(single.read_text())
     assert result["seeds"] == [3, 4] and result["protocol"]["test_seeds"] == [3, 4]
     assert result["per_seed"][1] == alone["per_seed"][0]

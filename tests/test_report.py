@@ -207,3 +207,31 @@ def test_module_runs_as_a_command(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "| ASGNetHead | resnet50-deep-os8 | PascalFewShot |" in result.stdout
     assert "| 63.0 |" in result.stdout
+
+
+def test_one_checkpoint_under_several_protocols_sits_side_by_side(tmp_path: Path) -> None:
+    """Same method, shots and fold under two presets: two rows, and ``--compare`` one row."""
+    checkpoint = {"path": "/runs/best.ckpt", "sha256": "ab" * 32}
+    for name, miou in (("clean", 0.5), ("pfenet", 0.513), ("hsnet", 0.47)):
+        write_result(tmp_path, 0, miou, protocol=PROTOCOL | {"name": name}, checkpoint=checkpoint,
+                     name=f"{name}.results.json")  # fmt: skip
+    assert [row.protocol for row in build_table(collect([tmp_path]))] == [
+        "clean",
+        "hsnet",
+        "pfenet",
+    ]
+    out = tmp_path / "compare.md"
+    main([str(tmp_path), "--compare", "--markdown", str(out)])
+    lines = out.read_text().splitlines()
+    assert lines[0] == "| Checkpoint | Dataset | Fold | Shots | clean | hsnet | pfenet |"
+    assert (
+        lines[2]
+        == "| best.ckpt (abababab) | PascalFewShot | 0 | 1 | 50.0 | 47.0 (-3.0) | 51.3 (+1.3) |"
+    )
+
+
+def test_compare_needs_the_checkpoint_of_each_result(tmp_path: Path, capsys) -> None:
+    write_result(tmp_path, 0, 0.5)
+    with pytest.raises(SystemExit):
+        main([str(tmp_path), "--compare"])
+    assert "checkpoint's sha256" in capsys.readouterr().err
