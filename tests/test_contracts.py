@@ -82,8 +82,11 @@ def real_data_args(config: str, tmp_path: Path) -> tuple[list[str], list[str]]:
     checkpoint)."""
     if config == "pascal":
         root, data = write_pascal_tree(tmp_path / "VOC2012"), "datamodules.PascalFewShot"
+        # the tree has no PFENet list file, which the asgnet protocol's training list is
+        lists = ["--data.train_list", "ImageSets/SegmentationAug/train_aug.txt"]
     else:
         root, data = write_coco_tree(tmp_path / "coco", num_images=240), "datamodules.CocoFewShot"
+        lists = []
     weights = tmp_path / "resnet50_v2.pth"
     encoder = ResNet("resnet50", stem="deep", output_stride=8, dilation_scheme="uniform")
     torch.save({k.removeprefix("stem."): v for k, v in encoder.state_dict().items()}, weights)
@@ -92,7 +95,7 @@ def real_data_args(config: str, tmp_path: Path) -> tuple[list[str], list[str]]:
               "--data.val_episodes", "4", "--data.test_episodes", "4",
               "--data.val_fraction", "0.2",
               # the config's data settings, which a checkpoint does not hold
-              "--data.protocol", "asgnet", "--data.min_pixels", "2048"]  # fmt: skip
+              "--data.protocol", "asgnet", "--data.min_pixels", "2048", *lists]  # fmt: skip
     fit = ["--config", str(CONFIGS / "segment" / f"{config}.yaml"), *common,
            "--model.backbone.init_args.weights", str(weights),
            "--model.head.init_args.bins", "[1.0, 0.5]"]  # fmt: skip
