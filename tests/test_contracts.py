@@ -367,7 +367,8 @@ def test_official_model_option_from_the_command_line(tmp_path: Path) -> None:
     encoder = ResNet("resnet50", stem="deep", output_stride=8, dilation_scheme="uniform")
     source = FewShotSegmentation(encoder, head=ASGNetHead, freeze_backbone=True)
     path = write_official(source, tmp_path / "asgnet_fold0_resnet50.pth")
-    data = [*SHAPES, "--data.root", str(tmp_path / "shapes"), *run_dir(tmp_path)]
+    data = [*SHAPES, "--data.root", str(tmp_path / "shapes"), *run_dir(tmp_path),
+            "--results.output_dir", str(tmp_path / "results")]  # fmt: skip
     cli = segment.main(["test", *data, "--model.official_checkpoint", str(path)])
     assert cli.model.backbone.summary()[1] == "resnet50-deep-os8-uniform"
     assert isinstance(cli.model.head, ASGNetHead) and cli.model.hparams.freeze_backbone
