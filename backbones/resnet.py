@@ -14,15 +14,15 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from backbones.blocks import BasicBlock, Bottleneck, NormLayer, conv3x3
+from backbones.protocol import Backbone, FeatureInfo, class_path
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 FEATURES = ("stem", *STAGES)
@@ -53,19 +53,13 @@ ARCHS: dict[str, Arch] = {
     "wide_resnet101_2": Arch(Bottleneck, (3, 4, 23, 3), width_per_group=128),
 }
 
+#: The BatchNorm classes (torch's common base is private); lazy variants subclass these.
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
 NORM_LAYERS: dict[str, NormLayer] = {
     "batchnorm": nn.BatchNorm2d,
     "frozen_batchnorm": FrozenBatchNorm2d,
 }
-
-
-@dataclass(frozen=True)
-class FeatureInfo:
-    """One output of the encoder: its name, channels and true stride relative to the input."""
-
-    name: str
-    channels: int
-    stride: int
 
 
 @dataclass(frozen=True)
@@ -170,7 +164,7 @@ class _FreezeBatchNormStatistics:
     """
 
     def __init__(self, module: nn.Module) -> None:
-        self.norms = [m for m in module.modules() if isinstance(m, _BatchNorm)]
+        self.norms = [m for m in module.modules() if isinstance(m, BATCH_NORMS)]
 
     def __enter__(self) -> None:
         self.saved = [(m.momentum, _clone(m.num_batches_tracked)) for m in self.norms]
@@ -192,7 +186,7 @@ def _checkpoint_contexts(block: nn.Module) -> tuple[contextlib.AbstractContextMa
     return contextlib.nullcontext(), _FreezeBatchNormStatistics(block)
 
 
-class ResNet(nn.Module):
+class ResNet(Backbone):
     """Dilated ResNet encoder returning a dict of features (``stem``, ``layer1``..``layer4``).
 
     Args:
@@ -201,7 +195,7 @@ class ResNet(nn.Module):
         dilation_scheme: ``"contracted"`` (torchvision/timm) or ``"uniform"`` (PSPNet/ASGNet).
         multi_grid: per-block rate multipliers for layer4 (DeepLabv3), or ``{stage: grid}``.
         stem: ``"standard"`` 7x7 conv, or ``"deep"`` three 3x3 convs (64, 64, 128 channels).
-        out_layers: which features ``forward`` returns, in network order. Stages after the last
+        out_layers: which outputs ``forward`` returns, in network order. Stages after the last
             requested one are not run.
         weights: None, a torchvision weight name (``IMAGENET1K_V1``/``V2``/``DEFAULT``) or a
             checkpoint path (torchvision, PSPNet/semseg, PFENet/ASGNet or this project's Lightning
@@ -212,6 +206,11 @@ class ResNet(nn.Module):
         norm_layer: ``"batchnorm"``, ``"frozen_batchnorm"`` or a callable ``channels -> module``.
         zero_init_residual: zero the last BatchNorm of each block (Goyal et al., 2017).
         grad_checkpointing: checkpoint every trainable block's activations in training.
+        weights_trusted: read a ``weights`` file with full unpickling (it can run code): only
+            for a file from a source you trust that ``torch.load(weights_only=True)`` refuses.
+
+    Outputs (:attr:`output_info`) are ``stem``, every block (``layer3.2``) and every stage
+    (``layer3``, the same tensor as its last block).
     """
 
     def __init__(
@@ -228,8 +227,24 @@ class ResNet(nn.Module):
         norm_layer: str | Callable[[int], nn.Module] = "batchnorm",
         zero_init_residual: bool = False,
         grad_checkpointing: bool = False,
+        weights_trusted: bool = False,
     ) -> None:
         super().__init__()
+        self.init_args = {
+            "arch": arch,
+            "output_stride": output_stride,
+            "dilation_scheme": dilation_scheme,
+            "multi_grid": _plain(multi_grid),
+            "stem": stem,
+            "out_layers": list(out_layers),
+            "weights": weights,
+            "frozen_stages": frozen_stages,
+            "norm_eval": norm_eval,
+            "norm_layer": norm_layer,
+            "zero_init_residual": zero_init_residual,
+            "grad_checkpointing": grad_checkpointing,
+            "weights_trusted": weights_trusted,
+        }
         if arch not in ARCHS:
             raise ValueError(f"unknown backbone arch {arch!r}; expected one of {list(ARCHS)}")
         if output_stride not in OUTPUT_STRIDES:
@@ -247,27 +262,32 @@ class ResNet(nn.Module):
         self.arch = arch
         self.stem_type = stem
         self.output_stride = output_stride
-        self.select_outputs(out_layers)
         self.grad_checkpointing = grad_checkpointing
         norm = resolve_norm_layer(norm_layer)
         grids = resolve_multi_grid(multi_grid, spec.depths)
 
         self.stem = self._make_stem(stem, norm)
         inplanes = 128 if stem == "deep" else 64
-        self.features = [FeatureInfo("stem", inplanes, STEM_STRIDE)]
+        outputs = [FeatureInfo("stem", inplanes, STEM_STRIDE)]
         self.stage_plans = plan_stages(spec.depths, output_stride, dilation_scheme, grids)
         for index, plan in enumerate(self.stage_plans):
             planes = 64 * 2**index
             stage = self._make_stage(spec, inplanes, planes, plan, norm)
             self.add_module(plan.name, stage)
             inplanes = planes * spec.block.expansion
-            self.features.append(FeatureInfo(plan.name, inplanes, plan.output_stride))
+            info = FeatureInfo(plan.name, inplanes, plan.output_stride)
+            outputs += [
+                FeatureInfo(f"{plan.name}.{i}", inplanes, info.stride) for i in range(len(stage))
+            ]
+            outputs.append(info)
+        self.outputs = {info.name: info for info in outputs}
+        self.select_outputs(out_layers)
 
         self._init_weights(zero_init_residual)
         if weights is not None:
             from backbones.weights import load_weights
 
-            load_weights(self, weights)
+            load_weights(self, weights, trusted=weights_trusted)
         self.freeze(frozen_stages, norm_eval)
 
     @staticmethod
@@ -324,7 +344,7 @@ class ResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, _BatchNorm | nn.GroupNorm):
+            elif isinstance(m, (*BATCH_NORMS, nn.GroupNorm)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         if zero_init_residual:
@@ -338,22 +358,28 @@ class ResNet(nn.Module):
         return (getattr(self, name) for name in names)
 
     def select_outputs(self, out_layers: Sequence[str]) -> None:
-        """Choose the features ``forward`` returns; stages after the last one are not run."""
-        unknown = [name for name in out_layers if name not in FEATURES]
+        """Choose the outputs ``forward`` returns; stages after the last one are not run."""
+        unknown = [name for name in out_layers if name not in self.outputs]
         if unknown or not out_layers:
             raise ValueError(
                 f"out_layers={list(out_layers)} is invalid; expected a non-empty subset of "
-                f"{list(FEATURES)}"
+                f"{list(FEATURES)} or block outputs such as 'layer3.0'"
             )
-        self.out_layers = tuple(name for name in FEATURES if name in out_layers)
+        self.out_layers = tuple(name for name in self.outputs if name in out_layers)
+
+    @property
+    def last_stage(self) -> int:
+        """How many of :data:`STAGES` ``forward`` runs."""
+        return FEATURES.index(self.out_layers[-1].split(".")[0])
 
     def idle_stages(self) -> Iterator[nn.Module]:
         """Stages after the last requested output: built (checkpoints stay whole), never run."""
-        last = FEATURES.index(self.out_layers[-1])
-        return (getattr(self, name) for name in STAGES[last:])
+        return (getattr(self, name) for name in STAGES[self.last_stage :])
 
-    def freeze(self, frozen_stages: int, norm_eval: bool = False) -> None:
+    def freeze(self, frozen_stages: int | Literal["all"], norm_eval: bool = False) -> None:
         """Stop gradients in the stem and layer1..layer``frozen_stages`` (-1: none)."""
+        if frozen_stages == "all":
+            frozen_stages = len(STAGES)
         if not -1 <= frozen_stages <= len(STAGES):
             raise ValueError(f"frozen_stages={frozen_stages}; expected an integer in [-1, 4]")
         self.frozen_stages, self.norm_eval = frozen_stages, norm_eval
@@ -363,8 +389,16 @@ class ResNet(nn.Module):
 
     @property
     def feature_info(self) -> list[FeatureInfo]:
-        """Channels and true stride of each output, in ``forward``'s order."""
-        return [info for info in self.features if info.name in self.out_layers]
+        """Channels and true stride of each selected output, in ``forward``'s order."""
+        return [self.outputs[name] for name in self.out_layers]
+
+    @property
+    def output_info(self) -> dict[str, FeatureInfo]:
+        return dict(self.outputs)
+
+    @property
+    def block_info(self) -> list[FeatureInfo]:
+        return [info for name, info in self.outputs.items() if "." in name]
 
     def train(self, mode: bool = True) -> ResNet:
         """Frozen stages, and every BatchNorm under ``norm_eval``, stay in eval mode."""
@@ -374,7 +408,7 @@ class ResNet(nn.Module):
                 module.eval()
             if self.norm_eval:
                 for m in self.modules():
-                    if isinstance(m, _BatchNorm):
+                    if isinstance(m, BATCH_NORMS):
                         m.eval()
         return self
 
@@ -386,27 +420,99 @@ class ResNet(nn.Module):
     def out_strides(self) -> dict[str, int]:
         return {info.name: info.stride for info in self.feature_info}
 
-    def _run_stage(self, stage: nn.Sequential, x: Tensor) -> Tensor:
-        trainable = any(p.requires_grad for p in stage.parameters())
+    def _run_block(self, block: nn.Module, x: Tensor) -> Tensor:
+        trainable = any(p.requires_grad for p in block.parameters())
         if not (
             self.grad_checkpointing and self.training and trainable and torch.is_grad_enabled()
         ):
-            return stage(x)
-        for block in stage:
-            contexts = partial(_checkpoint_contexts, block)
-            x = checkpoint(block, x, use_reentrant=False, context_fn=contexts)
-        return x
+            return block(x)
+        contexts = partial(_checkpoint_contexts, block)
+        return checkpoint(block, x, use_reentrant=False, context_fn=contexts)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         features = {}
         x = self.stem(x)
         if "stem" in self.out_layers:
             features["stem"] = x
-        for name in STAGES[: FEATURES.index(self.out_layers[-1])]:
-            x = self._run_stage(getattr(self, name), x)
+        for name in STAGES[: self.last_stage]:
+            stage = getattr(self, name)
+            blocks = [f"{name}.{i}" in self.out_layers for i in range(len(stage))]
+            if not (any(blocks) or self.grad_checkpointing):
+                x = stage(x)  # the stage's own hooks run
+            else:
+                for index, block in enumerate(stage):
+                    x = self._run_block(block, x)
+                    if blocks[index]:
+                        features[f"{name}.{index}"] = x
             if name in self.out_layers:
                 features[name] = x
         return features
+
+    def forward_intermediates(
+        self, x: Tensor, indices: int | Sequence[int] | None = None
+    ) -> list[Tensor]:
+        """Outputs of the blocks ``indices`` index in :attr:`block_info` (negative from the end;
+        an int ``n``: the last ``n``; ``None``: all), in the order asked; blocks after the last
+        one asked are not run. HSNet's hypercorrelation reads every bottleneck this way."""
+        count = len(self.block_info)
+        if indices is None:
+            wanted = list(range(count))
+        elif isinstance(indices, int):
+            wanted = list(range(count - indices, count))
+        else:
+            wanted = list(indices)
+        if not wanted or any(not -count <= i < count for i in wanted):
+            raise ValueError(f"indices={indices!r}: expected block indices in [-{count}, {count})")
+        wanted = [i % count for i in wanted]
+        kept: dict[int, Tensor] = {}
+        x = self.stem(x)
+        blocks = (block for name in STAGES for block in getattr(self, name))
+        for index, block in zip(range(max(wanted) + 1), blocks, strict=False):
+            x = self._run_block(block, x)
+            if index in wanted:
+                kept[index] = x
+        return [kept[i] for i in wanted]
+
+    def describe(self) -> dict[str, Any]:
+        """This encoder's ``class_path`` and ``init_args`` with ``weights`` cleared (a
+        checkpoint holds the tensors), for self-describing checkpoints."""
+        if not isinstance(self.init_args["norm_layer"], str):
+            raise ValueError(
+                "norm_layer is a callable, which a checkpoint cannot describe; pass one of "
+                f"{sorted(NORM_LAYERS)} by name"
+            )
+        return {
+            "class_path": class_path(self),
+            "init_args": {**self.init_args, "weights": None, "weights_trusted": False},
+        }
+
+    def summary(self) -> tuple[dict[str, Any], str]:
+        """The configuration and a short label telling configurations apart, e.g.
+        ``resnet50-deep-os8-uniform`` (PSPNet dilation) or ``resnet50-standard-os8-contracted``."""
+        dilations = {
+            plan.name: [list(pair) for pair in plan.dilations] for plan in self.stage_plans
+        }
+        label = f"{self.arch}-{self.stem_type}-os{self.output_stride}"
+        dilated = [plan for plan in self.stage_plans if plan.dilations[-1][1] > 1]
+        if dilated:
+            uniform = all(plan.dilations[0][0] == plan.dilations[0][1] for plan in dilated)
+            label += "-uniform" if uniform else "-contracted"
+            if len({pair[1] for pair in dilated[-1].dilations}) > 1:
+                label += "-multigrid"
+        config = {
+            "arch": self.arch,
+            "stem": self.stem_type,
+            "output_stride": self.output_stride,
+            "dilations": dilations,
+        }
+        return config, label
+
+
+def _plain(multi_grid: Sequence[int] | Mapping[str, Sequence[int]] | None) -> Any:
+    """``multi_grid`` as lists, as a config file writes it."""
+    if isinstance(multi_grid, Mapping):
+        return {stage: [int(g) for g in grid] for stage, grid in multi_grid.items()}
+    return None if multi_grid is None else [int(g) for g in multi_grid]
 
 
 def build_backbone(name: str, **options: object) -> ResNet:

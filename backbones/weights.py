@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 import urllib.error
 from collections.abc import Mapping
@@ -64,15 +65,30 @@ def _listing(keys: list[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict:
-    """``torch.load`` a file, with an error naming the file when it is missing or unreadable."""
+#: The option that lets :func:`read_checkpoint` unpickle a backbone weights file fully.
+TRUST_OPTION = "--model.backbone.init_args.weights_trusted true"
+
+
+def read_checkpoint(
+    path: str | os.PathLike, trusted: bool = False, option: str = TRUST_OPTION
+) -> dict:
+    """``torch.load`` a file with ``weights_only=True`` (tensors and plain containers only),
+    with an error naming the file when it is missing or unreadable. A file that needs full
+    unpickling, which can run arbitrary code, is refused unless ``trusted``; the error names
+    ``option``, the setting that allows it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
     try:
-        # Whole checkpoints (Lightning, semseg) pickle more than tensors; the file is the user's.
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=not trusted)
     except Exception as error:
+        found = re.findall(r"Unsupported global: GLOBAL [\w.]+", str(error))
+        if isinstance(error, pickle.UnpicklingError) and found:
+            raise WeightsError(
+                f"weights file {str(path)!r} holds Python objects other than tensors and plain "
+                f"containers ({found[0]}); unpickling it could run code from the file. If you "
+                f"trust its source, pass {option}"
+            ) from error
         raise WeightsError(
             f"could not read checkpoint {str(path)!r} ({type(error).__name__}: {error}); "
             "expected a file written by torch.save"
@@ -233,8 +249,9 @@ def is_weight_name(weights: str) -> bool:
     return weights in TORCHVISION_WEIGHT_NAMES
 
 
-def load_weights(model: ResNet, weights: str | os.PathLike) -> LoadReport:
-    """Load a torchvision weight name or a checkpoint file into ``model``, strictly."""
+def load_weights(model: ResNet, weights: str | os.PathLike, trusted: bool = False) -> LoadReport:
+    """Load a torchvision weight name or a checkpoint file into ``model``, strictly
+    (``trusted``: see :func:`read_checkpoint`)."""
     if isinstance(weights, str) and is_weight_name(weights):
         if model.stem_type != "standard":
             raise WeightsError(
@@ -250,7 +267,7 @@ def load_weights(model: ResNet, weights: str | os.PathLike) -> LoadReport:
                 f"weights={str(weights)!r} is neither an existing checkpoint file nor a "
                 f"torchvision weight name (expected one of {list(TORCHVISION_WEIGHT_NAMES)})"
             )
-        state, is_lightning = _unwrap(read_checkpoint(path))
+        state, is_lightning = _unwrap(read_checkpoint(path, trusted))
         source = str(path)
     native, skipped, layout = to_native(state, is_lightning)
     if not native:

@@ -126,11 +126,8 @@ def default_config() -> dict[str, Any]:
 
 
 def default_model(**overrides: Any) -> FewShotSegmentation:
-    """The model of ``python -m tasks.segment fit`` (``configs/segment/default.yaml``)."""
-    spec = default_config()["model"]
-    backbone = ResNet(**spec.pop("backbone")["init_args"])
-    head = import_class(spec.pop("head")["class_path"])
-    return FewShotSegmentation(backbone, head=head, **{**spec, **overrides})
+    """The model of ``python -m tasks.segment fit``: the task's defaults."""
+    return FewShotSegmentation(**overrides)
 
 
 def default_datamodule(class_path: str | None = None, **overrides: Any) -> LightningDataModule:

@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"# {args.dataset} ({type(probe).__name__}), {probe.image_size} px, batch "
         f"{args.batch_size}, {probe.shots}-shot; default model "
-        f"({model.backbone.arch}, output stride {model.backbone.output_stride}, "
+        f"({model.backbone.summary()[1]}, "
         f"{type(model.head).__name__}, fine-tuned); {describe(device)}"
     )
     header = ["loader workers", "loader ep/s", "step ep/s (batches in memory)", "loader / step",

@@ -26,6 +26,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from .datamodule import data_dir, require, write_once
+from .files import IMAGE_EXTENSIONS
 from .sampler import rank_and_world_size
 from .shapes import GENERATOR_VERSION, SHAPE_CLASSES, render_scene
 from .source import missing_path_error, open_image
@@ -33,7 +34,6 @@ from .splits import NUM_FOLDS, pascal_novel_classes
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 Split = Literal["train", "val"]
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".tif", ".tiff", ".webp")
 IMAGEFOLDER_LAYOUT = """\
 <root>/
   train/<class name>/<image>.jpg|png|...   one folder per class, at least one image each

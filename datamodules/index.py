@@ -13,10 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
+from .files import atomic_file
 from .source import SegmentationSource
 
 log = logging.getLogger(__name__)
@@ -43,9 +42,6 @@ def class_counts(source: SegmentationSource, cache_dir: Path) -> ClassCounts:
         }
     log.info("indexing %d labels of %s (once; cached at %s)", len(source.ids), source.name, path)
     counts = {image_id: source.class_pixels(image_id) for image_id in source.ids}
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=cache_dir, suffix=".tmp", delete=False) as file:
+    with atomic_file(path, "w") as file:  # concurrent ranks never see a partial file
         json.dump(counts, file)
-    os.chmod(file.name, 0o644)  # readable like the data it describes
-    os.replace(file.name, path)  # atomic: concurrent ranks never see a partial file
     return counts

@@ -18,10 +18,9 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
 from .episode import Batch, JointTransform
+from .files import IMAGE_EXTENSIONS
 from .source import IGNORE, open_image, open_label_png
 from .transforms import resized_size
-
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def expand_images(paths: Sequence[str]) -> list[Path]:
@@ -29,7 +28,7 @@ def expand_images(paths: Sequence[str]) -> list[Path]:
     files: list[Path] = []
     for entry in map(Path, paths):
         if entry.is_dir():
-            found = sorted(p for p in entry.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(p for p in entry.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
             if not found:
                 raise FileNotFoundError(f"predict query folder {str(entry)!r} holds no images")
             files += found

@@ -23,10 +23,11 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from .protocols import EvalPad, EvalResize
+from .source import IGNORE
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_FILL = {tv_tensors.Image: 0.0, tv_tensors.Mask: 255}
+_FILL = {tv_tensors.Image: 0.0, tv_tensors.Mask: IGNORE}
 
 
 def resized_size(height: int, width: int, size: int) -> tuple[int, int]:
@@ -89,7 +90,7 @@ class PadBottomRight:
             canvas += torch.tensor(black, dtype=image.dtype)[:, None, None]
         canvas[:, :height, :width] = image
         padding = [0, 0, self.size - width, self.size - height]
-        return tv_tensors.wrap(canvas, like=image), F.pad(mask, padding, fill=255)
+        return tv_tensors.wrap(canvas, like=image), F.pad(mask, padding, fill=IGNORE)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, pad={self.pad!r})"

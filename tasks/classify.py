@@ -11,37 +11,36 @@ from __future__ import annotations
 import csv
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
-import torch
+from jsonargparse import lazy_instance
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from backbones import ResNet
-from tasks.common import (
-    Optimizer,
-    Schedule,
-    check_checkpoint_fits,
-    class_names,
-    optimization,
-    writable_output,
-)
+from backbones import Backbone, ResNet
+from tasks.base import BaseTask, Optimizer, Schedule, check_arguments
+from tasks.common import writable_output
+
+if TYPE_CHECKING:
+    from tasks.cli import TaskCLI
+
+#: The default experiment's encoder: a plain ResNet-18 (output stride 32), small enough to train
+#: on a CPU; the signature's default, which each model builds afresh.
+DEFAULT_BACKBONE = lazy_instance(ResNet, arch="resnet18")
 
 
-def default_backbone() -> ResNet:
-    """A plain ResNet-18 (output stride 32), small enough to train on a CPU."""
-    return ResNet("resnet18")
+class ImageClassification(BaseTask):
+    """Classify images with an encoder: global average pooling of ``layer4``, dropout, linear.
 
-
-class ImageClassification(LightningModule):
-    """Classify images with a ResNet: global average pooling of ``layer4``, dropout, linear.
+    The defaults are the default experiment's model (``python -m tasks.classify fit``); a
+    checkpoint stores the backbone's class path and arguments, so it alone rebuilds the model.
 
     Args:
-        backbone: the encoder; default a ResNet-18 (:func:`default_backbone`). Any
-            :class:`backbones.ResNet` works (dilated ones too: pooling removes the stride).
+        backbone: the encoder; default a ResNet-18 (:data:`DEFAULT_BACKBONE`). Any
+            :class:`backbones.Backbone` works (dilated ones too: pooling removes the stride).
         num_classes: classes of the dataset (linked from the datamodule).
         dropout: dropout probability before the linear layer.
         label_smoothing: cross-entropy label smoothing (Szegedy et al., 2016: 0.1).
@@ -53,45 +52,52 @@ class ImageClassification(LightningModule):
 
     def __init__(
         self,
-        backbone: ResNet | None = None,
+        backbone: Backbone = DEFAULT_BACKBONE,
         num_classes: int = 1000,
-        dropout: float = 0.0,
-        label_smoothing: float = 0.0,
-        optimizer: Optimizer = "sgd",
-        lr: float = 0.1,
+        dropout: float = 0.1,
+        label_smoothing: float = 0.1,
+        optimizer: Optimizer = "adamw",
+        lr: float = 0.001,
         momentum: float = 0.9,
-        weight_decay: float = 1e-4,
+        weight_decay: float = 0.05,
         schedule: Schedule = "cosine",
         poly_power: float = 0.9,
     ) -> None:
         super().__init__()
-        checks = (
-            ("num_classes", num_classes, num_classes >= 2, "an integer >= 2"),
-            ("dropout", dropout, 0 <= dropout < 1, "in [0, 1)"),
-            ("label_smoothing", label_smoothing, 0 <= label_smoothing < 1, "in [0, 1)"),
-            ("optimizer", optimizer, optimizer in get_args(Optimizer), str(get_args(Optimizer))),
-            ("lr", lr, lr > 0, "a positive number"),
-            ("momentum", momentum, 0 <= momentum < 1, "in [0, 1)"),
-            ("weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
-            ("schedule", schedule, schedule in get_args(Schedule), str(get_args(Schedule))),
-            ("poly_power", poly_power, poly_power >= 0, ">= 0"),
+        check_arguments(
+            (
+                ("num_classes", num_classes, num_classes >= 2, "an integer >= 2"),
+                ("dropout", dropout, 0 <= dropout < 1, "in [0, 1)"),
+                ("label_smoothing", label_smoothing, 0 <= label_smoothing < 1, "in [0, 1)"),
+                (
+                    "optimizer",
+                    optimizer,
+                    optimizer in get_args(Optimizer),
+                    str(get_args(Optimizer)),
+                ),
+                ("lr", lr, lr > 0, "a positive number"),
+                ("momentum", momentum, 0 <= momentum < 1, "in [0, 1)"),
+                ("weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
+                ("schedule", schedule, schedule in get_args(Schedule), str(get_args(Schedule))),
+                ("poly_power", poly_power, poly_power >= 0, ">= 0"),
+            )
         )
-        for name, value, ok, allowed in checks:
-            if not ok:
-                raise ValueError(f"{name}={value!r}: expected {allowed}")
         self.save_hyperparameters(ignore=["backbone"])
-        self.configure_models(backbone or default_backbone())
+        if backbone is DEFAULT_BACKBONE:  # the shared default object must not be shared
+            backbone = ResNet("resnet18")
+        self.configure_models(backbone)
+        self.save_description()
         self.configure_losses()
         self.configure_metrics()
 
-    def configure_models(self, backbone: ResNet) -> None:
+    def configure_models(self, backbone: Backbone) -> None:
         self.backbone = backbone
         self.backbone.select_outputs(["layer4"])
         self.head = nn.Sequential(
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
             nn.Dropout(self.hparams.dropout),
-            nn.Linear(self.backbone.out_channels["layer4"], self.hparams.num_classes),
+            nn.Linear(self.backbone.output_info["layer4"].channels, self.hparams.num_classes),
         )
 
     def configure_losses(self) -> None:
@@ -115,11 +121,7 @@ class ImageClassification(LightningModule):
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         logits = self(batch["image"])
         loss = self.criterion(logits, batch["label"])
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss ({loss.item()}) at global step {self.global_step}, "
-                f"epoch {self.current_epoch}: lower the learning rate (model.lr) or check the data"
-            )
+        self.check_finite(loss)
         batch_size = len(batch["label"])
         self.train_metrics(logits.detach(), batch["label"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
@@ -155,16 +157,9 @@ class ImageClassification(LightningModule):
         probability, predicted = self(batch["image"]).softmax(1).max(1)
         return {"id": batch["id"], "class": predicted.tolist(), "probability": probability.tolist()}
 
-    def class_names(self) -> list[str]:
-        return class_names(self, self.hparams.num_classes)
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """A checkpoint of another task or model fails here, naming the file."""
-        check_checkpoint_fits(self, checkpoint)
-
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for p in self.parameters() if p.requires_grad]
-        return optimization(self, params, self.hparams.schedule)
+        return self.optimization(params, self.hparams.schedule)
 
 
 class PredictionCSV(BasePredictionWriter):
@@ -210,12 +205,12 @@ class PredictionCSV(BasePredictionWriter):
             )
 
 
-def main(args: list[str] | None = None) -> None:
-    """The command line; ``args`` lets tests run it in-process."""
+def main(args: list[str] | None = None) -> TaskCLI:
+    """The command line; ``args`` lets tests run it in-process and read the CLI's trainer."""
     from datamodules import ClassificationDataModule
     from tasks.cli import run_cli
 
-    run_cli(
+    return run_cli(
         ImageClassification,
         ClassificationDataModule,
         "classify",

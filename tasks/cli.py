@@ -6,16 +6,17 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 from collections.abc import Iterator
 from pathlib import Path
 from typing import ClassVar, NoReturn
 
+import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.plugins import TorchCheckpointIO
 
-from tasks.checkpointing import AtomicCheckpointIO, SaveLastOnInterrupt
+from tasks.checkpointing import SaveLastOnInterrupt
 from tasks.sync_batchnorm import AnyDeviceSyncBatchNorm
 from tasks.tracking import SaveConfigToRun
 
@@ -31,8 +32,8 @@ class TaskArgumentParser(LightningArgumentParser):
 
 class TaskCLI(LightningCLI):
     """Links the dataset's class count into the model, adds the task's own callbacks
-    (configured under their key, e.g. ``--prediction_writer.output_dir``) and makes checkpoints
-    safe to kill (:mod:`tasks.checkpointing`)."""
+    (configured under their key, e.g. ``--prediction_writer.output_dir``) and names a bad
+    ``--ckpt_path`` file."""
 
     task_callbacks: ClassVar[dict[str, type[Callback]]] = {}
 
@@ -42,22 +43,14 @@ class TaskCLI(LightningCLI):
             parser.add_lightning_class_args(callback, key)
 
     def instantiate_trainer(self, **kwargs: object) -> Trainer:
-        """Atomic checkpoint writes unless the config chose its own checkpoint IO;
-        ``trainer.sync_batchnorm`` (on by default) synchronises BatchNorm on every device
+        """``trainer.sync_batchnorm`` (on by default) synchronises BatchNorm on every device
         (:mod:`tasks.sync_batchnorm`), not only on GPUs."""
         config = self.config_init.get(str(self.subcommand), self.config_init)["trainer"]
         if config.get("sync_batchnorm"):
             plugins = config.get("plugins") or []
             plugins = plugins if isinstance(plugins, list) else [plugins]
             kwargs["plugins"] = [*plugins, AnyDeviceSyncBatchNorm()]
-        trainer = super().instantiate_trainer(**kwargs)
-        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
-            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        return trainer
-
-    def init_parser(self, **kwargs: object) -> LightningArgumentParser:
-        self.parser_class = TaskArgumentParser
-        return super().init_parser(**kwargs)
+        return super().instantiate_trainer(**kwargs)
 
     def instantiate_classes(self) -> None:
         """An error raised while jsonargparse instantiates a ``class_path`` object (the backbone,
@@ -72,25 +65,31 @@ class TaskCLI(LightningCLI):
             return
         raise cause
 
-    def _parse_ckpt_path(self) -> None:
-        """LightningCLI (2.6, a private hook) reads ``--ckpt_path``'s hyper-parameters into the
-        config before anything else; name the file when it cannot be read or belongs to another
-        task."""
+    def parse_arguments(self, parser: LightningArgumentParser, args: object) -> None:
+        """Check ``--ckpt_path`` before LightningCLI reads its hyper-parameters into the config
+        (the checkpoint's model description overrides the config's): an unreadable file, or one
+        of another task, is named here rather than failing inside the config merge."""
+        super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if not path or not Path(path).is_file():
+            return
         try:
-            super()._parse_ckpt_path()
-        except SystemExit:
-            self.parser.error(
-                f"--ckpt_path {path!r}: its hyper-parameters are not options of this task's "
-                "model; expected a checkpoint of the same task (another task's encoder loads as "
-                "--model.backbone.init_args.weights)"
-            )
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            hparams = dict(checkpoint.get("hyper_parameters", {}))
         except Exception as error:
             raise ValueError(
                 f"--ckpt_path {path!r} could not be read ({type(error).__name__}: {error}); "
                 "expected a checkpoint written by this project's fit"
             ) from error
+        options = set(inspect.signature(self.model_class).parameters)
+        foreign = sorted(k for k in hparams if not k.startswith("_") and k not in options)
+        if foreign:
+            parser.error(
+                f"--ckpt_path {path!r}: its hyper-parameters {foreign} are not options of "
+                f"{self.model_class.__name__}; expected a checkpoint of the same task (another "
+                "task's encoder loads as --model.backbone.init_args.weights)"
+            )
 
     def before_instantiate_classes(self) -> None:
         """``--ckpt_path last`` with W&B: resume the newest run's ``last.ckpt`` and its W&B run.
@@ -130,12 +129,15 @@ def run_cli(
             datamodule_class,
             subclass_mode_data=True,
             save_config_callback=SaveConfigToRun,
-            # The datamodules shard episodes themselves; Lightning's sampler would pad them.
+            parser_class=TaskArgumentParser,
             trainer_defaults={
+                # The datamodules shard episodes themselves; Lightning's sampler would pad them.
                 "use_distributed_sampler": False,
                 # Trainable BatchNorm sees the global batch under DDP, as on one device.
                 "sync_batchnorm": True,
                 "callbacks": [SaveLastOnInterrupt()],
+                # Atomic checkpoint writes, unless the config chooses its own plugins.
+                "plugins": [{"class_path": "tasks.checkpointing.AtomicCheckpointIO"}],
             },
             parser_kwargs={
                 subcommand: {"default_config_files": [str(CONFIGS / task / "default.yaml")]}
@@ -185,9 +187,10 @@ def unwrap_union_error(error: BaseException) -> BaseException:
 
 def condense_union_report(message: str) -> str:
     """``Parser key "data": datamodules.ShapesFewShot: Parser key "shots": Expected ...`` from
-    jsonargparse's multi-line report of a value no alternative of an optional class accepts."""
+    jsonargparse's multi-line report of a value no alternative of an optional class accepts;
+    another nested report (a ``class_path`` option) on one line."""
     if UNION_REPORT not in message:
-        return message
+        return " ".join(line.strip() for line in message.splitlines() if line.strip())
     lines = message.splitlines()
     start = next(
         (i for i, line in enumerate(lines) if "- Problem with given class_path" in line), None

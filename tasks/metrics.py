@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-IGNORE_INDEX = 255
+from datamodules.source import IGNORE as IGNORE_INDEX
 
 
 class FewShotIoU(Metric):

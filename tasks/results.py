@@ -30,8 +30,8 @@ from lightning.pytorch.loggers import WandbLogger
 from rich.console import Console
 from rich.table import Table
 
-from backbones import ResNet
-from tasks.checkpointing import write_atomic
+from backbones import Backbone
+from datamodules.files import write_atomic
 from tasks.common import writable_folder
 
 FORMAT = "fewshot-dilated/test-results"
@@ -64,26 +64,10 @@ def summarise(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def describe_backbone(backbone: ResNet) -> tuple[dict[str, Any], str]:
+def describe_backbone(backbone: Backbone) -> tuple[dict[str, Any], str]:
     """The backbone's configuration and a short label telling configurations apart, e.g.
     ``resnet50-deep-os8-uniform`` (PSPNet dilation) or ``resnet50-standard-os8-contracted``."""
-    dilations = {
-        plan.name: [list(pair) for pair in plan.dilations] for plan in backbone.stage_plans
-    }
-    label = f"{backbone.arch}-{backbone.stem_type}-os{backbone.output_stride}"
-    dilated = [plan for plan in backbone.stage_plans if plan.dilations[-1][1] > 1]
-    if dilated:
-        uniform = all(plan.dilations[0][0] == plan.dilations[0][1] for plan in dilated)
-        label += "-uniform" if uniform else "-contracted"
-        if len({pair[1] for pair in dilated[-1].dilations}) > 1:
-            label += "-multigrid"
-    config = {
-        "arch": backbone.arch,
-        "stem": backbone.stem_type,
-        "output_stride": backbone.output_stride,
-        "dilations": dilations,
-    }
-    return config, label
+    return backbone.summary()
 
 
 def file_sha256(path: Path) -> str:

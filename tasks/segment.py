@@ -2,7 +2,7 @@
 
 A task in torchgeo's style: a LightningModule with ``configure_models``, ``configure_losses`` and
 ``configure_metrics``, fed by the episodic datamodules of :mod:`datamodules` (batch contract in
-:mod:`datamodules.episode`). The backbone is any :class:`backbones.ResNet`; the head any of
+:mod:`datamodules.episode`). The backbone is any :class:`backbones.Backbone`; the head any of
 :mod:`tasks.heads`. Evaluation scores at the query's original label resolution, as PFENet/ASGNet
 (``ori_resize``), with :class:`tasks.metrics.FewShotIoU`.
 """
@@ -14,33 +14,70 @@ import shutil
 import sys
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import torch
-import torch.nn.functional as F
-from lightning.pytorch import LightningModule
+from jsonargparse import lazy_instance
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from backbones import ResNet
-from backbones.weights import read_checkpoint
-from tasks.common import Optimizer, check_checkpoint_fits, class_names, optimization
-from tasks.heads import HeadOutput, PrototypeHead
+from backbones import Backbone, ResNet, WeightsError
+from backbones.weights import checkpoint_arch, read_checkpoint, to_native
+from datamodules.source import IGNORE
+from tasks.base import BaseTask, Optimizer, check_arguments, describe_head
+from tasks.heads import ASGNetHead, HeadOutput, PrototypeHead
+from tasks.heads.asgnet import split_official_state_dict
+from tasks.heads.common import resize
 from tasks.metrics import FewShotIoU
 from tasks.results import summarise
 
-IGNORE = 255
+if TYPE_CHECKING:
+    from tasks.cli import TaskCLI
+
 HeadFactory = Callable[[Mapping[str, int]], nn.Module]
 
 
-def default_backbone() -> ResNet:
-    """The PSPNet / PFENet / ASGNet encoder: ResNet-50, deep stem, uniform dilation, OS 8."""
-    return ResNet("resnet50", stem="deep", output_stride=8, dilation_scheme="uniform")
+#: The default experiment's encoder: ResNet-18 at output stride 8 (torchvision dilation).
+DEFAULT_ENCODER = {"arch": "resnet18", "output_stride": 8}
+
+#: The signature's default, which the command line shows and overrides field by field
+#: (``--model.backbone.init_args.weights``); each model builds its own encoder from it.
+DEFAULT_BACKBONE = lazy_instance(ResNet, **DEFAULT_ENCODER)
+
+
+def official_asgnet(path: str, trusted: bool = False) -> tuple[ResNet, ASGNetHead]:
+    """The encoder and head of a released ASGNet model (``model/asgnet.py``'s checkpoint): the
+    PSPNet encoder (deep stem, uniform dilation, output stride 8) of the depth the file holds,
+    and the head with the paper's options, both loaded strictly from the one file."""
+    checkpoint = read_checkpoint(path, trusted, option="--model.official_trusted true")
+    _, encoder = split_official_state_dict(checkpoint)
+    depths, archs = checkpoint_arch(to_native(encoder, is_lightning=False)[0])
+    if not archs:
+        raise WeightsError(
+            f"official_checkpoint={path!r} holds no ResNet encoder this project builds (blocks "
+            f"per stage {depths}); expected a released ASGNet ResNet-50/101 model"
+        )
+    backbone = ResNet(
+        archs[0],
+        stem="deep",
+        output_stride=8,
+        dilation_scheme="uniform",
+        weights=path,
+        weights_trusted=trusted,
+    )
+    head = ASGNetHead(backbone_channels(backbone))
+    head.load_official_state_dict(checkpoint)
+    return backbone, head
+
+
+def backbone_channels(backbone: Backbone) -> dict[str, int]:
+    """Channels of every output the backbone can give, the heads' ``in_channels``."""
+    return {name: info.channels for name, info in backbone.output_info.items()}
 
 
 def upsample(logits: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     """Bilinear with ``align_corners=True``, as PFENet/ASGNet resize logits to the label."""
-    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=True)
+    return resize(logits, size)
 
 
 def episode_mean_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
@@ -48,7 +85,8 @@ def episode_mean_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     (255 ignored). Every episode weighs the same, so the loss and its gradient do not depend on
     how a global batch is split over devices and accumulated batches; a pixel mean over the
     batch (PFENet) would weigh each device's episodes by its own count of labelled pixels."""
-    pixels = F.cross_entropy(logits, target, ignore_index=IGNORE, reduction="none").flatten(1)
+    pixels = nn.functional.cross_entropy(logits, target, ignore_index=IGNORE, reduction="none")
+    pixels = pixels.flatten(1)
     labelled = (target != IGNORE).flatten(1).sum(1).clamp(min=1)
     return (pixels.sum(1) / labelled).mean()
 
@@ -87,24 +125,30 @@ def compile_unsupported_reason() -> str | None:
     return None
 
 
-class FewShotSegmentation(LightningModule):
+class FewShotSegmentation(BaseTask):
     """Predict the query mask of the support's class from K annotated support images.
 
+    The defaults are the default experiment (``python -m tasks.segment fit``); a checkpoint
+    stores the backbone's and the head's class paths and arguments, so it alone rebuilds the
+    model (``load_from_checkpoint(path)``, ``test --ckpt_path path``).
+
     Args:
-        backbone: the encoder; default the PSPNet/ASGNet encoder (:func:`default_backbone`).
-        head: a head class (or callable) taking the backbone's channels by feature name.
+        backbone: the encoder (any :class:`backbones.Backbone`); default ResNet-18 at output
+            stride 8 (:data:`DEFAULT_ENCODER`).
+        head: a head class (or callable) taking the backbone's channels by output name; the
+            head's ``in_features`` say which outputs the backbone computes (see
+            :mod:`tasks.heads`).
         num_classes: classes of the dataset, for per-class IoU (linked from the datamodule).
         freeze_backbone: no gradients in the backbone, BatchNorm kept in eval mode and the
             backbone run under ``torch.no_grad`` (PFENet/ASGNet); else it is fine-tuned at
-            ``lr * backbone_lr_mult``.
-        features: backbone outputs the head consumes; later stages are not computed.
+            ``lr * backbone_lr_mult``. Default: fine-tuned, frozen with ``official_checkpoint``.
         optimizer: ``"sgd"`` (the reference recipes) or ``"adamw"``.
         lr, momentum, weight_decay: optimizer settings (ASGNet PASCAL: 0.0025, 0.9, 1e-4).
         poly_power: learning rate ``lr * (1 - step / total_steps) ** poly_power`` per step.
         backbone_lr_mult: the backbone's learning-rate multiplier when fine-tuned.
-        head_weights: an official checkpoint of the head's method (ASGNet's released ``.pth``),
-            loaded into the head strictly through the head's key map; give the same file as
-            the backbone's ``weights`` to load its encoder (``layer0`` = the deep stem).
+        official_checkpoint: a released ASGNet model (``.pth``): its encoder and head replace
+            ``backbone`` and ``head`` (:func:`official_asgnet`), frozen as in the paper.
+        official_trusted: unpickle ``official_checkpoint`` fully (only a file you trust).
         channels_last: keep weights and images in channels-last memory order (faster
             convolutions with tensor cores and on recent CPUs); results are unchanged.
         compile: ``torch.compile`` the backbone and the head in place (state-dict keys and
@@ -114,52 +158,66 @@ class FewShotSegmentation(LightningModule):
 
     def __init__(
         self,
-        backbone: ResNet | None = None,
+        backbone: Backbone = DEFAULT_BACKBONE,
         head: HeadFactory = PrototypeHead,
         num_classes: int = 20,
-        freeze_backbone: bool = True,
-        features: tuple[str, ...] = ("layer2", "layer3"),
+        freeze_backbone: bool | None = None,
         optimizer: Optimizer = "sgd",
-        lr: float = 0.0025,
+        lr: float = 0.01,
         momentum: float = 0.9,
         weight_decay: float = 1e-4,
         poly_power: float = 0.9,
-        backbone_lr_mult: float = 0.1,
-        head_weights: str | None = None,
+        backbone_lr_mult: float = 1.0,
+        official_checkpoint: str | None = None,
+        official_trusted: bool = False,
         channels_last: bool = False,
         compile: bool = False,
     ) -> None:
         super().__init__()
-        for name, value in (("lr", lr), ("backbone_lr_mult", backbone_lr_mult)):
-            if not value > 0:
-                raise ValueError(f"{name}={value}: expected a positive number")
-        if weight_decay < 0 or poly_power < 0 or not 0 <= momentum < 1:
-            raise ValueError(
-                f"weight_decay={weight_decay}, poly_power={poly_power}, momentum={momentum}: "
-                "expected weight_decay >= 0, poly_power >= 0 and 0 <= momentum < 1"
+        check_arguments(
+            (
+                ("optimizer", optimizer, optimizer in get_args(Optimizer), get_args(Optimizer)),
+                ("lr", lr, lr > 0, "a positive number"),
+                ("backbone_lr_mult", backbone_lr_mult, backbone_lr_mult > 0, "a positive number"),
+                ("momentum", momentum, 0 <= momentum < 1, "in [0, 1)"),
+                ("weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
+                ("poly_power", poly_power, poly_power >= 0, ">= 0"),
             )
+        )
         self.save_hyperparameters(ignore=["backbone", "head"])
         self.backbone_norm = "frozen"
-        self.configure_models(backbone or default_backbone(), head)
+        if official_checkpoint is not None:
+            backbone, head = official_asgnet(official_checkpoint, official_trusted)
+        if freeze_backbone is None:
+            freeze_backbone = official_checkpoint is not None
+        self.hparams.freeze_backbone = freeze_backbone
+        if backbone is DEFAULT_BACKBONE:  # the shared default object must not be shared
+            backbone = ResNet(**DEFAULT_ENCODER)
+        self.configure_models(backbone, head)
+        # The checkpoint holds the official tensors: reloading needs neither the file nor it.
+        self.save_description(
+            head=describe_head(self.head), official_checkpoint=None, official_trusted=False
+        )
         self.configure_losses()
         self.configure_metrics()
 
-    def configure_models(self, backbone: ResNet, head: HeadFactory) -> None:
+    def configure_models(self, backbone: Backbone, head: HeadFactory | nn.Module) -> None:
+        """The head is built on all the backbone's outputs' channels (or given built); the
+        backbone then computes only the head's ``in_features``, the modules after them idle and
+        without gradient (DDP would flag them unused)."""
         self.backbone = backbone
-        self.backbone.select_outputs(self.hparams.features)
-        for stage in self.backbone.idle_stages():  # no gradient: DDP would flag them unused
+        self.head = head if isinstance(head, nn.Module) else head(backbone_channels(backbone))
+        in_features = getattr(self.head, "in_features", None)
+        if not in_features:
+            raise ValueError(
+                f"head {type(self.head).__name__} declares no in_features; expected the names "
+                f"of the backbone outputs it reads, among {list(backbone.output_info)}"
+            )
+        self.backbone.select_outputs(in_features)
+        for stage in self.backbone.idle_stages():
             stage.requires_grad_(False)
         if self.hparams.freeze_backbone:
-            self.backbone.freeze(4, norm_eval=True)
-        self.head = head(self.backbone.out_channels)
-        if self.hparams.head_weights is not None:
-            load = getattr(self.head, "load_official_state_dict", None)
-            if load is None:
-                raise ValueError(
-                    f"head_weights={self.hparams.head_weights!r}: {type(self.head).__name__} "
-                    "has no official checkpoint format (ASGNetHead has)"
-                )
-            load(read_checkpoint(self.hparams.head_weights))
+            self.backbone.freeze("all", norm_eval=True)
         if self.hparams.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
             self.head.to(memory_format=torch.channels_last)
@@ -260,11 +318,7 @@ class FewShotSegmentation(LightningModule):
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         output = self.segment(batch)
         loss, main = self.loss(output, batch["query_mask"])
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss ({loss.item()}) at global step {self.global_step}, "
-                f"epoch {self.current_epoch}: lower the learning rate (model.lr) or check the data"
-            )
+        self.check_finite(loss)
         size = batch["query_mask"].shape[-2:]
         self.train_iou.update(
             upsample(output.logits.detach(), size).argmax(1), batch["query_mask"], batch["class_id"]
@@ -343,18 +397,11 @@ class FewShotSegmentation(LightningModule):
         for name, iou in summary["iou_per_class"].items():
             self.log(f"{stage}/iou/{name}", iou)
 
-    def class_names(self) -> list[str]:
-        return class_names(self, self.hparams.num_classes)
-
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
         """Foreground masks at each query's original size, with the batch's ids."""
         output = self.segment(batch)
         masks = [p.to(torch.uint8).cpu() for p in original_size_predictions(output.logits, batch)]
         return {"query_id": batch["query_id"], "query_path": batch["query_path"], "masks": masks}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """A checkpoint of another task or model fails here, naming the file."""
-        check_checkpoint_fits(self, checkpoint)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -362,17 +409,17 @@ class FewShotSegmentation(LightningModule):
         if self.backbone_trainable:
             backbone = [p for p in self.backbone.parameters() if p.requires_grad]
             groups.append({"params": backbone, "lr": hp.lr * hp.backbone_lr_mult})
-        return optimization(self, groups, "poly")
+        return self.optimization(groups, "poly")
 
 
-def main(args: list[str] | None = None) -> None:
-    """The command line; ``args`` lets tests run it in-process."""
+def main(args: list[str] | None = None) -> TaskCLI:
+    """The command line; ``args`` lets tests run it in-process and read the CLI's trainer."""
     from datamodules import FewShotDataModule
     from tasks.cli import run_cli
     from tasks.predictions import MaskWriter
     from tasks.results import TestResults
 
-    run_cli(
+    return run_cli(
         FewShotSegmentation,
         FewShotDataModule,
         "segment",

@@ -9,9 +9,11 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import WandbLogger
 from torch import Tensor
 
+from datamodules.source import IGNORE
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
+from tasks.heads.common import resize
 
-CLASS_LABELS = {0: "background", 1: "object", 255: "ignore"}
+CLASS_LABELS = {0: "background", 1: "object", IGNORE: "ignore"}
 
 
 def to_uint8(image: Tensor) -> Tensor:
@@ -47,9 +49,7 @@ class LogValidationEpisodes(Callback):
             return
         count = min(self.num_episodes, batch["query_image"].shape[0])
         size = batch["query_image"].shape[-2:]
-        preds = torch.nn.functional.interpolate(
-            outputs.float(), size=size, mode="bilinear", align_corners=True
-        ).argmax(1)
+        preds = resize(outputs.float(), size).argmax(1)
         images, masks = [], []
         for i in range(count):
             frames = [*batch["support_images"][i], batch["query_image"][i]]

@@ -11,6 +11,7 @@ training step; its own test checks that it names the step.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
@@ -136,6 +137,11 @@ CASES = [
                            "{truncated_weights}"),
                  WeightsError, r"could not read checkpoint '.*truncated\.pth' .*expected a file "
                  r"written by torch\.save", None, id="truncated-weights-file"),
+    pytest.param(SEGMENT, ("fit", *SHAPES, "--model.backbone.init_args.weights",
+                           "{pickled_weights}"),
+                 WeightsError, r"weights file '.*pickled\.pth' holds Python objects other than "
+                 r"tensors .*--model\.backbone\.init_args\.weights_trusted true", None,
+                 id="weights-file-needing-unpickling"),
     # Segmentation data
     pytest.param(SEGMENT, ("fit", *PASCAL, "--data.root", "{tmp}/nowhere"),
                  FileNotFoundError, r"dataset root not found: .*nowhere$", None,
@@ -194,9 +200,9 @@ CASES = [
                  r"ckpt_path .*classify\.ckpt", None, id="classify-checkpoint-to-segment-test"),
     pytest.param(CLASSIFY, ("test", *FOLDER, "--ckpt_path", "{segment_ckpt}"), 2,
                  r"ckpt_path .*segment\.ckpt", None, id="segment-checkpoint-to-classify-test"),
-    pytest.param(CLASSIFY, ("test", *FOLDER, "--ckpt_path", "{classify_ckpt}",
+    pytest.param(CLASSIFY, ("test", *FOLDER, "--ckpt_path", "{undescribed_ckpt}",
                             "--model.backbone.init_args.arch", "resnet34"), ValueError,
-                 r"checkpoint '.*classify\.ckpt' does not fit ImageClassification \(missing: "
+                 r"checkpoint '.*undescribed\.ckpt' does not fit ImageClassification \(missing: "
                  r"backbone\.layer1\.2\.", None, id="checkpoint-of-another-backbone"),
     # Classification data
     pytest.param(CLASSIFY, ("fit", *FOLDER), ValueError,
@@ -249,6 +255,24 @@ def save_checkpoint(model: LightningModule, path: Path) -> Path:
     return path
 
 
+def undescribed(path: Path, name: str) -> Path:
+    """A checkpoint as written before checkpoints described their model: the config given at
+    test time builds the model, which may not fit."""
+    checkpoint = torch.load(path, weights_only=True)
+    for key in ("backbone", "_instantiator"):
+        del checkpoint["hyper_parameters"][key]
+    torch.save(checkpoint, path.with_name(name))
+    return path.with_name(name)
+
+
+def pickled(path: Path, name: str) -> Path:
+    """The weights beside an ``argparse.Namespace``, as old training scripts saved their
+    arguments: loading it would unpickle arbitrary objects."""
+    copy = path.with_name(name)
+    torch.save({"state_dict": torch.load(path), "args": argparse.Namespace(lr=0.1)}, copy)
+    return copy
+
+
 def truncated(path: Path, name: str) -> Path:
     copy = path.with_name(name)
     copy.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -289,9 +313,11 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "mask": mask,
         "resnet18_weights": weights,
         "truncated_weights": truncated(weights, "truncated.pth"),
+        "pickled_weights": pickled(weights, "pickled.pth"),
         "segment_ckpt": segment_ckpt,
         "truncated_ckpt": truncated(segment_ckpt, "truncated.ckpt"),
         "classify_ckpt": save_checkpoint(classify, root / "classify.ckpt"),
+        "undescribed_ckpt": undescribed(root / "classify.ckpt", "undescribed.ckpt"),
     }
 
 

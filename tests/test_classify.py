@@ -4,6 +4,7 @@ and a classification checkpoint reused as the segmentation backbone."""
 from __future__ import annotations
 
 import csv
+import math
 import pickle
 import shutil
 from pathlib import Path
@@ -19,8 +20,8 @@ from backbones import build_backbone
 from datamodules import CifarData, ImageFolderData, ShapesClassification
 from datamodules.classification import shapes_class_folder
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
+from tasks.base import build_scheduler
 from tasks.classify import ImageClassification, main
-from tasks.common import schedule_factor
 from tasks.segment import main as segment_main
 
 CLASSES = ("cat", "dog", "owl")
@@ -236,11 +237,24 @@ def test_logits_shape_for_dilated_backbones() -> None:
     assert model(torch.randn(2, 3, 40, 40)).shape == (2, 7)
 
 
-def test_schedules() -> None:
-    cosine = schedule_factor("cosine", 10, 0.9)
-    poly = schedule_factor("poly", 10, 2.0)
-    assert [cosine(s) for s in (0, 5, 10)] == pytest.approx([1.0, 0.5, 0.0])
-    assert [poly(s) for s in (0, 5, 10)] == pytest.approx([1.0, 0.25, 0.0])
+@pytest.mark.parametrize("total", [10, 3000])
+def test_schedules_follow_the_closed_forms_per_step(total: int) -> None:
+    """torch's chained PolynomialLR / CosineAnnealingLR give the closed forms the reference
+    recipes write, ``lr (1 - t/T)^p`` and ``lr (1 + cos(pi t/T)) / 2``, at every step."""
+    for schedule, power, closed in (
+        ("poly", 0.9, lambda t: (1 - t / total) ** 0.9),
+        ("poly", 2.0, lambda t: (1 - t / total) ** 2.0),
+        ("cosine", 0.9, lambda t: 0.5 * (1 + math.cos(math.pi * t / total))),
+    ):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+        scheduler = build_scheduler(optimizer, schedule, total, power)
+        rates = [optimizer.param_groups[0]["lr"]]
+        for _ in range(total):
+            optimizer.step()
+            scheduler.step()
+            rates.append(optimizer.param_groups[0]["lr"])
+        expected = [0.01 * closed(t) for t in range(total + 1)]
+        assert rates == pytest.approx(expected, rel=1e-12, abs=1e-15), schedule
 
 
 def test_per_class_accuracy_is_logged(image_folder: Path) -> None:

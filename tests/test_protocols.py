@@ -107,6 +107,7 @@ def test_hsnet_squashes_and_scores_at_the_input_size(pascal_root: Path, tmp_path
     assert batch["query_label"].shape[-2:] != (64, 64)  # the original labels, not the input
 
 
+@pytest.mark.slow
 def test_multi_seed_test_writes_results_that_match_single_seed_runs(tmp_path: Path) -> None:
     """Each seed's score equals a separate single-seed test; the summary is their mean and
     sample std; the report tabulates the file."""

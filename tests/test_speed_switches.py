@@ -65,6 +65,7 @@ def assert_close(reference, other, loss_tolerance: float, grad_tolerance: float)
         assert error <= grad_tolerance, (name, error.item())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", [PrototypeHead, ASGNetHead], ids=["prototype", "asgnet"])
 def test_channels_last_and_bf16_match_float32(head) -> None:
     batch = episode()

@@ -5,10 +5,16 @@ Every head follows one interface::
     head = Head(in_channels, **options)
     out = head(query_feats, support_feats, support_masks)
 
-* ``in_channels``: ``dict[str, int]``, the backbone's channels by feature name (``layer1`` ..
-  ``layer4``; resnet50: 256/512/1024/2048, resnet18: 64/128/256/512). The heads read layer2 and
-  layer3 (PFENet/ASGNet); when layer2 is larger than layer3 (output stride 16) it is resized
-  bilinearly to layer3's size.
+* ``in_channels``: ``dict[str, int]``, the channels of every output the backbone can give, by
+  name (``stem``, ``layer1`` .. ``layer4``, and each block as ``layer3.2``; resnet50 stages:
+  256/512/1024/2048, resnet18: 64/128/256/512).
+* ``head.in_features``: the outputs the head reads, set in ``__init__`` (it may depend on
+  ``in_channels``: HSNet would take every block of layer2..layer4). The task computes exactly
+  these, and the modules after the last one get no gradient and are not run. The heads here read
+  layer2 and layer3 (PFENet/ASGNet); when layer2 is larger than layer3 (output stride 16) it is
+  resized bilinearly to layer3's size. A PFENet head would declare ``layer4`` too.
+* ``head.init_args``: the head's own options (not ``in_channels``), which checkpoints store so
+  that they rebuild the head.
 * ``query_feats``: ``dict[str, Tensor]`` of [B, C, h, w]; ``support_feats``: ``dict[str, Tensor]``
   of [B, K, C, h, w]; features may be detached, channels_last, and the call may run under
   autocast.

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .common import (
+    MID_LEVEL_LAYERS,
     HeadOutput,
     check_inputs,
     cosine_similarity_map,
@@ -20,6 +21,7 @@ from .common import (
     masked_average_pooling,
     mid_level_channels,
     mid_level_features,
+    resize,
 )
 
 #: Channels of ResNet-50/101 stages, the official checkpoints' backbones.
@@ -197,10 +199,6 @@ def pyramid_bin_size(bin: float, size: tuple[int, int]) -> tuple[int, int]:
     return min(int(bin), size[0]), min(int(bin), size[1])
 
 
-def _resize(x: Tensor, size: Sequence[int]) -> Tensor:
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
-
-
 def _conv1x1_relu(in_channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.ReLU(inplace=True))
 
@@ -312,6 +310,17 @@ class ASGNetHead(nn.Module):
         super().__init__()
         if not bins or any(b <= 0 for b in bins):
             raise ValueError(f"bins must be a non-empty list of positive sizes, got {bins}")
+        self.init_args = {
+            "reduce_dim": reduce_dim,
+            "bins": list(bins),
+            "max_superpixels": max_superpixels,
+            "superpixel_area": superpixel_area,
+            "train_iterations": train_iterations,
+            "eval_iterations": eval_iterations,
+            "aux_weight": aux_weight,
+            "dropout": dropout,
+        }
+        self.in_features = MID_LEVEL_LAYERS  # layer4 is not used (Li et al., Sec. 4.1)
         self.bins = tuple(bins)
         self.max_superpixels = max_superpixels
         self.superpixel_area = superpixel_area
@@ -379,14 +388,14 @@ class ASGNetHead(nn.Module):
         aux_logits: list[Tensor] = []
         for i, bin in enumerate(self.bins):
             bin_size = pyramid_bin_size(bin, size)
-            merged = torch.cat([F.adaptive_avg_pool2d(guide, bin_size), _resize(prob, bin_size)], 1)
+            merged = torch.cat([F.adaptive_avg_pool2d(guide, bin_size), resize(prob, bin_size)], 1)
             merged = self.corr_conv[i](merged)
             if i > 0:
-                previous = _resize(levels[-1], bin_size)
+                previous = resize(levels[-1], bin_size)
                 merged = self.alpha_conv[i - 1](torch.cat([merged, previous], 1)) + merged
             merged = self.beta_conv[i](merged) + merged
             aux_logits.append(self.inner_cls[i](merged))
-            levels.append(_resize(merged, size))
+            levels.append(resize(merged, size))
         feat = self.res1(torch.cat(levels, 1))
         feat = self.res2(feat) + feat
         return self.cls(feat), aux_logits

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -19,6 +19,12 @@ MAP_EPS = 5e-4
 
 #: Eps of the cosine similarity (``F.cosine_similarity(..., eps=1e-7)`` in ASGNet).
 COSINE_EPS = 1e-7
+
+
+def resize(x: Tensor, size: Sequence[int]) -> Tensor:
+    """Bilinear with ``align_corners=True``: how PFENet/ASGNet resize features, masks and
+    logits everywhere (the one definition in this project)."""
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
 
 
 class HeadOutput(NamedTuple):
@@ -54,7 +60,7 @@ def mid_level_features(feats: Mapping[str, Tensor]) -> Tensor:
     if layer3.ndim == 5:
         layer3, layer2 = layer3.flatten(0, 1), layer2.flatten(0, 1)
     if layer2.shape[-2:] != layer3.shape[-2:]:
-        layer2 = F.interpolate(layer2, size=layer3.shape[-2:], mode="bilinear", align_corners=True)
+        layer2 = resize(layer2, layer3.shape[-2:])
     return torch.cat([layer3, layer2], 1)
 
 
@@ -96,7 +102,7 @@ def foreground_masks(support_masks: Tensor, size: tuple[int, int]) -> Tensor:
     ``align_corners=True`` (PFENet/ASGNet ``mask = (s_y == 1)`` followed by ``F.interpolate``).
     """
     fg = (support_masks == 1).flatten(0, 1).unsqueeze(1).float()
-    return F.interpolate(fg, size=size, mode="bilinear", align_corners=True)
+    return resize(fg, size)
 
 
 def masked_average_pooling(feats: Tensor, mask: Tensor) -> Tensor:

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .common import (
+    MID_LEVEL_LAYERS,
     HeadOutput,
     check_inputs,
     cosine_similarity_map,
@@ -42,6 +43,12 @@ class PrototypeHead(nn.Module):
         decoder_dropout: float = 0.1,
     ) -> None:
         super().__init__()
+        self.init_args = {
+            "reduce_dim": reduce_dim,
+            "dropout": dropout,
+            "decoder_dropout": decoder_dropout,
+        }
+        self.in_features = MID_LEVEL_LAYERS
         self.reduce = nn.Sequential(
             nn.Conv2d(mid_level_channels(in_channels), reduce_dim, 1, bias=False),
             nn.ReLU(inplace=True),

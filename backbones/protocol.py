@@ -1,0 +1,83 @@
+"""What the tasks, the results files and the benchmarks may rely on in an encoder.
+
+Anything outside :mod:`backbones` talks to an encoder through :class:`Backbone` only, so an
+encoder of another family (a timm model in a subclass implementing these methods) can replace
+:class:`backbones.ResNet` without touching the tasks. A base class rather than a
+``typing.Protocol``: jsonargparse accepts any subclass as ``--model.backbone`` (its protocol check
+compares call signatures, which ``nn.Module.__call__`` does not keep).
+"""
+
+from __future__ import annotations
+
+from abc import ABCMeta, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    """One output of the encoder: its name, channels and true stride relative to the input."""
+
+    name: str
+    channels: int
+    stride: int
+
+
+class Backbone(nn.Module, metaclass=ABCMeta):
+    """A feature-pyramid encoder with named outputs.
+
+    Outputs are the pyramid's levels (``stem``, ``layer1``..``layer4`` for ResNets) and every
+    block's output (``layer3.2``), so that a head can ask for exactly what it reads.
+    """
+
+    @abstractmethod
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """The selected outputs by name, in network order."""
+
+    @property
+    @abstractmethod
+    def output_info(self) -> dict[str, FeatureInfo]:
+        """Every output the encoder can give (selected or not), by name, in network order."""
+
+    @property
+    @abstractmethod
+    def block_info(self) -> list[FeatureInfo]:
+        """The blocks' outputs in network order: what :meth:`forward_intermediates` indexes."""
+
+    @abstractmethod
+    def select_outputs(self, names: Sequence[str]) -> None:
+        """Choose what ``forward`` returns; later modules are not run."""
+
+    @abstractmethod
+    def idle_stages(self) -> Iterator[nn.Module]:
+        """Modules after the last selected output: kept in checkpoints, never run."""
+
+    @abstractmethod
+    def freeze(self, frozen_stages: int | Literal["all"], norm_eval: bool = False) -> None:
+        """No gradients up to stage ``frozen_stages`` (``-1`` none, ``"all"`` everything);
+        ``norm_eval`` keeps normalisation statistics fixed across ``.train()``."""
+
+    @abstractmethod
+    def forward_intermediates(
+        self, x: Tensor, indices: int | Sequence[int] | None = None
+    ) -> list[Tensor]:
+        """Block outputs by index into :attr:`block_info` (an int ``n``: the last ``n``;
+        ``None``: all), as timm's ``forward_intermediates``."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """``{"class_path": ..., "init_args": ...}`` rebuilding this encoder's architecture
+        (weights files cleared: a checkpoint holds the tensors)."""
+
+    @abstractmethod
+    def summary(self) -> tuple[dict[str, Any], str]:
+        """The configuration a results file records and a short label for tables."""
+
+
+def class_path(obj: object) -> str:
+    """The importable dotted path of ``obj``'s class (of ``obj`` itself when it is a class)."""
+    cls = obj if isinstance(obj, type) else type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"

@@ -1,0 +1,41 @@
+"""File conventions the whole project shares: which suffixes are images, and writing a file so
+that a reader sees the old version or the new one, never a partial one."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+#: Suffixes (lower case) read as images: folders of predict queries and ImageFolder classes.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".tif", ".tiff", ".webp")
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
+    """A file that replaces ``path`` only once fully written and synced to disk.
+
+    The temporary file sits beside the target (a rename across filesystems would be a copy, and a
+    kill during it would leave a truncated file) and gets the permissions of a normally written
+    file (0644, readable by the other users of a shared cache or checkpoint folder).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(handle, mode) as file:
+            yield file
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(partial, 0o644)
+        os.replace(partial, path)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: Path, text: str) -> None:
+    with atomic_file(path, "w") as file:
+        file.write(text)

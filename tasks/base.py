@@ -1,0 +1,125 @@
+"""The LightningModule machinery both tasks share: argument checks, self-describing
+hyper-parameters, the non-finite loss stop, optimizer and per-step schedule, class names and the
+check that a checkpoint fits the model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch import Tensor, nn
+
+from backbones.protocol import Backbone, class_path
+from backbones.weights import state_mismatches
+
+Optimizer = Literal["sgd", "adamw"]
+Schedule = Literal["cosine", "poly"]
+
+#: Lightning's ``load_from_checkpoint`` rebuilds a module whose hyper-parameters name this
+#: instantiator through jsonargparse, so the ``class_path`` dicts of the backbone and the head
+#: become objects again (the mechanism LightningCLI uses; pinned by tests/test_contracts.py).
+INSTANTIATOR = "lightning.pytorch.cli.instantiate_module"
+
+
+def check_arguments(checks: Iterable[tuple[str, object, bool, str]]) -> None:
+    """Raise one ``ValueError`` naming the first ``(name, value, ok, expected)`` that fails."""
+    for name, value, ok, expected in checks:
+        if not ok:
+            raise ValueError(f"{name}={value!r}: expected {expected}")
+
+
+def describe_head(head: nn.Module) -> dict[str, Any]:
+    """A head's ``class_path`` and ``init_args`` (its options but ``in_channels``, which come
+    from the backbone), as a config file names it."""
+    return {"class_path": class_path(head), "init_args": dict(getattr(head, "init_args", {}))}
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, schedule: Schedule, total_steps: int, poly_power: float
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """torch's ``PolynomialLR`` (``lr * (1 - step / total) ** power``: DeepLab, PSPNet, PFENet,
+    ASGNet) or ``CosineAnnealingLR`` (Loshchilov & Hutter, 2017) to 0 over ``total_steps``."""
+    total = max(1, total_steps)
+    if schedule == "poly":
+        return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total, power=poly_power)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+
+
+class BaseTask(LightningModule):
+    """A task whose checkpoints describe its model.
+
+    Subclasses call :meth:`save_description` after building ``backbone`` (passing a head's
+    :func:`describe_head`): the stored hyper-parameters then hold the backbone's and the head's
+    ``class_path`` and ``init_args`` (weights files cleared: the checkpoint holds the tensors), so
+    ``load_from_checkpoint(path)`` and ``test --ckpt_path path`` need no config.
+    """
+
+    backbone: Backbone
+
+    def save_description(self, **resolved: Any) -> None:
+        """Record the built models and ``resolved`` arguments in place of what ``__init__``
+        was given (objects, defaults resolved at run time, files already read)."""
+        self.hparams["backbone"] = self.backbone.describe()
+        self.hparams.update(resolved)
+        self.hparams["_instantiator"] = INSTANTIATOR
+
+    def check_finite(self, loss: Tensor) -> None:
+        """Stop on a non-finite training loss with the step, the epoch and a hint."""
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss ({loss.item()}) at global step {self.global_step}, "
+                f"epoch {self.current_epoch}: lower the learning rate (model.lr) or check the data"
+            )
+
+    def attached_trainer(self) -> Trainer | None:
+        """The trainer, or ``None`` for a module used on its own."""
+        try:
+            return self.trainer
+        except RuntimeError:
+            return None
+
+    def class_names(self) -> list[str]:
+        """The datamodule's class names when the module is attached to one, else the indices."""
+        names = getattr(getattr(self.attached_trainer(), "datamodule", None), "class_names", None)
+        return list(names) if names else [str(i) for i in range(self.hparams.num_classes)]
+
+    def optimization(
+        self, params: Iterable[Tensor] | Iterable[dict[str, Any]], schedule: Schedule
+    ) -> dict[str, Any]:
+        """``configure_optimizers``'s answer from the ``optimizer``, ``lr``, ``momentum``,
+        ``weight_decay`` and ``poly_power`` hyper-parameters, the schedule
+        (:func:`build_scheduler`) running to 0 over the run, stepped every batch."""
+        hp = self.hparams
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(
+                params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
+            )
+        else:
+            optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = build_scheduler(optimizer, schedule, total, hp.poly_power)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint of another task or model fails here with one error naming the file,
+        before Lightning's strict load lists keys without naming either."""
+        path = getattr(self.attached_trainer(), "ckpt_path", None)
+        source = f"checkpoint {str(path)!r}" if path else "the checkpoint"
+        name = type(self).__name__
+        state = checkpoint.get("state_dict")
+        if not isinstance(state, Mapping):
+            raise ValueError(
+                f"{source} holds no state_dict; expected a Lightning checkpoint of {name}"
+            )
+        problems = state_mismatches(self.state_dict(), state, self.strict_loading, limit=6)
+        if problems:
+            raise ValueError(
+                f"{source} does not fit {name} ({'; '.join(problems)}); expected a checkpoint "
+                f"of {name} with the same model settings (a checkpoint of the other task? its "
+                "encoder loads as --model.backbone.init_args.weights)"
+            )

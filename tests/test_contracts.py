@@ -1,0 +1,377 @@
+"""Contracts as code: checkpoints that rebuild their model alone, heads that declare their
+backbone outputs, block intermediates against torchvision, weights read without unpickling."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator, Mapping, Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torchvision
+from fixtures_data import write_coco_tree, write_pascal_tree
+from lightning.pytorch import Trainer
+from torch import Tensor, nn
+
+from backbones import Backbone, FeatureInfo, ResNet, WeightsError
+from backbones.protocol import class_path
+from tasks import classify, segment
+from tasks.heads import ASGNetHead, HeadOutput, PrototypeHead
+from tasks.segment import FewShotSegmentation
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+def test_metrics(cli) -> dict[str, float]:
+    """The test metrics the CLI's last command logged."""
+    return {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("test/")}
+
+
+test_metrics.__test__ = False  # a helper, not a test
+
+
+def run_dir(tmp_path: Path) -> list[str]:
+    return ["--trainer.logger.init_args.save_dir", str(tmp_path / "runs")]
+
+
+def plain_trainer() -> Trainer:
+    """A trainer of its own (the CLI's W&B run is closed when its command ends)."""
+    return Trainer(logger=False, enable_progress_bar=False, enable_checkpointing=False)
+
+
+def fit_then_reload(main, fit_args: list[str], test_args: list[str], tmp_path: Path) -> None:
+    """Fit, test the trained model in memory (the reference), then test its ``last.ckpt``
+    through ``load_from_checkpoint`` and through ``test --ckpt_path`` with no ``--config``:
+    identical metrics."""
+    fit = main(["fit", *fit_args, "--trainer.max_epochs", "1", "--trainer.limit_train_batches",
+                "2", "--trainer.limit_val_batches", "1", *run_dir(tmp_path)])  # fmt: skip
+    reference = plain_trainer().test(fit.model, datamodule=fit.datamodule, verbose=False)[0]
+    assert reference
+    last = next((tmp_path / "runs").rglob("last.ckpt"))
+
+    model = type(fit.model).load_from_checkpoint(last)
+    assert model.hparams == fit.model.hparams
+    assert plain_trainer().test(model, datamodule=fit.datamodule, verbose=False)[0] == reference
+
+    cli = main(["test", *test_args, "--ckpt_path", str(last), *run_dir(tmp_path)])
+    assert test_metrics(cli) == reference, (test_metrics(cli), reference)
+
+
+SHAPES = ["--data.num_train", "200", "--data.num_test", "80", "--data.image_size", "64",
+          "--data.batch_size", "4", "--data.num_workers", "0", "--data.val_episodes", "8",
+          "--data.test_episodes", "8", "--data.min_pixels", "32"]  # fmt: skip
+
+
+def test_default_segmentation_checkpoint_reloads_alone(tmp_path: Path) -> None:
+    """The default experiment with a non-default head and encoder depth: the checkpoint, not
+    the config, says what the model is."""
+    data = [*SHAPES, "--data.root", str(tmp_path / "shapes")]
+    model = ["--model.backbone.init_args.output_stride", "16", "--model.head",
+             "tasks.heads.ASGNetHead", "--model.head.init_args.reduce_dim", "16",
+             "--model.head.init_args.bins", "[1.0, 0.5]"]  # fmt: skip
+    fit_then_reload(segment.main, [*data, *model], data, tmp_path)
+
+
+def real_data_args(config: str, tmp_path: Path) -> tuple[list[str], list[str]]:
+    """Fit and test arguments of ``configs/segment/<config>.yaml`` on a tiny tree of its
+    dataset's real format and a random weights file of its encoder's layout; the test arguments
+    name the data only (the config's evaluation settings included: data is not in a model
+    checkpoint)."""
+    if config == "pascal":
+        root, data = write_pascal_tree(tmp_path / "VOC2012"), "datamodules.PascalFewShot"
+        # the tree has no PFENet list file, which the asgnet protocol's training list is
+        lists = ["--data.train_list", "ImageSets/SegmentationAug/train_aug.txt"]
+    else:
+        root, data = write_coco_tree(tmp_path / "coco", num_images=240), "datamodules.CocoFewShot"
+        lists = []
+    weights = tmp_path / "resnet50_v2.pth"
+    encoder = ResNet("resnet50", stem="deep", output_stride=8, dilation_scheme="uniform")
+    torch.save({k.removeprefix("stem."): v for k, v in encoder.state_dict().items()}, weights)
+    common = ["--data.root", str(root), "--data.cache_dir", str(tmp_path / "cache"),
+              "--data.image_size", "64", "--data.num_workers", "0", "--data.batch_size", "2",
+              "--data.val_episodes", "4", "--data.test_episodes", "4",
+              "--data.val_fraction", "0.2",
+              # the config's data settings, which a checkpoint does not hold
+              "--data.protocol", "asgnet", "--data.min_pixels", "2048", *lists]  # fmt: skip
+    fit = ["--config", str(CONFIGS / "segment" / f"{config}.yaml"), *common,
+           "--model.backbone.init_args.weights", str(weights),
+           "--model.head.init_args.bins", "[1.0, 0.5]"]  # fmt: skip
+    return fit, ["--data", data, *common]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["pascal", "coco"])
+def test_asgnet_config_checkpoint_reloads_without_config_or_weights(
+    config: str, tmp_path: Path
+) -> None:
+    """ASGNet's recipe (ResNet-50 PSPNet encoder, frozen): ``test --ckpt_path`` needs neither
+    the training config nor the ImageNet weights file."""
+    fit, test = real_data_args(config, tmp_path)
+    fit_then_reload(segment.main, fit, test, tmp_path)
+
+
+def test_classification_checkpoint_reloads_alone(tmp_path: Path) -> None:
+    data = ["--data.root", str(tmp_path / "shapes"), "--data.image_size", "32",
+            "--data.scene_size", "48", "--data.batch_size", "8", "--data.num_workers", "0",
+            "--data.train_per_class", "4", "--data.val_per_class", "2"]  # fmt: skip
+    model = ["--model.backbone.init_args.output_stride", "16", "--model.dropout", "0.2"]
+    fit_then_reload(classify.main, [*data, *model], data, tmp_path)
+
+
+def test_checkpoint_description_is_what_lightning_rebuilds() -> None:
+    """Pins the public-looking but private mechanism the reload relies on: Lightning rebuilds
+    a module whose hyper-parameters name ``lightning.pytorch.cli.instantiate_module``."""
+    from lightning.pytorch.core.saving import _ALLOWED_INSTANTIATORS
+
+    from tasks.base import INSTANTIATOR
+
+    assert INSTANTIATOR in _ALLOWED_INSTANTIATORS
+    model = FewShotSegmentation(ResNet("resnet18", output_stride=16), head=ASGNetHead)
+    assert model.hparams["_instantiator"] == INSTANTIATOR
+    assert model.hparams["backbone"] == {
+        "class_path": "backbones.resnet.ResNet",
+        "init_args": {**model.backbone.init_args, "weights": None},
+    }
+    assert model.hparams["head"]["class_path"] == "tasks.heads.asgnet.ASGNetHead"
+
+
+def write_official(source: FewShotSegmentation, path: Path) -> Path:
+    """``source`` saved as the official ASGNet code saves a model: DataParallel's ``module.``,
+    the deep stem as ``layer0`` (Sequential indices), the head's own names."""
+    stem_index = {"conv1": 0, "bn1": 1, "conv2": 3, "bn2": 4, "conv3": 6, "bn3": 7}
+    official = {}
+    for key, value in source.backbone.state_dict().items():
+        parts = key.split(".")
+        if parts[0] == "stem":
+            key = ".".join(["layer0", str(stem_index[parts[1]]), *parts[2:]])
+        official[f"module.{key}"] = value
+    official.update({f"module.{k}": v for k, v in source.head.state_dict().items()})
+    torch.save({"epoch": 200, "state_dict": official}, path)
+    return path
+
+
+def test_official_model_is_one_option_and_reloads_without_the_file(tmp_path: Path) -> None:
+    """A released ASGNet file (DataParallel ``module.``, deep stem as ``layer0``) gives encoder
+    and head, frozen as in the paper; the Lightning checkpoint then rebuilds it alone."""
+    torch.manual_seed(0)
+    encoder = ResNet("resnet101", stem="deep", output_stride=8, dilation_scheme="uniform")
+    source = FewShotSegmentation(encoder, head=ASGNetHead, freeze_backbone=True)
+    path = write_official(source, tmp_path / "asgnet_fold0_resnet101.pth")
+
+    model = FewShotSegmentation(official_checkpoint=str(path))
+    assert model.backbone.summary()[1] == "resnet101-deep-os8-uniform"
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    for key, value in source.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+    trainer = Trainer(logger=False, enable_progress_bar=False)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    path.unlink()
+    reloaded = FewShotSegmentation.load_from_checkpoint(tmp_path / "model.ckpt")
+    assert reloaded.hparams.freeze_backbone and reloaded.hparams.official_checkpoint is None
+    for key, value in source.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], value), key
+
+
+class ProbeHead(nn.Module):
+    """A head reading one backbone output (PFENet's prior reads layer4), 1x1 classifier,
+    recording the outputs it was given."""
+
+    def __init__(self, in_channels: Mapping[str, int], feature: str = "layer4") -> None:
+        super().__init__()
+        self.in_features = (feature,)
+        self.init_args = {"feature": feature}
+        self.classifier = nn.Conv2d(in_channels[feature], 2, 1)
+        self.seen: list[list[str]] = []
+
+    def forward(
+        self, query: Mapping[str, Tensor], support: Mapping[str, Tensor], masks: Tensor
+    ) -> HeadOutput:
+        self.seen.append(sorted(query) + sorted(support))
+        return HeadOutput(self.classifier(query[self.in_features[0]]), [], 0.0)
+
+
+def episode() -> tuple[Tensor, Tensor, Tensor]:
+    masks = torch.zeros(2, 1, 48, 48, dtype=torch.long)
+    masks[..., 10:30, 10:30] = 1
+    return torch.randn(2, 3, 48, 48), torch.randn(2, 1, 3, 48, 48), masks
+
+
+def test_head_declaring_layer4_gets_it_with_no_other_option() -> None:
+    model = FewShotSegmentation(head=ProbeHead)
+    output = model(*episode())
+    assert model.head.seen == [["layer4", "layer4"]]
+    assert output.logits.shape[:2] == (2, 2)
+    output.logits.sum().backward()
+    assert model.backbone.layer4[-1].conv2.weight.grad is not None
+
+
+def test_layers_after_the_head_inputs_are_not_run_and_get_no_gradient() -> None:
+    model = FewShotSegmentation(head=partial(ProbeHead, feature="layer2"))
+    calls: list[str] = []
+    model.backbone.layer3.register_forward_hook(lambda *_: calls.append("layer3"))
+    model(*episode()).logits.sum().backward()
+    assert calls == [] and model.head.seen == [["layer2", "layer2"]]
+    idle = [*model.backbone.layer3.parameters(), *model.backbone.layer4.parameters()]
+    assert not any(p.requires_grad for p in idle)
+    assert all(p.grad is not None for p in model.backbone.layer2.parameters())
+
+
+def test_resnet_implements_the_backbone_contract() -> None:
+    model = ResNet("resnet50")
+    assert isinstance(model, Backbone)
+    assert [i.name for i in model.block_info][:4] == [
+        "layer1.0",
+        "layer1.1",
+        "layer1.2",
+        "layer2.0",
+    ]
+    assert len(model.block_info) == 16
+    assert model.output_info["layer3.5"].channels == 1024
+
+
+@pytest.mark.parametrize("output_stride", [8, 32])
+def test_block_intermediates_equal_torchvision_blocks(output_stride: int, tmp_path: Path) -> None:
+    """Every bottleneck of resnet50, as torchvision computes it (forward hooks on its blocks,
+    dilated by ``replace_stride_with_dilation``), from ``forward_intermediates`` and as named
+    block outputs of ``forward``."""
+    torch.manual_seed(0)
+    replace = [False, True, True] if output_stride == 8 else [False, False, False]
+    reference = torchvision.models.resnet50(replace_stride_with_dilation=replace).eval()
+    for m in reference.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+    path = tmp_path / "resnet50.pth"
+    torch.save(reference.state_dict(), path)
+    blocks = [
+        b for name in ("layer1", "layer2", "layer3", "layer4") for b in getattr(reference, name)
+    ]
+    expected: list[Tensor] = []
+    for block in blocks:
+        block.register_forward_hook(lambda module, args, output: expected.append(output))
+    image = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        reference(image)
+        ours = ResNet("resnet50", output_stride=output_stride, weights=str(path)).eval()
+        intermediates = ours.forward_intermediates(image)
+        assert len(intermediates) == len(expected) == 16
+        for index, (got, want) in enumerate(zip(intermediates, expected, strict=True)):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4, msg=f"block {index}")
+        subset = ours.forward_intermediates(image, [-1, 7])
+        torch.testing.assert_close(subset[0], expected[-1], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(subset[1], expected[7], rtol=1e-4, atol=1e-4)
+        ours.select_outputs(["layer2.1", "layer3"])
+        named = ours(image)
+        assert list(named) == ["layer2.1", "layer3"]
+        torch.testing.assert_close(named["layer2.1"], expected[4], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(named["layer3"], expected[12], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"indices=\[16\]"):
+        ours.forward_intermediates(image, [16])
+
+
+def test_weights_file_that_needs_unpickling_is_refused(tmp_path: Path) -> None:
+    """An old-style checkpoint pickling an ``argparse.Namespace`` beside its tensors: refused,
+    naming the file and the option; accepted with the option."""
+    path = tmp_path / "old.pth"
+    torch.save({"state_dict": ResNet("resnet18").state_dict(), "args": argparse.Namespace()}, path)
+    with pytest.raises(WeightsError, match="weights_trusted true") as error:
+        ResNet("resnet18", weights=str(path))
+    assert str(path) in str(error.value) and "argparse.Namespace" in str(error.value)
+    ResNet("resnet18", weights=str(path), weights_trusted=True)
+
+
+def test_private_names_without_a_public_replacement_still_exist() -> None:
+    """Pins the private third-party names the project still relies on, so that an upgrade that
+    removes one fails here: TorchDynamo's platform check (``compile_unsupported_reason``) and
+    Lightning's allow-list of checkpoint instantiators (``test_checkpoint_description_...``).
+    LightningCLI's reading of ``--ckpt_path`` hyper-parameters is pinned by the reload tests,
+    jsonargparse's error wording by tests/test_bad_inputs.py."""
+    from lightning.pytorch.core.saving import _ALLOWED_INSTANTIATORS
+
+    assert isinstance(torch._dynamo.is_dynamo_supported(), bool)
+    assert isinstance(_ALLOWED_INSTANTIATORS, set | frozenset)
+
+
+class TinyEncoder(Backbone):
+    """An encoder of another family (two plain conv stages, named as the heads read them):
+    the tasks must need nothing but the :class:`Backbone` contract."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        self.width = width
+        self.layer2 = nn.Sequential(nn.Conv2d(3, width, 3, stride=4, padding=1), nn.ReLU())
+        self.layer3 = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.ReLU())
+        self.selected: tuple[str, ...] = ("layer2", "layer3")
+
+    @property
+    def output_info(self) -> dict[str, FeatureInfo]:
+        return {
+            "layer2": FeatureInfo("layer2", self.width, 4),
+            "layer3": FeatureInfo("layer3", 2 * self.width, 8),
+        }
+
+    @property
+    def block_info(self) -> list[FeatureInfo]:
+        return list(self.output_info.values())
+
+    def select_outputs(self, names: Sequence[str]) -> None:
+        self.selected = tuple(name for name in self.output_info if name in names)
+
+    def idle_stages(self) -> Iterator[nn.Module]:
+        return iter([] if "layer3" in self.selected else [self.layer3])
+
+    def freeze(self, frozen_stages: int | str, norm_eval: bool = False) -> None:
+        if frozen_stages == "all":
+            self.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        outputs = dict(zip(self.output_info, self.forward_intermediates(x), strict=True))
+        return {name: outputs[name] for name in self.selected}
+
+    def forward_intermediates(
+        self, x: Tensor, indices: int | Sequence[int] | None = None
+    ) -> list[Tensor]:
+        layer2 = self.layer2(x)
+        outputs = [layer2, self.layer3(layer2)]
+        return outputs if indices is None else [outputs[i] for i in indices]
+
+    def describe(self) -> dict[str, Any]:
+        return {"class_path": class_path(self), "init_args": {"width": self.width}}
+
+    def summary(self) -> tuple[dict[str, Any], str]:
+        return {"width": self.width}, f"tiny-{self.width}"
+
+
+def test_an_encoder_of_another_family_trains_and_reloads(tmp_path: Path) -> None:
+    model = FewShotSegmentation(TinyEncoder(), head=partial(PrototypeHead, reduce_dim=8))
+    output = model(*episode())
+    assert output.logits.shape[:2] == (2, 2)
+    trainer = Trainer(logger=False, enable_progress_bar=False)
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(tmp_path / "tiny.ckpt")
+    reloaded = FewShotSegmentation.load_from_checkpoint(tmp_path / "tiny.ckpt")
+    assert isinstance(reloaded.backbone, TinyEncoder)
+    for key, value in model.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], value), key
+
+
+@pytest.mark.slow
+def test_official_model_option_from_the_command_line(tmp_path: Path) -> None:
+    """``--model.official_checkpoint F`` alone replaces the configured encoder and head."""
+    torch.manual_seed(0)
+    encoder = ResNet("resnet50", stem="deep", output_stride=8, dilation_scheme="uniform")
+    source = FewShotSegmentation(encoder, head=ASGNetHead, freeze_backbone=True)
+    path = write_official(source, tmp_path / "asgnet_fold0_resnet50.pth")
+    data = [*SHAPES, "--data.root", str(tmp_path / "shapes"), *run_dir(tmp_path),
+            "--results.output_dir", str(tmp_path / "results")]  # fmt: skip
+    cli = segment.main(["test", *data, "--model.official_checkpoint", str(path)])
+    assert cli.model.backbone.summary()[1] == "resnet50-deep-os8-uniform"
+    assert isinstance(cli.model.head, ASGNetHead) and cli.model.hparams.freeze_backbone
+    for key, value in source.state_dict().items():
+        assert torch.equal(cli.model.state_dict()[key], value), key
+    assert "test/miou" in test_metrics(cli)
