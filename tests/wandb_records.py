@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,6 +33,8 @@ def records(path: Path) -> Iterator[wandb_internal_pb2.Record]:
         if kind == 0 and length == 0:
             position += left  # zero padding to the end of the block
             continue
+        if position + HEADER + length > len(data):
+            break  # a record still being written
         chunk = data[position + HEADER : position + HEADER + length]
         position += HEADER + length
         if kind == FULL:
@@ -47,12 +50,22 @@ def records(path: Path) -> Iterator[wandb_internal_pb2.Record]:
 
 
 class OfflineRun:
-    """One ``wandb/offline-run-*`` folder."""
+    """One ``wandb/offline-run-*`` folder, read once the run is closed.
 
-    def __init__(self, folder: Path) -> None:
+    ``wandb.finish()`` returns before W&B's service process has written the run's last records
+    (seen with wandb 0.31: a run read right after its command ended lacked its last history rows
+    and its exit record in 2 of 3 tries), so the file is re-read until its exit record is there,
+    for at most ``timeout`` seconds.
+    """
+
+    def __init__(self, folder: Path, timeout: float = 60.0) -> None:
         self.folder = folder
         (self.file,) = folder.glob("run-*.wandb")
+        deadline = time.monotonic() + timeout
         self.records = list(records(self.file))
+        while self.exit_code is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+            self.records = list(records(self.file))
 
     @property
     def id(self) -> str:
