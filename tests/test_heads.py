@@ -7,9 +7,9 @@ from tasks.heads import ASGNetHead, HeadOutput, PrototypeHead
 from tasks.heads.asgnet import (
     guided_prototype_allocation,
     place_seeds,
-    pyramid_bin_size,
     superpixel_clustering,
 )
+from tasks.heads.fem import pyramid_bin_size
 
 RESNET18 = {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512}
 RESNET50 = {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
