@@ -69,7 +69,8 @@ class ReferencePFENet(nn.Module):
         for layer, rate in ((self.layer3, 2), (self.layer4, 4)):
             for name, module in layer.named_modules():
                 if "conv2" in name:
-                    module.dilation, module.padding, module.stride = (rate,) * 2, (rate,) * 2, (1, 1)
+                    module.dilation = module.padding = (rate, rate)
+                    module.stride = (1, 1)
                 elif "downsample.0" in name:
                     module.stride = (1, 1)
         r = 256

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from backbones import build_backbone
-from tasks.heads import ASGNetHead, PrototypeHead
+from tasks.heads import ASGNetHead, PFENetHead, PrototypeHead
 from tasks.segment import FewShotSegmentation, main, original_resolution_predictions
 
 BACKBONES = {
@@ -26,11 +26,17 @@ def small_asgnet(in_channels):
     return ASGNetHead(in_channels, reduce_dim=32, bins=(1.0, 0.5))
 
 
+def small_pfenet(in_channels):
+    return PFENetHead(in_channels, reduce_dim=32, bins=(1.0, 0.5))
+
+
 @pytest.mark.parametrize(
     "backbone",
     [b if "resnet18" in b else pytest.param(b, marks=pytest.mark.slow) for b in BACKBONES],
 )
-@pytest.mark.parametrize("head", [PrototypeHead, small_asgnet], ids=["prototype", "asgnet"])
+@pytest.mark.parametrize(
+    "head", [PrototypeHead, small_asgnet, small_pfenet], ids=["prototype", "asgnet", "pfenet"]
+)
 @pytest.mark.parametrize("shots", [1, 5])
 def test_heads_on_real_backbones(backbone: str, head, shots: int) -> None:
     options = dict(BACKBONES[backbone])
