@@ -96,6 +96,17 @@ def tiny_args(tmp_path: Path, *extra: str) -> list[str]:
     ]
 
 
+def test_pfenet_head_is_one_option_on_the_default_experiment(tmp_path: Path) -> None:
+    """``fit --model.head tasks.heads.PFENetHead`` trains the default experiment (ResNet-18,
+    fine-tuned): layer4 runs for the prior, without gradient."""
+    cli = main(["fit", *tiny_args(tmp_path), "--model.head", "tasks.heads.PFENetHead",
+                "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+                "--trainer.limit_val_batches", "1"])  # fmt: skip
+    assert isinstance(cli.model.head, PFENetHead) and cli.trainer.global_step == 2
+    assert not any(p.requires_grad for p in cli.model.backbone.layer4.parameters())
+    assert all(p.requires_grad for p in cli.model.backbone.layer3.parameters())
+
+
 @pytest.mark.slow
 def test_cli_fit_validate_test_in_process(tmp_path: Path) -> None:
     main(
