@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.resnet import Bottleneck
 
-from backbones import ResNet
+from backbones import ResNet, WeightsError
 from tasks.heads import PFENetHead
 from tasks.heads.pfenet import prior_mask
 from tasks.segment import FewShotSegmentation, upsample
@@ -280,3 +280,17 @@ def test_official_checkpoint_mismatch_lists_keys_as_the_file_names_them(tmp_path
         match=r"PFENet.*missing keys \['init_merge.2.0.weight'\].*\['extra.weight'\]",
     ):
         head.load_official_state_dict({"state_dict": state})
+
+
+def test_official_checkpoint_of_no_known_model_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "other.pth"
+    state = {
+        "module.layer0.0.weight": torch.zeros(64, 3, 3, 3),
+        "module.decoder.weight": torch.zeros(1),
+    }
+    torch.save({"state_dict": state}, path)
+    with pytest.raises(
+        WeightsError,
+        match=r"other\.pth' is not one released model of \['ASGNet', 'PFENet'\].*'decoder\.weight'",
+    ):
+        FewShotSegmentation(official_checkpoint=str(path))
