@@ -6,6 +6,7 @@ patches it."""
 
 from __future__ import annotations
 
+import copy
 from functools import partial
 from pathlib import Path
 
@@ -294,3 +295,32 @@ def test_official_checkpoint_of_no_known_model_is_named(tmp_path: Path) -> None:
         match=r"other\.pth' is not one released model of \['ASGNet', 'PFENet'\].*'decoder\.weight'",
     ):
         FewShotSegmentation(official_checkpoint=str(path))
+
+
+def test_backbone_batch_statistics_follow_the_official_order() -> None:
+    """Under the ``pfenet`` preset's BatchNorm recipe (batch statistics in a frozen backbone),
+    the running statistics move as the official forward moves them: the query through layer4,
+    then each shot through layer3 and layer4 on its masked layer3."""
+    torch.manual_seed(0)
+    encoder = ResNet("resnet18", output_stride=8)
+    head = partial(PFENetHead, reduce_dim=16)
+    model = FewShotSegmentation(encoder, head=head, freeze_backbone=True)
+    reference = copy.deepcopy(model.backbone)
+    nn.Module.train(reference)
+    model.backbone_norm = "batch"
+    model.train()
+    query, support, masks = episode(2, 2)
+    model(query, support, masks)
+    with torch.no_grad():
+        reference.layer4(
+            reference.layer3(reference.layer2(reference.layer1(reference.stem(query))))
+        )
+        for k in range(2):
+            layer3 = reference.layer3(
+                reference.layer2(reference.layer1(reference.stem(support[:, k])))
+            )
+            mask = interp((masks[:, k] == 1).float().unsqueeze(1), layer3.shape[-2:])
+            reference.layer4(layer3 * mask)
+    ours = dict(model.backbone.named_buffers())
+    for name, buffer in reference.named_buffers():
+        torch.testing.assert_close(ours[name], buffer, rtol=0, atol=0, msg=name)
