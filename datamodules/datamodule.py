@@ -40,7 +40,7 @@ from .protocols import (
     episodes_per_pass,
     resolve_protocol,
 )
-from .sampler import EpisodeSampler, rank_and_world_size
+from .sampler import EpisodeSampler, rank_and_world_size, step_batches
 from .sampling import EpisodeRule, pair_items, walk_items
 from .source import SegmentationSource
 from .splits import NUM_FOLDS, eligible_images, hold_out
@@ -91,7 +91,11 @@ class FewShotDataModule(LightningDataModule):
         fold: cross-validation fold, 0..3.
         shots: support images per episode (K >= 1).
         image_size: square training crop and evaluation canvas.
-        batch_size: episodes per batch.
+        batch_size: episodes per batch on one device (with ``global_batch_size``: at most).
+        global_batch_size: training episodes per optimizer step over all devices; the batch of
+            each device and the gradient accumulation follow from it and the number of
+            processes, so a recipe trains the same on 1, 2, 4 or 8 devices
+            (:func:`datamodules.sampler.step_batches`). ``None``: ``batch_size`` per device.
         num_workers: loader worker processes.
         train_episodes: training episodes per epoch; ``None`` = the dataset's epoch
             (:meth:`train_epoch_length`).
@@ -160,6 +164,7 @@ class FewShotDataModule(LightningDataModule):
         shots: int = 1,
         image_size: int | None = None,
         batch_size: int | None = None,
+        global_batch_size: int | None = None,
         num_workers: int | None = None,
         train_episodes: int | None = None,
         val_episodes: int | None = None,
@@ -209,6 +214,12 @@ class FewShotDataModule(LightningDataModule):
         require("shots", shots, shots >= 1, "an integer >= 1")
         require("image_size", image_size, image_size >= 8, "an integer >= 8")
         require("batch_size", batch_size, batch_size >= 1, "an integer >= 1")
+        require(
+            "global_batch_size",
+            global_batch_size,
+            global_batch_size is None or global_batch_size >= 1,
+            "None or an integer >= 1",
+        )
         require("num_workers", num_workers, num_workers >= 0, "an integer >= 0")
         require(
             "train_episodes",
@@ -227,6 +238,7 @@ class FewShotDataModule(LightningDataModule):
         self.shots = shots
         self.image_size = image_size
         self.batch_size = batch_size
+        self.global_batch_size = global_batch_size
         self.num_workers = num_workers
         self.train_episodes = train_episodes
         self.val_episodes = val_episodes
@@ -321,6 +333,8 @@ class FewShotDataModule(LightningDataModule):
                 logger.log_hyperparams({"protocol": self.protocol})
         if stage == "predict":
             return
+        if stage == "fit":
+            self._set_accumulation()
         if stage in (None, "fit", "validate") and "val" not in self._pools:
             counts = self.counts("train")
             held = hold_out(counts, self.val_fraction, self.min_pixels)
@@ -368,6 +382,27 @@ class FewShotDataModule(LightningDataModule):
             walk = pair_items(walk)
         return EpisodeRule(rule, pools, self.shots, walk, repeats)
 
+    def train_batches(self) -> tuple[int, int]:
+        """``(episodes per device batch, batches accumulated per optimizer step)`` in training."""
+        if self.global_batch_size is None:
+            return self.batch_size, 1
+        _, world_size = rank_and_world_size(self.trainer)
+        return step_batches(self.global_batch_size, self.batch_size, world_size)
+
+    def _set_accumulation(self) -> None:
+        """The trainer accumulates the batches that ``global_batch_size`` asks for; an explicit,
+        different ``trainer.accumulate_grad_batches`` is an error naming both."""
+        if self.trainer is None or self.global_batch_size is None:
+            return
+        accumulate = self.train_batches()[1]
+        if self.trainer.accumulate_grad_batches not in (1, accumulate):
+            raise ValueError(
+                f"trainer.accumulate_grad_batches={self.trainer.accumulate_grad_batches} "
+                f"conflicts with data.global_batch_size={self.global_batch_size}, which sets "
+                "the accumulation itself: leave trainer.accumulate_grad_batches at 1"
+            )
+        self.trainer.accumulate_grad_batches = accumulate
+
     def _checked(self, stage: str, pools: dict[int, list[str]]) -> dict[int, list[str]]:
         short = {c: len(ids) for c, ids in pools.items() if len(ids) < self.shots + 1}
         if short:
@@ -398,8 +433,9 @@ class FewShotDataModule(LightningDataModule):
             if self.trainer is not None:
                 seed = self.trainer.strategy.broadcast(seed, src=0)
             count = self.train_episodes or self.train_epoch_length()
+            batch, accumulate = self.train_batches()
             return EpisodeSampler(
-                pools, count, self.shots, (seed,), rank, world_size, train=True, draw=draw
+                pools, count, self.shots, (seed,), rank, world_size, True, batch * accumulate, draw
             )
         if stage == "val":
             count, seed = self.val_episodes, self.seed
@@ -447,7 +483,7 @@ class FewShotDataModule(LightningDataModule):
             dataset = EpisodeDataset(self.source("test"), transform, evaluation, keep)
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
+            batch_size=self.train_batches()[0] if stage == "train" else self.batch_size,
             sampler=self.sampler(stage, test_seed),
             num_workers=self.num_workers,
             collate_fn=collate_episodes,

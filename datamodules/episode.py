@@ -67,11 +67,16 @@ JointTransform = Callable[[tv_tensors.Image, tv_tensors.Mask], tuple[torch.Tenso
 
 @dataclass(frozen=True)
 class Episode:
-    """Which images make an episode; samplers yield these and the dataset loads them."""
+    """Which images make an episode; samplers yield these and the dataset loads them.
+
+    ``seed`` (training episodes) seeds the episode's random augmentation, so that it is the same
+    in whichever process or loader worker loads the episode.
+    """
 
     query: str
     class_id: int
     support: tuple[str, ...]
+    seed: int | None = None
 
 
 @dataclass(frozen=True)
@@ -149,8 +154,11 @@ class EpisodeDataset(Dataset):
         return image_t.as_subclass(torch.Tensor), mask_t.as_subclass(torch.Tensor).long(), binary
 
     def __getitem__(self, episode: Episode) -> Batch:  # type: ignore[override]
-        query_image, query_mask, query_label = self._load(episode.query, episode.class_id)
-        support = [self._load(image_id, episode.class_id)[:2] for image_id in episode.support]
+        with torch.random.fork_rng(devices=[], enabled=episode.seed is not None):
+            if episode.seed is not None:
+                torch.random.default_generator.manual_seed(episode.seed)
+            query_image, query_mask, query_label = self._load(episode.query, episode.class_id)
+            support = [self._load(image_id, episode.class_id)[:2] for image_id in episode.support]
         item: Batch = {
             "query_image": query_image,
             "query_mask": query_mask,

@@ -4,8 +4,14 @@ Validation and test use a fixed list of ``N`` episodes drawn in the main process
 the list does not depend on the number of loader workers or processes. Under DDP rank ``r`` of
 ``W`` evaluates episodes ``r, r + W, r + 2W, ...``: every episode exactly once, no padding.
 (PFENet/ASGNet evaluate everything on every rank; Lightning's ``DistributedSampler`` pads the last
-shard with repeated samples.) Training draws a new list every epoch from ``(seed, epoch)``; its
-shards are cut to equal lengths so that DDP ranks run the same number of steps.
+shard with repeated samples.)
+
+Training draws a new list every epoch from ``(seed, epoch)``, one sequence whatever the number of
+processes: optimizer step ``s`` uses episodes ``s*G .. s*G + G - 1`` of it (``G`` the global batch),
+rank ``r`` of ``W`` taking the contiguous block ``s*G + r*G/W ..`` (split into micro-batches when
+gradients are accumulated). So one process with batch 8 and two with batch 4 train on the same
+episodes in each step. The list is cut to whole steps, and each training episode carries its own
+augmentation seed, so its crops and flips do not depend on which process or worker loads it.
 
 DDP contract for the task: the trainer must not wrap these samplers, so pass
 ``Trainer(use_distributed_sampler=False)`` -- ``Trainer(**TRAINER_KWARGS)``, or in a LightningCLI
@@ -18,6 +24,7 @@ per-step ``self.log(..., sync_dist=True)``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -26,6 +33,25 @@ from torch.utils.data import Sampler
 from .episode import Episode
 
 TRAINER_KWARGS: dict[str, Any] = {"use_distributed_sampler": False}
+_AUGMENT = 1  # appended to a training list's seed for its episodes' augmentation seeds
+
+
+def step_batches(global_batch_size: int, batch_size: int, world_size: int) -> tuple[int, int]:
+    """``(episodes per batch on one device, batches accumulated per optimizer step)`` that make
+    ``global_batch_size`` episodes per step on ``world_size`` processes with at most
+    ``batch_size`` episodes per device batch (the fewest accumulated batches that divide evenly).
+    """
+    if global_batch_size < 1 or global_batch_size % world_size:
+        raise ValueError(
+            f"data.global_batch_size={global_batch_size} cannot be split over {world_size} "
+            "training processes (trainer.devices x trainer.num_nodes): use a multiple of "
+            f"{world_size}, or another number of devices"
+        )
+    per_rank = global_batch_size // world_size
+    accumulate = next(
+        a for a in range(-(-per_rank // batch_size), per_rank + 1) if per_rank % a == 0
+    )
+    return per_rank // accumulate, accumulate
 
 
 def draw_episodes(
@@ -63,7 +89,10 @@ class EpisodeSampler(Sampler[Episode]):
         seed: seed of the list; in training the epoch is appended, so each epoch is new.
         rank: this process's rank.
         world_size: number of processes.
-        train: redraw every epoch and cut shards to equal lengths.
+        train: redraw every epoch, give every episode an augmentation seed and shard each
+            optimizer step's episodes in contiguous blocks.
+        step_episodes: training episodes of one rank per optimizer step (``global batch /
+            world_size``); the list is cut to whole steps.
         draw: ``draw(count, seed)`` gives the list (a protocol's rule,
             :class:`datamodules.sampling.EpisodeRule`); default :func:`draw_episodes` over
             ``pools``.
@@ -78,16 +107,24 @@ class EpisodeSampler(Sampler[Episode]):
         rank: int = 0,
         world_size: int = 1,
         train: bool = False,
+        step_episodes: int = 1,
         draw: Callable[[int, Sequence[int]], list[Episode]] | None = None,
     ) -> None:
+        step = step_episodes * world_size
+        if train and count < step:
+            raise ValueError(
+                f"{count} training episodes are fewer than one optimizer step of {step} "
+                "(data.global_batch_size): raise data.train_episodes"
+            )
         self.pools = pools
         self.draw = draw
-        self.count = count - count % world_size if train else count
+        self.count = count - count % step if train else count
         self.shots = shots
         self.seed = tuple(seed)
         self.rank = rank
         self.world_size = world_size
         self.train = train
+        self.step_episodes = step_episodes
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -98,13 +135,28 @@ class EpisodeSampler(Sampler[Episode]):
         """The whole list of the current epoch, over all ranks."""
         seed = (*self.seed, self.epoch) if self.train else self.seed
         if self.draw is not None:
-            return self.draw(self.count, seed)
-        return draw_episodes(self.pools, self.count, self.shots, seed)
+            episodes = self.draw(self.count, seed)
+        else:
+            episodes = draw_episodes(self.pools, self.count, self.shots, seed)
+        if not self.train:
+            return episodes
+        augment = np.random.default_rng([*seed, _AUGMENT]).integers(2**63, size=len(episodes))
+        return [replace(e, seed=int(s)) for e, s in zip(episodes, augment, strict=True)]
 
     def __iter__(self) -> Iterator[Episode]:
-        return iter(self.episodes()[self.rank :: self.world_size])
+        episodes = self.episodes()
+        if not self.train:
+            return iter(episodes[self.rank :: self.world_size])
+        block, step = self.step_episodes, self.step_episodes * self.world_size
+        return (
+            episode
+            for start in range(self.rank * block, self.count, step)
+            for episode in episodes[start : start + block]
+        )
 
     def __len__(self) -> int:
+        if self.train:
+            return self.count // self.world_size
         return len(range(self.rank, self.count, self.world_size))
 
 

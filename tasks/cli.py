@@ -12,11 +12,12 @@ from pathlib import Path
 from typing import ClassVar, NoReturn
 
 import torch
-from lightning.pytorch import Callback, LightningDataModule, LightningModule
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 
 from tasks.checkpointing import SaveLastOnInterrupt
+from tasks.sync_batchnorm import AnyDeviceSyncBatchNorm
 from tasks.tracking import SaveConfigToRun
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -40,6 +41,16 @@ class TaskCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         for key, callback in self.task_callbacks.items():
             parser.add_lightning_class_args(callback, key)
+
+    def instantiate_trainer(self, **kwargs: object) -> Trainer:
+        """``trainer.sync_batchnorm`` (on by default) synchronises BatchNorm on every device
+        (:mod:`tasks.sync_batchnorm`), not only on GPUs."""
+        config = self.config_init.get(str(self.subcommand), self.config_init)["trainer"]
+        if config.get("sync_batchnorm"):
+            plugins = config.get("plugins") or []
+            plugins = plugins if isinstance(plugins, list) else [plugins]
+            kwargs["plugins"] = [*plugins, AnyDeviceSyncBatchNorm()]
+        return super().instantiate_trainer(**kwargs)
 
     def instantiate_classes(self) -> None:
         """An error raised while jsonargparse instantiates a ``class_path`` object (the backbone,
@@ -122,6 +133,8 @@ def run_cli(
             trainer_defaults={
                 # The datamodules shard episodes themselves; Lightning's sampler would pad them.
                 "use_distributed_sampler": False,
+                # Trainable BatchNorm sees the global batch under DDP, as on one device.
+                "sync_batchnorm": True,
                 "callbacks": [SaveLastOnInterrupt()],
                 # Atomic checkpoint writes, unless the config chooses its own plugins.
                 "plugins": [{"class_path": "tasks.checkpointing.AtomicCheckpointIO"}],

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, get_args
 import torch
 from jsonargparse import lazy_instance
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from backbones import Backbone, ResNet, WeightsError
 from backbones.weights import checkpoint_arch, read_checkpoint, to_native
@@ -100,6 +101,17 @@ def backbone_channels(backbone: Backbone) -> dict[str, int]:
 def upsample(logits: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     """Bilinear with ``align_corners=True``, as PFENet/ASGNet resize logits to the label."""
     return resize(logits, size)
+
+
+def episode_mean_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """The mean over episodes of each episode's cross-entropy averaged over its labelled pixels
+    (255 ignored). Every episode weighs the same, so the loss and its gradient do not depend on
+    how a global batch is split over devices and accumulated batches; a pixel mean over the
+    batch (PFENet) would weigh each device's episodes by its own count of labelled pixels."""
+    pixels = nn.functional.cross_entropy(logits, target, ignore_index=IGNORE, reduction="none")
+    pixels = pixels.flatten(1)
+    labelled = (target != IGNORE).flatten(1).sum(1).clamp(min=1)
+    return (pixels.sum(1) / labelled).mean()
 
 
 def original_size_predictions(logits: Tensor, batch: Mapping[str, Any]) -> list[Tensor]:
@@ -254,7 +266,7 @@ class FewShotSegmentation(BaseTask):
                 self.head.compile()
 
     def configure_losses(self) -> None:
-        self.criterion = nn.CrossEntropyLoss(ignore_index=IGNORE)
+        self.criterion = episode_mean_cross_entropy
 
     def configure_metrics(self) -> None:
         """Train and validation IoU; the test metrics, one per test seed, at test start."""
@@ -330,7 +342,7 @@ class FewShotSegmentation(BaseTask):
         super().train(mode)
         if mode and self.backbone_batch_statistics:
             for module in self.backbone.modules():
-                if isinstance(module, nn.BatchNorm2d):
+                if isinstance(module, _BatchNorm):  # SyncBatchNorm under DDP too
                     module.train()
         return self
 
@@ -345,7 +357,8 @@ class FewShotSegmentation(BaseTask):
             logger.log_hyperparams({"parameters": counts})
 
     def loss(self, output: HeadOutput, target: Tensor) -> tuple[Tensor, Tensor]:
-        """Cross-entropy (255 ignored) plus the head's weighted mean auxiliary loss."""
+        """Cross-entropy (:func:`episode_mean_cross_entropy`) plus the head's weighted mean
+        auxiliary loss."""
         size = target.shape[-2:]
         main = self.criterion(upsample(output.logits, size).float(), target)
         if not output.aux_logits:
@@ -368,8 +381,9 @@ class FewShotSegmentation(BaseTask):
             upsample(output.logits.detach(), size).argmax(1), batch["query_mask"], batch["class_id"]
         )
         batch_size = batch["query_image"].shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
-        self.log("train/main_loss", main, batch_size=batch_size)
+        # Averaged over the ranks' equal batches: the loss of the global batch.
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
+        self.log("train/main_loss", main, batch_size=batch_size, sync_dist=True)
         return loss
 
     def on_train_epoch_end(self) -> None:

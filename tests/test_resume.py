@@ -97,8 +97,9 @@ def test_kill_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path: Path) 
     callback = tmp_path / "kill_on_second_save.py"
     callback.write_text(KILL_ON_SECOND_SAVE)
     command = fit_command(tmp_path)
+    path = os.pathsep.join(filter(None, [str(tmp_path), ENV.get("PYTHONPATH")]))
     killed = subprocess.run([*command, "--trainer.callbacks+=kill_on_second_save.KillOnSecondSave"],
-                            cwd=tmp_path, env=ENV | {"PYTHONPATH": str(tmp_path)},
+                            cwd=tmp_path, env=ENV | {"PYTHONPATH": path},
                             capture_output=True, text=True, timeout=TIMEOUT)  # fmt: skip
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     last = next((tmp_path / "runs").rglob("last.ckpt"))

@@ -82,6 +82,8 @@ def tiny_args(tmp_path: Path, *extra: str) -> list[str]:
         "64",
         "--data.batch_size",
         "4",
+        "--data.global_batch_size",
+        "4",
         "--data.num_workers",
         "0",
         "--data.val_episodes",

@@ -32,13 +32,22 @@ class PrototypeHead(nn.Module):
         in_channels: Channels of the backbone features by name; needs ``layer2`` and ``layer3``.
         reduce_dim: Channels of the reduced mid-level feature and of the decoder.
         dropout: Dropout2d probability after the reduction (PFENet: 0.5).
+        decoder_dropout: Dropout2d probability before the decoder's classifier.
     """
 
     def __init__(
-        self, in_channels: Mapping[str, int], reduce_dim: int = 256, dropout: float = 0.5
+        self,
+        in_channels: Mapping[str, int],
+        reduce_dim: int = 256,
+        dropout: float = 0.5,
+        decoder_dropout: float = 0.1,
     ) -> None:
         super().__init__()
-        self.init_args = {"reduce_dim": reduce_dim, "dropout": dropout}
+        self.init_args = {
+            "reduce_dim": reduce_dim,
+            "dropout": dropout,
+            "decoder_dropout": decoder_dropout,
+        }
         self.in_features = MID_LEVEL_LAYERS
         self.reduce = nn.Sequential(
             nn.Conv2d(mid_level_channels(in_channels), reduce_dim, 1, bias=False),
@@ -50,7 +59,7 @@ class PrototypeHead(nn.Module):
             nn.ReLU(inplace=True),
             nn.Conv2d(reduce_dim, reduce_dim, 3, padding=1, bias=False),
             nn.ReLU(inplace=True),
-            nn.Dropout2d(0.1),
+            nn.Dropout2d(decoder_dropout),
             nn.Conv2d(reduce_dim, 2, 1),
         )
 
