@@ -67,6 +67,23 @@ class Backbone(nn.Module, metaclass=ABCMeta):
         """Block outputs by index into :attr:`block_info` (an int ``n``: the last ``n``;
         ``None``: all), as timm's ``forward_intermediates``."""
 
+    def forward_from(
+        self, name: str | None, x: Tensor, until: str | None = None
+    ) -> dict[str, Tensor]:
+        """The selected outputs after output ``name`` up to ``until`` (inclusive; ``None``: the
+        last selected), computed from ``x`` standing for ``name``'s output (``None``: ``x`` is
+        the image); only the modules in between run.
+
+        Splitting the forward lets a task change a feature mid-network: PFENet's prior reads
+        the support's layer4 computed on its mask-multiplied layer3. ``forward(x)`` is
+        ``forward_from(None, x)``. Optional: an encoder without it cannot serve a head that
+        declares ``support_mask_at``.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement forward_from, which heads with "
+            "support_mask_at (PFENet) need"
+        )
+
     @abstractmethod
     def describe(self) -> dict[str, Any]:
         """``{"class_path": ..., "init_args": ...}`` rebuilding this encoder's architecture

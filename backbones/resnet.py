@@ -430,22 +430,48 @@ class ResNet(Backbone):
         return checkpoint(block, x, use_reentrant=False, context_fn=contexts)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return self.forward_from(None, x)
+
+    def _position(self, name: str) -> tuple[int, int]:
+        """(stage index, blocks of that stage run) just after output ``name``; the stem is
+        (0, 0), ``layer2.1`` is (2, 2), ``layer2`` (2, all its blocks)."""
+        if name not in self.outputs:
+            raise ValueError(f"unknown output {name!r}; expected one of {list(self.outputs)}")
+        if name == "stem":
+            return 0, 0
+        stage, _, block = name.partition(".")
+        index = FEATURES.index(stage)
+        return index, int(block) + 1 if block else len(getattr(self, stage))
+
+    def forward_from(
+        self, name: str | None, x: Tensor, until: str | None = None
+    ) -> dict[str, Tensor]:
+        start = (0, -1) if name is None else self._position(name)
+        stop = self._position(until or self.out_layers[-1])
+        if stop <= start:
+            raise ValueError(f"until={until!r} does not come after {name!r}")
         features = {}
-        x = self.stem(x)
-        if "stem" in self.out_layers:
-            features["stem"] = x
-        for name in STAGES[: self.last_stage]:
-            stage = getattr(self, name)
-            blocks = [f"{name}.{i}" in self.out_layers for i in range(len(stage))]
-            if not (any(blocks) or self.grad_checkpointing):
+        if name is None:
+            x = self.stem(x)
+            if "stem" in self.out_layers:
+                features["stem"] = x
+        for index in range(max(start[0], 1), stop[0] + 1):
+            stage_name = FEATURES[index]
+            stage = getattr(self, stage_name)
+            first = start[1] if index == start[0] else 0
+            last = stop[1] if index == stop[0] else len(stage)
+            if first == last:  # ``name`` is this stage's output
+                continue
+            blocks = [f"{stage_name}.{i}" in self.out_layers for i in range(first, last)]
+            if (first, last) == (0, len(stage)) and not (any(blocks) or self.grad_checkpointing):
                 x = stage(x)  # the stage's own hooks run
             else:
-                for index, block in enumerate(stage):
+                for offset, block in enumerate(stage[first:last]):
                     x = self._run_block(block, x)
-                    if blocks[index]:
-                        features[f"{name}.{index}"] = x
-            if name in self.out_layers:
-                features[name] = x
+                    if blocks[offset]:
+                        features[f"{stage_name}.{first + offset}"] = x
+            if last == len(stage) and stage_name in self.out_layers:
+                features[stage_name] = x
         return features
 
     def forward_intermediates(

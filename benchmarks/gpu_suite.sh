@@ -4,7 +4,7 @@
 #
 #   bash benchmarks/gpu_suite.sh 2>&1 | tee gpu_suite.log
 #
-# segment: ResNet-50 and ResNet-101 (deep stem, OS 8), both heads, fp32 / bf16+cl / compiled,
+# segment: ResNet-50 and ResNet-101 (deep stem, OS 8), every head, fp32 / bf16+cl / compiled,
 # 473 px, batch 8; memory: fine-tuned ResNet-101 at 473, batch 8, with and without gradient
 # checkpointing; loader against step; DDP over 1 and all GPUs; the backbone against torchvision.
 set -euo pipefail
@@ -18,7 +18,7 @@ run() {
 }
 
 run benchmarks.segment --device cuda --size 473 --batch 8 \
-    --backbones resnet50_deep_os8 resnet101_deep_os8 --heads prototype asgnet \
+    --backbones resnet50_deep_os8 resnet101_deep_os8 --heads prototype asgnet pfenet \
     --modes fp32 bf16+cl bf16+cl+compile
 run benchmarks.memory --device cuda --backbone resnet101_deep_os8 --size 473 --batch 8
 run benchmarks.loader_vs_step --device cuda --workers 0 1 2 4

@@ -38,11 +38,11 @@ from benchmarks.common import (
     time_alternating,
     train_step,
 )
-from tasks.heads import ASGNetHead, PrototypeHead
+from tasks.heads import ASGNetHead, PFENetHead, PrototypeHead
 from tasks.metrics import FewShotIoU
 from tasks.segment import FewShotSegmentation, original_resolution_predictions
 
-HEADS = {"prototype": PrototypeHead, "asgnet": ASGNetHead}
+HEADS = {"prototype": PrototypeHead, "asgnet": ASGNetHead, "pfenet": PFENetHead}
 
 #: Dense bf16 tensor-core peaks (TFLOP/s) by device name, first match wins.
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0))

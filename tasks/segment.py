@@ -25,9 +25,9 @@ from backbones import Backbone, ResNet, WeightsError
 from backbones.weights import checkpoint_arch, read_checkpoint, to_native
 from datamodules.source import IGNORE
 from tasks.base import BaseTask, Optimizer, check_arguments, describe_head
-from tasks.heads import ASGNetHead, HeadOutput, PrototypeHead
-from tasks.heads.asgnet import split_official_state_dict
-from tasks.heads.common import resize
+from tasks.heads import ASGNetHead, HeadOutput, PFENetHead, PrototypeHead
+from tasks.heads.common import foreground_masks, resize, split_official_state_dict
+from tasks.heads.fem import FeatureEnrichment
 from tasks.metrics import FewShotIoU
 from tasks.results import summarise
 
@@ -45,17 +45,38 @@ DEFAULT_ENCODER = {"arch": "resnet18", "output_stride": 8}
 DEFAULT_BACKBONE = lazy_instance(ResNet, **DEFAULT_ENCODER)
 
 
-def official_asgnet(path: str, trusted: bool = False) -> tuple[ResNet, ASGNetHead]:
-    """The encoder and head of a released ASGNet model (``model/asgnet.py``'s checkpoint): the
-    PSPNet encoder (deep stem, uniform dilation, output stride 8) of the depth the file holds,
-    and the head with the paper's options, both loaded strictly from the one file."""
+#: The heads whose authors' released checkpoints ``official_checkpoint`` loads; a file is
+#: recognised by a head key only its model holds (``official_signature``).
+OFFICIAL_HEADS: tuple[type[FeatureEnrichment], ...] = (ASGNetHead, PFENetHead)
+
+
+def official_model(
+    path: str, trusted: bool = False, head: HeadFactory | nn.Module | None = None
+) -> tuple[ResNet, FeatureEnrichment]:
+    """The encoder and head of a released PFENet or ASGNet model (``model/PFENet.py``'s
+    ``train_epoch_*.pth``, ``model/asgnet.py``'s checkpoint): the PSPNet encoder (deep stem,
+    uniform dilation, output stride 8) of the depth the file holds, and the head of the model
+    the file holds, both loaded strictly from the one file. The head takes the paper's options,
+    or those of ``head`` when it builds that same head class (the bins are not in the file:
+    PFENet's COCO models use 1.0/0.5/0.25/0.125, set in ``configs/segment/pfenet_coco.yaml``).
+    """
     checkpoint = read_checkpoint(path, trusted, option="--model.official_trusted true")
-    _, encoder = split_official_state_dict(checkpoint)
+    head_state, encoder = split_official_state_dict(checkpoint)
+    matches = [cls for cls in OFFICIAL_HEADS if cls.official_signature in head_state]
+    if len(matches) != 1:
+        expected = {cls.official_paper: cls.official_signature for cls in OFFICIAL_HEADS}
+        raise WeightsError(
+            f"official_checkpoint={path!r} is not one released model of {list(expected)}: "
+            f"expected exactly one of the head keys {expected}, found head keys "
+            f"{sorted(head_state)[:10]}"
+        )
+    head_class = matches[0]
     depths, archs = checkpoint_arch(to_native(encoder, is_lightning=False)[0])
     if not archs:
         raise WeightsError(
             f"official_checkpoint={path!r} holds no ResNet encoder this project builds (blocks "
-            f"per stage {depths}); expected a released ASGNet ResNet-50/101 model"
+            f"per stage {depths}); expected a released {head_class.official_paper} "
+            "ResNet-50/101 model"
         )
     backbone = ResNet(
         archs[0],
@@ -65,9 +86,11 @@ def official_asgnet(path: str, trusted: bool = False) -> tuple[ResNet, ASGNetHea
         weights=path,
         weights_trusted=trusted,
     )
-    head = ASGNetHead(backbone_channels(backbone))
-    head.load_official_state_dict(checkpoint)
-    return backbone, head
+    channels = backbone_channels(backbone)
+    built = head if head is None or isinstance(head, nn.Module) else head(channels)
+    model_head = built if isinstance(built, head_class) else head_class(channels)
+    model_head.load_official_state_dict(checkpoint)
+    return backbone, model_head
 
 
 def backbone_channels(backbone: Backbone) -> dict[str, int]:
@@ -146,8 +169,8 @@ class FewShotSegmentation(BaseTask):
         lr, momentum, weight_decay: optimizer settings (ASGNet PASCAL: 0.0025, 0.9, 1e-4).
         poly_power: learning rate ``lr * (1 - step / total_steps) ** poly_power`` per step.
         backbone_lr_mult: the backbone's learning-rate multiplier when fine-tuned.
-        official_checkpoint: a released ASGNet model (``.pth``): its encoder and head replace
-            ``backbone`` and ``head`` (:func:`official_asgnet`), frozen as in the paper.
+        official_checkpoint: a released PFENet or ASGNet model (``.pth``): its encoder and head
+            replace ``backbone`` and ``head`` (:func:`official_model`), frozen as in the papers.
         official_trusted: unpickle ``official_checkpoint`` fully (only a file you trust).
         channels_last: keep weights and images in channels-last memory order (faster
             convolutions with tensor cores and on recent CPUs); results are unchanged.
@@ -187,7 +210,7 @@ class FewShotSegmentation(BaseTask):
         self.save_hyperparameters(ignore=["backbone", "head"])
         self.backbone_norm = "frozen"
         if official_checkpoint is not None:
-            backbone, head = official_asgnet(official_checkpoint, official_trusted)
+            backbone, head = official_model(official_checkpoint, official_trusted, head)
         if freeze_backbone is None:
             freeze_backbone = official_checkpoint is not None
         self.hparams.freeze_backbone = freeze_backbone
@@ -213,8 +236,21 @@ class FewShotSegmentation(BaseTask):
                 f"head {type(self.head).__name__} declares no in_features; expected the names "
                 f"of the backbone outputs it reads, among {list(backbone.output_info)}"
             )
+        frozen = []
+        mask_at = self.support_mask_at
+        if mask_at is not None:  # the stages after it run without gradient (tasks.heads)
+            order = list(backbone.output_info)
+            if mask_at not in in_features:
+                raise ValueError(
+                    f"head {type(self.head).__name__}: support_mask_at={mask_at!r} is not "
+                    f"among its in_features {list(in_features)}"
+                )
+            self.backbone.select_outputs(
+                [name for name in in_features if order.index(name) <= order.index(mask_at)]
+            )
+            frozen = list(self.backbone.idle_stages())
         self.backbone.select_outputs(in_features)
-        for stage in self.backbone.idle_stages():
+        for stage in [*self.backbone.idle_stages(), *frozen]:
             stage.requires_grad_(False)
         if self.hparams.freeze_backbone:
             self.backbone.freeze("all", norm_eval=True)
@@ -247,11 +283,12 @@ class FewShotSegmentation(BaseTask):
         BatchNorm recipe (:attr:`backbone_batch_statistics`) in one call per group, query first,
         then each shot, as PFENet's forward does, so batch statistics are those of each group."""
         batch, shots = support_images.shape[:2]
-        groups = [query_image, support_images.flatten(0, 1)]
+        groups = [(query_image, None), (support_images.flatten(0, 1), support_masks.flatten(0, 1))]
         if self.backbone_batch_statistics and self.training:
-            groups = [query_image, *support_images.unbind(1)]
+            shot_groups = zip(support_images.unbind(1), support_masks.unbind(1), strict=True)
+            groups = [(query_image, None), *shot_groups]
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.backbone_trainable):
-            outputs = [self.backbone(self._memory_format(images)) for images in groups]
+            outputs = [self._encode(self._memory_format(images), masks) for images, masks in groups]
         if len(outputs) == 2:
             query, support = outputs
             support = {name: f.unflatten(0, (batch, shots)) for name, f in support.items()}
@@ -259,6 +296,26 @@ class FewShotSegmentation(BaseTask):
             query = outputs[0]
             support = {name: torch.stack([o[name] for o in outputs[1:]], 1) for name in query}
         return self.head(query, support, support_masks)
+
+    @property
+    def support_mask_at(self) -> str | None:
+        """The head's ``support_mask_at`` (:mod:`tasks.heads`), ``None`` when it has none."""
+        return getattr(self.head, "support_mask_at", None)
+
+    def _encode(self, images: Tensor, masks: Tensor | None) -> dict[str, Tensor]:
+        """Backbone outputs; for a head with ``support_mask_at``, the outputs after it are
+        computed without gradient from that output, multiplied by the foreground of ``masks``
+        [N, H, W] for support images (``None`` for queries), as PFENet's
+        ``self.layer4(supp_feat_3*mask)``."""
+        mask_at = self.support_mask_at
+        if mask_at is None:
+            return self.backbone(images)
+        feats = self.backbone.forward_from(None, images, until=mask_at)
+        x = feats[mask_at]
+        if masks is not None:
+            x = x * foreground_masks(masks[:, None], x.shape[-2:]).to(x.dtype)
+        with torch.no_grad():
+            return {**feats, **self.backbone.forward_from(mask_at, x)}
 
     def _memory_format(self, images: Tensor) -> Tensor:
         if self.hparams.channels_last:

@@ -399,3 +399,29 @@ def test_stages_after_the_last_output_are_not_run() -> None:
     assert list(model(torch.randn(1, 3, 32, 32))) == ["stem", "layer2"]
     assert calls == []
     assert [i.name for i in model.feature_info] == ["stem", "layer2"]
+
+
+@pytest.mark.parametrize("split", ["stem", "layer1", "layer2.0", "layer3.0", "layer3"])
+def test_forward_from_splits_the_forward_anywhere(split: str) -> None:
+    """``forward_from(None, x, until=split)`` then ``forward_from(split, ...)`` give the outputs
+    of one forward, each once, and run only the modules on their side of ``split``."""
+    torch.manual_seed(0)
+    outputs = ["stem", "layer1", "layer2.0", "layer2", "layer3.0", "layer3", "layer4"]
+    model = build_backbone("resnet18", output_stride=16, out_layers=outputs).eval()
+    x = torch.randn(1, 3, 48, 48)
+    expected = model(x)
+    calls = []
+    for name in ("layer1", "layer4"):
+        getattr(model, name).register_forward_hook(lambda *args, n=name: calls.append(n))
+    head = model.forward_from(None, x, until=split)
+    tail = model.forward_from(split, head[split])
+    order = list(model.output_info)
+    assert list(head) == [n for n in outputs if order.index(n) <= order.index(split)]
+    assert list(tail) == [n for n in outputs if order.index(n) > order.index(split)]
+    assert calls.count("layer1") == 1 and calls.count("layer4") == 1
+    for name, value in {**head, **tail}.items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"until='layer2' does not come after 'layer3'"):
+        model.forward_from("layer3", head[split], until="layer2")
+    with pytest.raises(ValueError, match=r"unknown output 'layer5'"):
+        model.forward_from("layer5", x)

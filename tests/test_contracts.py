@@ -80,22 +80,24 @@ def real_data_args(config: str, tmp_path: Path) -> tuple[list[str], list[str]]:
     dataset's real format and a random weights file of its encoder's layout; the test arguments
     name the data only (the config's evaluation settings included: data is not in a model
     checkpoint)."""
-    if config == "pascal":
+    protocol, dataset = config.split("_") if "_" in config else ("asgnet", config)
+    if dataset == "pascal":
         root, data = write_pascal_tree(tmp_path / "VOC2012"), "datamodules.PascalFewShot"
-        # the tree has no PFENet list file, which the asgnet protocol's training list is
+        # the tree has no PFENet list file, the asgnet and pfenet protocols' training list
         lists = ["--data.train_list", "ImageSets/SegmentationAug/train_aug.txt"]
     else:
         root, data = write_coco_tree(tmp_path / "coco", num_images=240), "datamodules.CocoFewShot"
         lists = []
-    weights = tmp_path / "resnet50_v2.pth"
-    encoder = ResNet("resnet50", stem="deep", output_stride=8, dilation_scheme="uniform")
+    arch = "resnet101" if config == "pfenet_coco" else "resnet50"
+    weights = tmp_path / f"{arch}_v2.pth"
+    encoder = ResNet(arch, stem="deep", output_stride=8, dilation_scheme="uniform")
     torch.save({k.removeprefix("stem."): v for k, v in encoder.state_dict().items()}, weights)
     common = ["--data.root", str(root), "--data.cache_dir", str(tmp_path / "cache"),
               "--data.image_size", "64", "--data.num_workers", "0", "--data.batch_size", "2",
               "--data.val_episodes", "4", "--data.test_episodes", "4",
               "--data.val_fraction", "0.2",
               # the config's data settings, which a checkpoint does not hold
-              "--data.protocol", "asgnet", "--data.min_pixels", "2048", *lists]  # fmt: skip
+              "--data.protocol", protocol, "--data.min_pixels", "2048", *lists]  # fmt: skip
     fit = ["--config", str(CONFIGS / "segment" / f"{config}.yaml"), *common,
            "--model.backbone.init_args.weights", str(weights),
            "--model.head.init_args.bins", "[1.0, 0.5]"]  # fmt: skip
@@ -103,12 +105,12 @@ def real_data_args(config: str, tmp_path: Path) -> tuple[list[str], list[str]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["pascal", "coco"])
-def test_asgnet_config_checkpoint_reloads_without_config_or_weights(
+@pytest.mark.parametrize("config", ["pascal", "coco", "pfenet_pascal", "pfenet_coco"])
+def test_paper_config_checkpoint_reloads_without_config_or_weights(
     config: str, tmp_path: Path
 ) -> None:
-    """ASGNet's recipe (ResNet-50 PSPNet encoder, frozen): ``test --ckpt_path`` needs neither
-    the training config nor the ImageNet weights file."""
+    """ASGNet's and PFENet's recipes (ResNet-50/101 PSPNet encoder, frozen): ``test
+    --ckpt_path`` needs neither the training config nor the ImageNet weights file."""
     fit, test = real_data_args(config, tmp_path)
     fit_then_reload(segment.main, fit, test, tmp_path)
 

@@ -3,13 +3,13 @@ import pytest
 import torch
 from scipy.ndimage import distance_transform_edt
 
-from tasks.heads import ASGNetHead, HeadOutput, PrototypeHead
+from tasks.heads import ASGNetHead, HeadOutput, PFENetHead, PrototypeHead
 from tasks.heads.asgnet import (
     guided_prototype_allocation,
     place_seeds,
-    pyramid_bin_size,
     superpixel_clustering,
 )
+from tasks.heads.fem import pyramid_bin_size
 
 RESNET18 = {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512}
 RESNET50 = {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
@@ -25,6 +25,7 @@ HEADS = {
     "prototype": lambda channels: PrototypeHead(channels, reduce_dim=32),
     # A small superpixel area so that 9x9 supports get several superpixels.
     "asgnet": lambda channels: ASGNetHead(channels, reduce_dim=32, superpixel_area=4),
+    "pfenet": lambda channels: PFENetHead(channels, reduce_dim=32),
 }
 
 
@@ -34,7 +35,7 @@ def episode(channels, size2, size3, batch=2, shots=1, seed=0):
     def feats(*lead):
         return {
             name: torch.randn(*lead, channels[name], size, size, generator=generator)
-            for name, size in (("layer2", size2), ("layer3", size3))
+            for name, size in (("layer2", size2), ("layer3", size3), ("layer4", size3))
         }
 
     masks = torch.zeros(batch, shots, IMAGE, IMAGE, dtype=torch.long)
@@ -58,7 +59,7 @@ def test_output_shapes(head_name, backbone, shots):
         assert out.logits.shape == (2, 2, size3, size3)
         assert all(a.shape[:2] == (2, 2) for a in out.aux_logits)
         assert torch.isfinite(out.logits).all()
-    assert len(out.aux_logits) == (4 if head_name == "asgnet" else 0)
+    assert len(out.aux_logits) == (0 if head_name == "prototype" else 4)
 
 
 @pytest.mark.parametrize("head_name", HEADS)

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from backbones import build_backbone
-from tasks.heads import ASGNetHead, PrototypeHead
+from tasks.heads import ASGNetHead, PFENetHead, PrototypeHead
 from tasks.segment import FewShotSegmentation, main, original_resolution_predictions
 
 BACKBONES = {
@@ -26,11 +26,17 @@ def small_asgnet(in_channels):
     return ASGNetHead(in_channels, reduce_dim=32, bins=(1.0, 0.5))
 
 
+def small_pfenet(in_channels):
+    return PFENetHead(in_channels, reduce_dim=32, bins=(1.0, 0.5))
+
+
 @pytest.mark.parametrize(
     "backbone",
     [b if "resnet18" in b else pytest.param(b, marks=pytest.mark.slow) for b in BACKBONES],
 )
-@pytest.mark.parametrize("head", [PrototypeHead, small_asgnet], ids=["prototype", "asgnet"])
+@pytest.mark.parametrize(
+    "head", [PrototypeHead, small_asgnet, small_pfenet], ids=["prototype", "asgnet", "pfenet"]
+)
 @pytest.mark.parametrize("shots", [1, 5])
 def test_heads_on_real_backbones(backbone: str, head, shots: int) -> None:
     options = dict(BACKBONES[backbone])
@@ -90,6 +96,17 @@ def tiny_args(tmp_path: Path, *extra: str) -> list[str]:
         str(tmp_path / "runs"),
         *extra,
     ]
+
+
+def test_pfenet_head_is_one_option_on_the_default_experiment(tmp_path: Path) -> None:
+    """``fit --model.head tasks.heads.PFENetHead`` trains the default experiment (ResNet-18,
+    fine-tuned): layer4 runs for the prior, without gradient."""
+    cli = main(["fit", *tiny_args(tmp_path), "--model.head", "tasks.heads.PFENetHead",
+                "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+                "--trainer.limit_val_batches", "1"])  # fmt: skip
+    assert isinstance(cli.model.head, PFENetHead) and cli.trainer.global_step == 2
+    assert not any(p.requires_grad for p in cli.model.backbone.layer4.parameters())
+    assert all(p.requires_grad for p in cli.model.backbone.layer3.parameters())
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import torch
 from test_segment import tiny_args
 
 from backbones import ResNet
-from tasks.heads import ASGNetHead, PrototypeHead
+from tasks.heads import ASGNetHead, PFENetHead, PrototypeHead
 from tasks.segment import FewShotSegmentation, compile_unsupported_reason, main
 
 
@@ -66,7 +66,9 @@ def assert_close(reference, other, loss_tolerance: float, grad_tolerance: float)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("head", [PrototypeHead, ASGNetHead], ids=["prototype", "asgnet"])
+@pytest.mark.parametrize(
+    "head", [PrototypeHead, ASGNetHead, PFENetHead], ids=["prototype", "asgnet", "pfenet"]
+)
 def test_channels_last_and_bf16_match_float32(head) -> None:
     batch = episode()
     reference = float64_reference(head, batch)

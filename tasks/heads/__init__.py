@@ -11,8 +11,14 @@ Every head follows one interface::
 * ``head.in_features``: the outputs the head reads, set in ``__init__`` (it may depend on
   ``in_channels``: HSNet would take every block of layer2..layer4). The task computes exactly
   these, and the modules after the last one get no gradient and are not run. The heads here read
-  layer2 and layer3 (PFENet/ASGNet); when layer2 is larger than layer3 (output stride 16) it is
-  resized bilinearly to layer3's size. A PFENet head would declare ``layer4`` too.
+  layer2 and layer3; when layer2 is larger than layer3 (output stride 16) it is resized
+  bilinearly to layer3's size. PFENet's declares ``layer4`` too.
+* ``head.support_mask_at`` (optional): a backbone output in ``in_features`` at which the
+  support's features are multiplied by their foreground mask (label 1, resized bilinearly with
+  ``align_corners``) before the later outputs are computed from them, without gradient (the
+  stages after it are frozen); the query's later outputs come from its plain features. PFENet
+  sets ``"layer3"``: its prior reads the support's layer4 of the masked layer3. The task runs
+  this through :meth:`backbones.Backbone.forward_from`.
 * ``head.init_args``: the head's own options (not ``in_channels``), which checkpoints store so
   that they rebuild the head.
 * ``query_feats``: ``dict[str, Tensor]`` of [B, C, h, w]; ``support_feats``: ``dict[str, Tensor]``
@@ -29,6 +35,7 @@ Any K >= 1 and batch size work, in train and eval mode.
 
 from .asgnet import ASGNetHead
 from .common import HeadOutput
+from .pfenet import PFENetHead
 from .prototype import PrototypeHead
 
-__all__ = ["ASGNetHead", "HeadOutput", "PrototypeHead"]
+__all__ = ["ASGNetHead", "HeadOutput", "PFENetHead", "PrototypeHead"]

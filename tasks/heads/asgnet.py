@@ -6,7 +6,6 @@ Segmentation", CVPR 2021; official code github.com/Reagan1311/ASGNet (``model/as
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,15 +20,8 @@ from .common import (
     masked_average_pooling,
     mid_level_channels,
     mid_level_features,
-    resize,
 )
-
-#: Channels of ResNet-50/101 stages, the official checkpoints' backbones.
-RESNET50_CHANNELS = {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
-
-#: Key prefixes of the backbone in an official checkpoint (PSPNet-style encoder: ``layer0`` is
-#: the deep stem). They are not part of the head.
-OFFICIAL_BACKBONE_PREFIXES = ("layer0.", "layer1.", "layer2.", "layer3.", "layer4.")
+from .fem import FeatureEnrichment
 
 #: The clustering distance is ``sqrt(feature_d2 + spatial_d2 / 100)`` (``sp_center_iter``).
 SPATIAL_SCALE = 100.0
@@ -184,63 +176,7 @@ def guided_prototype_allocation(
     return prob.to(query.dtype), guide.to(query.dtype)
 
 
-def pyramid_bin_size(bin: float, size: tuple[int, int]) -> tuple[int, int]:
-    """Pooled size of one pyramid level for a feature map of ``size``.
-
-    As the official code: a bin <= 1 is a fraction of the feature size (``int(size * bin)``,
-    at least 1); a bin > 1 is an absolute size. The official bins 60/30/15/8 assume 60x60
-    features (473 crops at stride 8); absolute bins are clamped to the feature size so that
-    small inputs do not upsample, and bins apply per side (the official code makes square bins;
-    equal for its square crops). For small inputs, fractions such as (1.0, 0.5, 0.25, 0.125)
-    keep the official ratios.
-    """
-    if bin <= 1:
-        return max(1, int(size[0] * bin)), max(1, int(size[1] * bin))
-    return min(int(bin), size[0]), min(int(bin), size[1])
-
-
-def _conv1x1_relu(in_channels: int, out_channels: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.ReLU(inplace=True))
-
-
-def _double_conv(channels: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-        nn.ReLU(inplace=True),
-    )
-
-
-def _classifier(channels: int) -> nn.Sequential:
-    return nn.Sequential(
-        nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-        nn.ReLU(inplace=True),
-        nn.Dropout2d(0.1),
-        nn.Conv2d(channels, 2, 1),
-    )
-
-
-def split_official_state_dict(
-    checkpoint: Mapping[str, Any],
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Split an official ASGNet checkpoint into (head, backbone) state dicts.
-
-    Accepts the saved file's dict (``{"state_dict": ...}``, as ``tool/test.py`` loads it) or the
-    state dict itself, and strips the ``module.`` prefix of ``nn.DataParallel``. Keys under
-    ``layer0`` (deep stem) and ``layer1``..``layer4`` go to the backbone dict, unchanged; all
-    others go to the head dict, whose names equal :class:`ASGNetHead`'s (see its key map).
-    """
-    state = checkpoint.get("state_dict", checkpoint)
-    head: dict[str, Tensor] = {}
-    backbone: dict[str, Tensor] = {}
-    for key, value in state.items():
-        key = key.removeprefix("module.")
-        (backbone if key.startswith(OFFICIAL_BACKBONE_PREFIXES) else head)[key] = value
-    return head, backbone
-
-
-class ASGNetHead(nn.Module):
+class ASGNetHead(FeatureEnrichment):
     """ASGNet's prototype learning, allocation and decoder (pyramid variant).
 
     From the official ``model/asgnet.py`` (names and shapes kept, so its checkpoints load):
@@ -259,11 +195,10 @@ class ASGNetHead(nn.Module):
     * Guided prototype allocation (:func:`guided_prototype_allocation`): the guide feature is
       the query concatenated with the allocated prototype (2 x reduce_dim channels), plus the
       probability map.
-    * Decoder (PFENet's feature enrichment, official ``pyramid: True``): for each bin,
-      adaptive average pooling, ``corr_conv`` (2C+1 -> C), ``alpha_conv`` merging the previous
-      bin (from the second bin on), ``beta_conv`` with residual and ``inner_cls`` auxiliary
-      logits; then ``res1`` over the concatenated bins, ``res2`` with residual and ``cls``.
-      Auxiliary loss weight 1.0 (``aux_weight`` in the configs), averaged over bins.
+    * Decoder (PFENet's feature enrichment, official ``pyramid: True``): the
+      :class:`~tasks.heads.fem.FeatureEnrichment` this head and :class:`PFENetHead` share, on
+      the guide feature and the probability map. Auxiliary loss weight 1.0 (``aux_weight`` in
+      the configs), averaged over bins.
 
     The ASPP variant (``pyramid: False``) is not implemented.
 
@@ -272,16 +207,17 @@ class ASGNetHead(nn.Module):
     ``beta_conv.{i}.{0,2}.weight``; ``inner_cls.{i}.0.weight``, ``inner_cls.{i}.3.{weight,bias}``;
     ``res1.0.weight``; ``res2.{0,2}.weight``; ``cls.0.weight``, ``cls.3.{weight,bias}`` map to
     the same names here. ``layer0.*`` .. ``layer4.*`` belong to the backbone and are returned
-    by :meth:`load_official_state_dict`, not loaded.
+    by :meth:`~tasks.heads.fem.FeatureEnrichment.load_official_state_dict`, not loaded.
 
     Deviations, all for vectorisation or robustness: everything is batched over episodes,
     shots and superpixels, with prototypes padded to ``max_superpixels`` per shot and a
     validity mask (no Python loops over the batch); clustering uses a masked softmax; the seed
     count is returned rather than inferred; an episode whose clustering region is empty
     falls back to masked average pooling (the official code would produce NaN); bins are
-    clamped per side (see :func:`pyramid_bin_size`); the superpixel count is taken on the
-    feature grid, which is the official 1/8 grid at output stride 8 (at stride 16 each feature
-    pixel covers 4 such pixels; scale ``superpixel_area`` by 1/4 to keep the official counts).
+    clamped per side (see :func:`~tasks.heads.fem.pyramid_bin_size`); the superpixel count is
+    taken on the feature grid, which is the official 1/8 grid at output stride 8 (at stride 16
+    each feature pixel covers 4 such pixels; scale ``superpixel_area`` by 1/4 to keep the
+    official counts).
 
     Args:
         in_channels: Backbone channels by name; needs ``layer2`` and ``layer3``.
@@ -295,6 +231,9 @@ class ASGNetHead(nn.Module):
         dropout: Dropout2d probability of ``down_conv``, official 0.5.
     """
 
+    official_paper = "ASGNet"
+    official_signature = "down_conv.0.weight"
+
     def __init__(
         self,
         in_channels: Mapping[str, int],
@@ -307,9 +246,7 @@ class ASGNetHead(nn.Module):
         aux_weight: float = 1.0,
         dropout: float = 0.5,
     ) -> None:
-        super().__init__()
-        if not bins or any(b <= 0 for b in bins):
-            raise ValueError(f"bins must be a non-empty list of positive sizes, got {bins}")
+        super().__init__(reduce_dim, bins)
         self.init_args = {
             "reduce_dim": reduce_dim,
             "bins": list(bins),
@@ -321,7 +258,6 @@ class ASGNetHead(nn.Module):
             "dropout": dropout,
         }
         self.in_features = MID_LEVEL_LAYERS  # layer4 is not used (Li et al., Sec. 4.1)
-        self.bins = tuple(bins)
         self.max_superpixels = max_superpixels
         self.superpixel_area = superpixel_area
         self.train_iterations = train_iterations
@@ -332,17 +268,6 @@ class ASGNetHead(nn.Module):
             nn.Conv2d(mid_level_channels(in_channels), reduce_dim, 1, bias=False),
             nn.Dropout2d(dropout),
         )
-        self.corr_conv = nn.ModuleList(
-            _conv1x1_relu(2 * reduce_dim + 1, reduce_dim) for _ in self.bins
-        )
-        self.alpha_conv = nn.ModuleList(
-            _conv1x1_relu(2 * reduce_dim, reduce_dim) for _ in self.bins[1:]
-        )
-        self.beta_conv = nn.ModuleList(_double_conv(reduce_dim) for _ in self.bins)
-        self.inner_cls = nn.ModuleList(_classifier(reduce_dim) for _ in self.bins)
-        self.res1 = _conv1x1_relu(len(self.bins) * reduce_dim, reduce_dim)
-        self.res2 = _double_conv(reduce_dim)
-        self.cls = _classifier(reduce_dim)
 
     def forward(
         self,
@@ -380,53 +305,3 @@ class ASGNetHead(nn.Module):
         valid = torch.where(clustered[:, None], slots < num[:, None], slots == 0)
         prototypes = torch.where(clustered[:, None, None], centres, pooled[:, None])
         return prototypes, valid
-
-    def decode(self, guide: Tensor, prob: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """Feature enrichment pyramid -> (logits at feature size, per-bin auxiliary logits)."""
-        size = guide.shape[-2:]
-        levels: list[Tensor] = []
-        aux_logits: list[Tensor] = []
-        for i, bin in enumerate(self.bins):
-            bin_size = pyramid_bin_size(bin, size)
-            merged = torch.cat([F.adaptive_avg_pool2d(guide, bin_size), resize(prob, bin_size)], 1)
-            merged = self.corr_conv[i](merged)
-            if i > 0:
-                previous = resize(levels[-1], bin_size)
-                merged = self.alpha_conv[i - 1](torch.cat([merged, previous], 1)) + merged
-            merged = self.beta_conv[i](merged) + merged
-            aux_logits.append(self.inner_cls[i](merged))
-            levels.append(resize(merged, size))
-        feat = self.res1(torch.cat(levels, 1))
-        feat = self.res2(feat) + feat
-        return self.cls(feat), aux_logits
-
-    def load_official_state_dict(self, checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
-        """Load the head part of an official ASGNet checkpoint strictly; return the backbone
-        part (``layer0.*`` .. ``layer4.*``, ``module.`` stripped) for the caller to map.
-
-        Raises:
-            RuntimeError: listing the missing and unexpected head keys (e.g. an ASPP-variant
-            checkpoint, or one with a different number of bins).
-        """
-        head_state, backbone_state = split_official_state_dict(checkpoint)
-        expected = set(self.state_dict())
-        missing, unexpected = sorted(expected - set(head_state)), sorted(set(head_state) - expected)
-        if missing or unexpected:
-            raise RuntimeError(
-                "official ASGNet checkpoint does not match ASGNetHead: "
-                f"missing keys {missing}, unexpected keys {unexpected}"
-            )
-        self.load_state_dict(head_state)
-        return backbone_state
-
-    @classmethod
-    def from_official_state_dict(
-        cls,
-        checkpoint: Mapping[str, Any],
-        in_channels: Mapping[str, int] = RESNET50_CHANNELS,
-        **options: Any,
-    ) -> tuple[ASGNetHead, dict[str, Tensor]]:
-        """Build a head for an official checkpoint (ResNet-50/101 channels by default) and load
-        it; returns the head and the checkpoint's backbone entries."""
-        head = cls(in_channels, **options)
-        return head, head.load_official_state_dict(checkpoint)

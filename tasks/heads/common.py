@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 #: Backbone stages the heads read, in the order they are concatenated. PFENet and ASGNet
 #: (``model/asgnet.py``: ``torch.cat([query_feat_3, query_feat_2], 1)``) put layer3 first; the
@@ -19,6 +19,11 @@ MAP_EPS = 5e-4
 
 #: Eps of the cosine similarity (``F.cosine_similarity(..., eps=1e-7)`` in ASGNet).
 COSINE_EPS = 1e-7
+
+
+#: Key prefixes of the encoder in the PFENet/ASGNet checkpoints (PSPNet encoder: ``layer0`` is
+#: the deep stem). They are not part of the heads.
+OFFICIAL_BACKBONE_PREFIXES = ("layer0.", "layer1.", "layer2.", "layer3.", "layer4.")
 
 
 def resize(x: Tensor, size: Sequence[int]) -> Tensor:
@@ -68,9 +73,11 @@ def check_inputs(
     query_feats: Mapping[str, Tensor],
     support_feats: Mapping[str, Tensor],
     support_masks: Tensor,
+    extra: Sequence[str] = (),
 ) -> None:
-    """Raise ``ValueError`` naming the argument when the head's inputs are inconsistent."""
-    for name in MID_LEVEL_LAYERS:
+    """Raise ``ValueError`` naming the argument when the head's inputs are inconsistent (the
+    mid-level layers and the ``extra`` outputs the head reads)."""
+    for name in (*MID_LEVEL_LAYERS, *extra):
         if name not in query_feats:
             raise ValueError(f"query_feats lacks {name!r}; got {sorted(query_feats)}")
         if name not in support_feats:
@@ -126,3 +133,63 @@ def cosine_similarity_map(query: Tensor, prototypes: Tensor) -> Tensor:
         query = F.normalize(query.float(), dim=1, eps=COSINE_EPS)
         prototypes = F.normalize(prototypes.float(), dim=2, eps=COSINE_EPS)
         return torch.einsum("bmc,bchw->bmhw", prototypes, query)
+
+
+def split_official_state_dict(
+    checkpoint: Mapping[str, Any],
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Split an official PFENet/ASGNet checkpoint into (head, backbone) state dicts.
+
+    Accepts the saved file's dict (``{"state_dict": ...}``, as their ``test.py`` loads it) or
+    the state dict itself, and strips the ``module.`` prefix of ``nn.DataParallel``. Keys under
+    ``layer0`` (deep stem) and ``layer1``..``layer4`` go to the backbone dict, unchanged; all
+    others to the head dict.
+    """
+    state = checkpoint.get("state_dict", checkpoint)
+    head: dict[str, Tensor] = {}
+    backbone: dict[str, Tensor] = {}
+    for key, value in state.items():
+        key = key.removeprefix("module.")
+        (backbone if key.startswith(OFFICIAL_BACKBONE_PREFIXES) else head)[key] = value
+    return head, backbone
+
+
+def load_official_head(
+    head: nn.Module,
+    checkpoint: Mapping[str, Any],
+    paper: str,
+    renames: Sequence[tuple[str, str]] = (),
+) -> dict[str, Tensor]:
+    """Load the head part of an official checkpoint into ``head`` strictly, key by key; return
+    the backbone part (``layer0.*`` .. ``layer4.*``) for the caller to map.
+
+    ``renames`` are (official prefix, prefix here) pairs; every other key keeps its name.
+
+    Raises:
+        RuntimeError: listing the missing and unexpected head keys, as the file names them.
+    """
+
+    def ours(key: str) -> str:
+        for official, here in renames:
+            if key.startswith(official):
+                return here + key.removeprefix(official)
+        return key
+
+    def theirs(key: str) -> str:
+        for official, here in renames:
+            if key.startswith(here):
+                return official + key.removeprefix(here)
+        return key
+
+    head_state, backbone_state = split_official_state_dict(checkpoint)
+    head_state = {ours(key): value for key, value in head_state.items()}
+    expected = set(head.state_dict())
+    missing = sorted(theirs(key) for key in expected - set(head_state))
+    unexpected = sorted(theirs(key) for key in set(head_state) - expected)
+    if missing or unexpected:
+        raise RuntimeError(
+            f"official {paper} checkpoint does not match {type(head).__name__}: "
+            f"missing keys {missing}, unexpected keys {unexpected}"
+        )
+    head.load_state_dict(head_state)
+    return backbone_state
