@@ -147,6 +147,14 @@ def _pfenet_family(test_episodes: dict[str, int], seeds: tuple[int, ...], **kwar
     return Protocol(test_episodes, seeds, **settings | kwargs)
 
 
+#: What PFENet's and ASGNet's own test and training loops add: the off-by-one episode, at most 20
+#: passes over the list, and the frozen backbone's BatchNorm in train mode.
+PFENET_LOOP: dict[str, Any] = {
+    "extra_test_episode": True,
+    "max_test_passes": 20,
+    "backbone_norm": "batch",
+}
+
 PROTOCOLS: dict[str, Protocol] = {
     "clean": Protocol(
         {"pascal": 1000, "coco": 1000},
@@ -158,17 +166,13 @@ PROTOCOLS: dict[str, Protocol] = {
         {"pascal": 5000, "coco": 20000},
         (321,),
         source="PFENet (Tian et al., TPAMI 2020)",
-        extra_test_episode=True,
-        max_test_passes=20,
-        backbone_norm="batch",
+        **PFENET_LOOP,
     ),
     "asgnet": _pfenet_family(
         {"pascal": 1000, "coco": 20000},
         (321,),
         source="ASGNet (Li et al., CVPR 2021)",
-        extra_test_episode=True,
-        max_test_passes=20,
-        backbone_norm="batch",
+        **PFENET_LOOP,
     ),
     "hsnet": Protocol(
         {"pascal": 1000, "coco": 1000},
