@@ -1,6 +1,6 @@
 """The LightningCLI shared by the tasks: defaults from ``configs/<task>/default.yaml``, configs
-saved with each run (:class:`tasks.tracking.SaveConfigToRun`), and the trainer settings the
-episodic datamodules rely on."""
+saved with each run (:class:`tasks.callbacks.tracking.SaveConfigToRun`), and the trainer
+settings the episodic datamodules rely on."""
 
 from __future__ import annotations
 
@@ -16,9 +16,9 @@ from lightning.pytorch import Callback, LightningDataModule, LightningModule, Tr
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 
-from tasks.checkpointing import SaveLastOnInterrupt
-from tasks.sync_batchnorm import AnyDeviceSyncBatchNorm
-from tasks.tracking import SaveConfigToRun
+from tasks.callbacks.checkpointing import SaveLastOnInterrupt
+from tasks.callbacks.sync_batchnorm import AnyDeviceSyncBatchNorm
+from tasks.callbacks.tracking import SaveConfigToRun
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -44,7 +44,7 @@ class TaskCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: object) -> Trainer:
         """``trainer.sync_batchnorm`` (on by default) synchronises BatchNorm on every device
-        (:mod:`tasks.sync_batchnorm`), not only on GPUs."""
+        (:mod:`tasks.callbacks.sync_batchnorm`), not only on GPUs."""
         config = self.config_init.get(str(self.subcommand), self.config_init)["trainer"]
         if config.get("sync_batchnorm"):
             plugins = config.get("plugins") or []
@@ -137,7 +137,7 @@ def run_cli(
                 "sync_batchnorm": True,
                 "callbacks": [SaveLastOnInterrupt()],
                 # Atomic checkpoint writes, unless the config chooses its own plugins.
-                "plugins": [{"class_path": "tasks.checkpointing.AtomicCheckpointIO"}],
+                "plugins": [{"class_path": "tasks.callbacks.checkpointing.AtomicCheckpointIO"}],
             },
             parser_kwargs={
                 subcommand: {"default_config_files": [str(CONFIGS / task / "default.yaml")]}

@@ -25,11 +25,11 @@ from backbones import Backbone, ResNet, WeightsError
 from backbones.weights import checkpoint_arch, read_checkpoint, to_native
 from datamodules.source import IGNORE
 from tasks.base import BaseTask, Optimizer, check_arguments, describe_head
+from tasks.callbacks.results import summarise
 from tasks.heads import ASGNetHead, HeadOutput, PFENetHead, PrototypeHead
 from tasks.heads.common import foreground_masks, resize, split_official_state_dict
 from tasks.heads.fem import FeatureEnrichment
 from tasks.metrics import FewShotIoU
-from tasks.results import summarise
 
 if TYPE_CHECKING:
     from tasks.cli import TaskCLI
@@ -397,7 +397,7 @@ class FewShotSegmentation(BaseTask):
         return logits
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
-        """The logits go to callbacks (:class:`tasks.visualise.LogValidationEpisodes`)."""
+        """The logits go to callbacks (:class:`tasks.callbacks.visualise.LogValidationEpisodes`)."""
         return self._evaluate(batch, self.val_iou)
 
     def on_validation_epoch_end(self) -> None:
@@ -415,8 +415,9 @@ class FewShotSegmentation(BaseTask):
         self._evaluate(batch, self.test_ious[dataloader_idx])
 
     def on_test_epoch_end(self) -> None:
-        """Per seed results into ``test_results`` (written by :class:`tasks.results.TestResults`);
-        ``test/miou`` and the others logged as means over the seeds, with their std."""
+        """Per seed results into ``test_results`` (written by
+        :class:`tasks.callbacks.results.TestResults`); ``test/miou`` and the others logged as
+        means over the seeds, with their std."""
         seeds = getattr(self.trainer.datamodule, "test_seeds", range(len(self.test_ious)))
         self.test_results = [
             {"seed": seed, **self._iou_summary(metric)}
@@ -472,9 +473,9 @@ class FewShotSegmentation(BaseTask):
 def main(args: list[str] | None = None) -> TaskCLI:
     """The command line; ``args`` lets tests run it in-process and read the CLI's trainer."""
     from datamodules import FewShotDataModule
+    from tasks.callbacks.predictions import MaskWriter
+    from tasks.callbacks.results import TestResults
     from tasks.cli import run_cli
-    from tasks.predictions import MaskWriter
-    from tasks.results import TestResults
 
     return run_cli(
         FewShotSegmentation,

@@ -29,8 +29,8 @@ from datamodules import PascalFewShot
 from datamodules.episode import EpisodeDataset
 from datamodules.sampler import EpisodeSampler, step_batches
 from datamodules.transforms import train_transform
+from tasks.callbacks.sync_batchnorm import to_cpu_sync
 from tasks.segment import main
-from tasks.sync_batchnorm import to_cpu_sync
 
 POOLS = {c: [f"{c}-{i}" for i in range(6)] for c in range(5)}
 

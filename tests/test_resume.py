@@ -15,7 +15,7 @@ import torch
 from test_segment import tiny_args
 from wandb_records import OfflineRun
 
-from tasks.checkpointing import atomic_file
+from tasks.callbacks.checkpointing import atomic_file
 
 TIMEOUT = 300
 CHECKPOINTS = """

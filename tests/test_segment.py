@@ -214,7 +214,7 @@ def test_experiment_configs_parse(config: Path, capsys: pytest.CaptureFixture) -
 
 
 def test_prediction_folder_that_cannot_be_created_is_named(tmp_path: Path) -> None:
-    from tasks.predictions import MaskWriter
+    from tasks.callbacks.predictions import MaskWriter
 
     blocker = tmp_path / "taken"
     blocker.write_text("a file where the folder should be")
