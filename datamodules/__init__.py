@@ -1,8 +1,8 @@
 """Few-shot segmentation data (PASCAL-5i, COCO-20i, the generated ``shapes`` set) and image
 classification data (:mod:`datamodules.classification`).
 
-The batch format is documented in :mod:`datamodules.episode`; the DDP contract (the trainer must
-use ``use_distributed_sampler=False``, see :data:`TRAINER_KWARGS`) in :mod:`datamodules.sampler`.
+The batch format is documented in :mod:`datamodules.episode`; how samples are sharded over DDP
+processes in :mod:`datamodules.sampler`.
 """
 
 from .classification import (
@@ -15,12 +15,11 @@ from .coco import CocoFewShot
 from .datamodule import FewShotDataModule, data_dir
 from .episode import Episode, collate_episodes
 from .pascal import PascalFewShot
-from .sampler import TRAINER_KWARGS, EpisodeSampler
+from .sampler import EpisodeSampler
 from .shapes import SHAPE_CLASSES, ShapesFewShot, render_scene
 
 __all__ = [
     "SHAPE_CLASSES",
-    "TRAINER_KWARGS",
     "CifarData",
     "ClassificationDataModule",
     "CocoFewShot",

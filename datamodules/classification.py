@@ -3,10 +3,9 @@
 Every datamodule yields batches ``{"image": float [B, 3, S, S], "label": long [B], "id": list}``
 (``label`` is -1 for unlabelled prediction images, ``id`` a file path or ``<batch file>:<index>``),
 normalised with the ImageNet statistics. ``val`` serves validation and test, as usual for
-ImageNet/CIFAR. Under DDP each rank reads its own shard (the trainer keeps
-``use_distributed_sampler=False``, see :mod:`datamodules.sampler`): training is shuffled by
-:class:`~torch.utils.data.DistributedSampler`, evaluation takes samples ``r, r + W, ...`` so every
-sample is scored exactly once.
+ImageNet/CIFAR. Under DDP each rank reads its own shard (see :mod:`datamodules.sampler`):
+training is shuffled by :class:`~torch.utils.data.DistributedSampler`, evaluation takes samples
+``r, r + W, ...`` so every sample is scored exactly once.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from torchvision.transforms import v2
 
 from .datamodule import data_dir, require, write_once
 from .files import IMAGE_EXTENSIONS
-from .sampler import rank_and_world_size
+from .sampler import ShardedSampler, rank_and_world_size
 from .shapes import GENERATOR_VERSION, SHAPE_CLASSES, render_scene
 from .source import missing_path_error, open_image
 from .splits import NUM_FOLDS, pascal_novel_classes
@@ -109,10 +108,11 @@ class ImageArray(Dataset):
         return {"image": self.transform(image), "label": self.labels[index], "id": self.ids[index]}
 
 
-class ShardSampler(Sampler[int]):
+class ShardSampler(ShardedSampler):
     """Indices ``rank, rank + world_size, ...``: each sample once over all ranks, no padding."""
 
     def __init__(self, length: int, rank: int = 0, world_size: int = 1) -> None:
+        super().__init__(rank, world_size)
         self.indices = range(rank, length, world_size)
 
     def __iter__(self) -> Iterator[int]:

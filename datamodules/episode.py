@@ -42,8 +42,8 @@ at the original resolution as PFENet/ASGNet (``ori_resize``): crop the logits to
 Which episodes: training draws new episodes over the base classes every epoch; validation is a
 fixed list over the base classes of held-out training images; test a fixed list over the novel
 classes of the test list (:mod:`datamodules.datamodule`). Loaders are driven by
-:class:`datamodules.sampler.EpisodeSampler`, which shards episodes across DDP ranks itself: the
-trainer must use ``use_distributed_sampler=False`` (``datamodules.TRAINER_KWARGS``).
+:class:`datamodules.sampler.EpisodeSampler`, which shards episodes across DDP ranks itself (a
+``DistributedSampler`` subclass, which Lightning leaves in place).
 """
 
 from __future__ import annotations

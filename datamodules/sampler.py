@@ -13,12 +13,11 @@ gradients are accumulated). So one process with batch 8 and two with batch 4 tra
 episodes in each step. The list is cut to whole steps, and each training episode carries its own
 augmentation seed, so its crops and flips do not depend on which process or worker loads it.
 
-DDP contract for the task: the trainer must not wrap these samplers, so pass
-``Trainer(use_distributed_sampler=False)`` -- ``Trainer(**TRAINER_KWARGS)``, or in a LightningCLI
-config ``trainer: {use_distributed_sampler: false}``. The datamodule raises if a multi-process
-trainer keeps the default. Ranks may then see different numbers of evaluation batches, so
-aggregate metrics with torchmetrics ``Metric`` objects (synced in ``compute()``), never with
-per-step ``self.log(..., sync_dist=True)``.
+These samplers are :class:`~torch.utils.data.DistributedSampler` subclasses, so Lightning keeps
+them as they are under any trainer setting (it only replaces samplers that are not; see
+:class:`ShardedSampler`). Ranks may see different numbers of evaluation batches, so aggregate
+metrics with torchmetrics ``Metric`` objects (synced in ``compute()``), never with per-step
+``self.log(..., sync_dist=True)``.
 """
 
 from __future__ import annotations
@@ -28,11 +27,10 @@ from dataclasses import replace
 from typing import Any
 
 import numpy as np
-from torch.utils.data import Sampler
+from torch.utils.data import DistributedSampler
 
 from .episode import Episode
 
-TRAINER_KWARGS: dict[str, Any] = {"use_distributed_sampler": False}
 _AUGMENT = 1  # appended to a training list's seed for its episodes' augmentation seeds
 
 
@@ -79,7 +77,24 @@ def draw_episodes(
     return episodes
 
 
-class EpisodeSampler(Sampler[Episode]):
+class ShardedSampler(DistributedSampler):
+    """Base of the samplers that shard their samples over processes themselves.
+
+    A :class:`~torch.utils.data.DistributedSampler` by type only: Lightning replaces a loader's
+    sampler under DDP unless it is one (``use_distributed_sampler``), and its replacement would
+    pad the last shard with repeated samples. The parent's constructor (which computes padded
+    shards of a sized dataset) is not used; subclasses define ``__iter__`` and ``__len__``.
+    """
+
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.rank, self.num_replicas, self.epoch = rank, world_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Called by Lightning's fit loop before each epoch."""
+        self.epoch = epoch
+
+
+class EpisodeSampler(ShardedSampler):
     """Yields this rank's share of an episode list (see the module docstring).
 
     Args:
@@ -121,15 +136,10 @@ class EpisodeSampler(Sampler[Episode]):
         self.count = count - count % step if train else count
         self.shots = shots
         self.seed = tuple(seed)
-        self.rank = rank
+        super().__init__(rank, world_size)
         self.world_size = world_size
         self.train = train
         self.step_episodes = step_episodes
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Called by Lightning's fit loop before each epoch."""
-        self.epoch = epoch
 
     def episodes(self) -> list[Episode]:
         """The whole list of the current epoch, over all ranks."""
@@ -161,17 +171,7 @@ class EpisodeSampler(Sampler[Episode]):
 
 
 def rank_and_world_size(trainer: Any) -> tuple[int, int]:
-    """``(global_rank, world_size)`` of a Lightning trainer, ``(0, 1)`` without one.
-
-    Raises if a multi-process trainer would wrap the samplers in a padding ``DistributedSampler``.
-    """
+    """``(global_rank, world_size)`` of a Lightning trainer, ``(0, 1)`` without one."""
     if trainer is None:
         return 0, 1
-    connector = getattr(trainer, "_accelerator_connector", None)
-    if trainer.world_size > 1 and getattr(connector, "use_distributed_sampler", False):
-        raise RuntimeError(
-            "these datamodules shard their samples themselves: create the Trainer with "
-            "use_distributed_sampler=False (datamodules.TRAINER_KWARGS), otherwise Lightning "
-            "pads and re-shards the evaluation episodes"
-        )
     return trainer.global_rank, trainer.world_size

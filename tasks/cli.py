@@ -131,8 +131,6 @@ def run_cli(
             save_config_callback=SaveConfigToRun,
             parser_class=TaskArgumentParser,
             trainer_defaults={
-                # The datamodules shard episodes themselves; Lightning's sampler would pad them.
-                "use_distributed_sampler": False,
                 # Trainable BatchNorm sees the global batch under DDP, as on one device.
                 "sync_batchnorm": True,
                 "callbacks": [SaveLastOnInterrupt()],

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from lightning import LightningModule, Trainer, seed_everything
 
-from datamodules import TRAINER_KWARGS, PascalFewShot
+from datamodules import PascalFewShot
 
 
 class Recorder(LightningModule):
@@ -52,7 +52,6 @@ def main(root: str, cache: str, out: str) -> None:
     trainer = Trainer(
         accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0,
-        **TRAINER_KWARGS,
     )  # fmt: skip
     trainer.fit(model, datamodule=dm)
     trainer.test(model, datamodule=dm)

@@ -12,9 +12,11 @@ import pytest
 import torch
 from fixtures_data import HEIGHT, WIDTH, pascal_label, write_pascal_tree
 from lightning import Trainer
+from lightning.pytorch.trainer.states import RunningStage
 from PIL import Image
+from torch.utils.data import DistributedSampler
 
-from datamodules import TRAINER_KWARGS, EpisodeSampler, PascalFewShot
+from datamodules import EpisodeSampler, PascalFewShot
 from datamodules.index import index_path
 from datamodules.pascal import save_label_png
 from datamodules.splits import coco_novel_classes, pascal_novel_classes
@@ -208,17 +210,20 @@ def test_workers_do_not_change_test_batches(make_dm) -> None:
             assert torch.equal(one[key], two[key])
 
 
-def test_ddp_trainer_contract(make_dm) -> None:
+def test_lightning_keeps_the_episode_samplers(make_dm) -> None:
+    """Lightning replaces a loader's sampler under DDP unless it is a DistributedSampler (its
+    ``_requires_distributed_sampler``, private: pinned here so that an upgrade fails loudly)."""
     dm = make_dm(test_episodes=9)
     dm.setup("test")
-    dm.trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
-    with pytest.raises(RuntimeError, match="use_distributed_sampler=False"):
-        dm.test_dataloader()
-    dm.trainer = Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", logger=False, **TRAINER_KWARGS
-    )
-    sampler = dm.test_dataloader()[0].sampler
+    trainer = Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False)
+    dm.trainer = trainer
+    (loader,) = dm.test_dataloader()
+    sampler = loader.sampler
+    assert isinstance(sampler, DistributedSampler)
     assert (sampler.rank, sampler.world_size, len(sampler)) == (0, 2, 5)
+    assert trainer._accelerator_connector.use_distributed_sampler
+    prepared = trainer._data_connector._prepare_dataloader(loader, False, RunningStage.TESTING)
+    assert prepared.sampler is sampler
 
 
 # Batches: the contract -------------------------------------------------------------------------
@@ -418,7 +423,7 @@ def test_configurable_from_lightning_cli(pascal_root: Path, tmp_path: Path) -> N
     cli = LightningCLI(
         datamodule_class=FewShotDataModule, subclass_mode_data=True, run=False,
         args={"model": {"class_path": "lightning.pytorch.demos.boring_classes.BoringModel"},
-              "data": data, "trainer": {"logger": False, **TRAINER_KWARGS}},
+              "data": data, "trainer": {"logger": False}},
     )  # fmt: skip
     assert isinstance(cli.datamodule, PascalFewShot)
     assert (cli.datamodule.fold, cli.datamodule.shots) == (3, 5)
