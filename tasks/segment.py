@@ -283,18 +283,20 @@ class FewShotSegmentation(BaseTask):
         BatchNorm recipe (:attr:`backbone_batch_statistics`) in one call per group, query first,
         then each shot, as PFENet's forward does, so batch statistics are those of each group."""
         batch, shots = support_images.shape[:2]
-        groups = [(query_image, None), (support_images.flatten(0, 1), support_masks.flatten(0, 1))]
-        if self.backbone_batch_statistics and self.training:
-            shot_groups = zip(support_images.unbind(1), support_masks.unbind(1), strict=True)
-            groups = [(query_image, None), *shot_groups]
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.backbone_trainable):
-            outputs = [self._encode(self._memory_format(images), masks) for images, masks in groups]
-        if len(outputs) == 2:
-            query, support = outputs
-            support = {name: f.unflatten(0, (batch, shots)) for name, f in support.items()}
+        per_shot = self.backbone_batch_statistics and self.training
+        if per_shot:
+            groups = list(zip(support_images.unbind(1), support_masks.unbind(1), strict=True))
         else:
-            query = outputs[0]
-            support = {name: torch.stack([o[name] for o in outputs[1:]], 1) for name in query}
+            groups = [(support_images.flatten(0, 1), support_masks.flatten(0, 1))]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.backbone_trainable):
+            query, *shot_outputs = [
+                self._encode(self._memory_format(images), masks)
+                for images, masks in [(query_image, None), *groups]
+            ]
+        if per_shot:
+            support = {name: torch.stack([o[name] for o in shot_outputs], 1) for name in query}
+        else:
+            support = {name: f.unflatten(0, (batch, shots)) for name, f in shot_outputs[0].items()}
         return self.head(query, support, support_masks)
 
     @property
