@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from fixtures_data import write_pascal_tree
 
 
 @pytest.fixture(autouse=True)
@@ -16,3 +19,9 @@ def offline_wandb(
     # An in-process run publishes its W&B service in WANDB_SERVICE; commands started as
     # subprocesses would inherit it and share one service, which refuses a resumed run's id.
     monkeypatch.setenv("WANDB_SERVICE", "")
+
+
+@pytest.fixture(scope="module")
+def pascal_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The PASCAL tree of :func:`fixtures_data.write_pascal_tree`, once per test module."""
+    return write_pascal_tree(tmp_path_factory.mktemp("voc") / "VOC2012")

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from datamodules import PascalFewShot
 from datamodules.pascal import save_label_png
 
 HEIGHT, WIDTH = 80, 96
@@ -130,3 +131,9 @@ def _uncompressed_counts(mask: np.ndarray) -> list[int]:
     bounds = np.concatenate([[0], changes, [flat.size]])
     runs = np.diff(bounds).tolist()
     return runs if flat[0] == 0 else [0, *runs]
+
+
+def pascal(root: Path, tmp_path: Path, **kwargs) -> PascalFewShot:
+    """A PascalFewShot on a tree of :func:`write_pascal_tree`, small settings, cache in tmp."""
+    settings = {"num_workers": 0, "batch_size": 4, "image_size": 64, "val_fraction": 0.2}
+    return PascalFewShot(root=str(root), cache_dir=str(tmp_path / "cache"), **settings | kwargs)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fixtures_data import HEIGHT, WIDTH, pascal_label, write_pascal_tree
+from fixtures_data import HEIGHT, WIDTH, pascal_label
 from lightning import Trainer
 from lightning.pytorch.trainer.states import RunningStage
 from PIL import Image
@@ -20,11 +20,6 @@ from datamodules import EpisodeSampler, PascalFewShot
 from datamodules.index import index_path
 from datamodules.pascal import save_label_png
 from datamodules.splits import coco_novel_classes, pascal_novel_classes
-
-
-@pytest.fixture(scope="module")
-def pascal_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_pascal_tree(tmp_path_factory.mktemp("voc") / "VOC2012")
 
 
 @pytest.fixture

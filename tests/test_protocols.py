@@ -7,24 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from fixtures_data import write_pascal_tree
+from fixtures_data import pascal
 from test_segment import tiny_args
 
-from datamodules import CocoFewShot, PascalFewShot
+from datamodules import CocoFewShot
 from datamodules.protocols import resolve_protocol
 from tasks.report import main as report_main
 from tasks.segment import main
-
-
-@pytest.fixture(scope="module")
-def pascal_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_pascal_tree(tmp_path_factory.mktemp("voc") / "VOC2012")
-
-
-def pascal(root: Path, tmp_path: Path, **kwargs) -> PascalFewShot:
-    settings = {"num_workers": 0, "batch_size": 4, "image_size": 64, "val_fraction": 0.2}
-    return PascalFewShot(root=str(root), cache_dir=str(tmp_path / "cache"), **settings | kwargs)
-
 
 BAM_SEEDS = [510, 365, 382, 322, 988]
 

@@ -20,11 +20,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from fixtures_data import write_coco_tree, write_pascal_tree
+from fixtures_data import pascal, write_coco_tree
 from test_segment import tiny_args
 
 from backbones import ResNet
-from datamodules import CocoFewShot, PascalFewShot
+from datamodules import CocoFewShot
 from datamodules.episode import Evaluation, collate_episodes
 from datamodules.protocols import NODUPLICATE_LIST, PROTOCOLS, episodes_per_pass, resolve_protocol
 from datamodules.sampler import draw_episodes
@@ -119,16 +119,6 @@ def pfenet_ori_resize_score(output: torch.Tensor, ori_label: torch.Tensor):
 
 
 # --- fixtures -----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pascal_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_pascal_tree(tmp_path_factory.mktemp("voc") / "VOC2012")
-
-
-def pascal(root: Path, tmp_path: Path, **kwargs) -> PascalFewShot:
-    settings = {"num_workers": 0, "batch_size": 4, "image_size": 64, "val_fraction": 0.2}
-    return PascalFewShot(root=str(root), cache_dir=str(tmp_path / "cache"), **settings | kwargs)
 
 
 def label_maps(source, ids) -> dict[str, np.ndarray]:
