@@ -196,20 +196,12 @@ class FewShotDataModule(LightningDataModule):
         predict_queries: list[str] | None = None,
     ) -> None:
         super().__init__()
-        given = {
-            "image_size": image_size,
-            "batch_size": batch_size,
-            "num_workers": num_workers,
-            "val_episodes": val_episodes,
-            "min_pixels": min_pixels,
-        }
-        defaults = self.dataset_defaults | {k: v for k, v in given.items() if v is not None}
-        image_size, batch_size, num_workers = (
-            defaults["image_size"],
-            defaults["batch_size"],
-            defaults["num_workers"],
-        )
-        val_episodes, min_pixels = defaults["val_episodes"], defaults["min_pixels"]
+        default = self.dataset_defaults
+        image_size = default["image_size"] if image_size is None else image_size
+        batch_size = default["batch_size"] if batch_size is None else batch_size
+        num_workers = default["num_workers"] if num_workers is None else num_workers
+        val_episodes = default["val_episodes"] if val_episodes is None else val_episodes
+        min_pixels = default["min_pixels"] if min_pixels is None else min_pixels
         require("fold", fold, fold in range(NUM_FOLDS), f"one of {list(range(NUM_FOLDS))}")
         require("shots", shots, shots >= 1, "an integer >= 1")
         require("image_size", image_size, image_size >= 8, "an integer >= 8")
