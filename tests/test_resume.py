@@ -3,6 +3,7 @@ each run then resumes with ``--ckpt_path last`` into the same W&B run."""
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import torch
 from test_segment import tiny_args
 from wandb_records import OfflineRun
 
-from tasks.callbacks.checkpointing import atomic_file
+from tasks.callbacks.checkpointing import atomic_file, save_interruptible
 
 TIMEOUT = 300
 CHECKPOINTS = """
@@ -136,3 +137,26 @@ def test_atomic_file_leaves_the_target_untouched_when_writing_fails(tmp_path: Pa
     with atomic_file(target) as file:
         file.write(b"new")
     assert target.read_bytes() == b"new" and list(tmp_path.iterdir()) == [target]
+
+
+class InterruptedFile(io.BytesIO):
+    """A file whose third write is interrupted by Ctrl-C."""
+
+    writes = 0
+
+    def write(self, data: bytes) -> int:
+        self.writes += 1
+        if self.writes == 3:
+            raise KeyboardInterrupt
+        return super().write(data)
+
+
+def test_ctrl_c_during_a_checkpoint_write_is_an_interrupt() -> None:
+    """torch's zip writer turns an interrupt mid-write into a RuntimeError whose context is the
+    KeyboardInterrupt (pinned here); the checkpoint IO raises the interrupt itself."""
+    checkpoint = {"weights": torch.zeros(100_000), "bias": torch.ones(1000)}
+    with pytest.raises(RuntimeError) as error:
+        torch.save(checkpoint, InterruptedFile())
+    assert isinstance(error.value.__context__, KeyboardInterrupt)
+    with pytest.raises(KeyboardInterrupt):
+        save_interruptible(checkpoint, InterruptedFile())

@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -38,7 +38,20 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         with atomic_file(Path(path)) as file:
-            torch.save(checkpoint, file)
+            save_interruptible(checkpoint, file)
+
+
+def save_interruptible(checkpoint: dict[str, Any], file: BinaryIO) -> None:
+    """``torch.save``, except that Ctrl-C inside the write raises ``KeyboardInterrupt``: torch's
+    zip writer then fails to close the file and raises a ``RuntimeError`` whose context is the
+    interrupt, which Lightning would treat as a crash (and :class:`SaveLastOnInterrupt` would
+    not save)."""
+    try:
+        torch.save(checkpoint, file)
+    except RuntimeError as error:
+        if isinstance(error.__context__, KeyboardInterrupt):
+            raise error.__context__ from error
+        raise
 
 
 class SaveLastOnInterrupt(Callback):
