@@ -67,10 +67,13 @@ class BasicBlock(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.relu(self.pre_activation(x))
+
+    def pre_activation(self, x: Tensor) -> Tensor:
+        """The residual sum before the block's last ReLU (what HSNet correlates)."""
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        return self.bn2(self.conv2(out)) + identity
 
     @property
     def last_norm(self) -> nn.Module:
@@ -109,11 +112,14 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.relu(self.pre_activation(x))
+
+    def pre_activation(self, x: Tensor) -> Tensor:
+        """The residual sum before the block's last ReLU (what HSNet correlates)."""
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        return self.bn3(self.conv3(out)) + identity
 
     @property
     def last_norm(self) -> nn.Module:

@@ -16,6 +16,10 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
+#: Suffix naming a block's output before its last activation (``layer3.2.pre_relu``), the block
+#: output HSNet correlates (its ``extract_feat_res`` keeps the residual sum before the ReLU).
+PRE_RELU = ".pre_relu"
+
 
 @dataclass(frozen=True)
 class FeatureInfo:

@@ -22,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from backbones.blocks import BasicBlock, Bottleneck, NormLayer, conv3x3
-from backbones.protocol import Backbone, FeatureInfo, class_path
+from backbones.protocol import PRE_RELU, Backbone, FeatureInfo, class_path
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 FEATURES = ("stem", *STAGES)
@@ -209,8 +209,9 @@ class ResNet(Backbone):
         weights_trusted: read a ``weights`` file with full unpickling (it can run code): only
             for a file from a source you trust that ``torch.load(weights_only=True)`` refuses.
 
-    Outputs (:attr:`output_info`) are ``stem``, every block (``layer3.2``) and every stage
-    (``layer3``, the same tensor as its last block).
+    Outputs (:attr:`output_info`) are ``stem``, every block (``layer3.2``), its residual sum
+    before the last ReLU (``layer3.2.pre_relu``) and every stage (``layer3``, the same tensor as
+    its last block).
     """
 
     def __init__(
@@ -276,9 +277,9 @@ class ResNet(Backbone):
             self.add_module(plan.name, stage)
             inplanes = planes * spec.block.expansion
             info = FeatureInfo(plan.name, inplanes, plan.output_stride)
-            outputs += [
-                FeatureInfo(f"{plan.name}.{i}", inplanes, info.stride) for i in range(len(stage))
-            ]
+            for i in range(len(stage)):
+                for name in (f"{plan.name}.{i}{PRE_RELU}", f"{plan.name}.{i}"):
+                    outputs.append(FeatureInfo(name, inplanes, info.stride))
             outputs.append(info)
         self.outputs = {info.name: info for info in outputs}
         self.select_outputs(out_layers)
@@ -363,7 +364,8 @@ class ResNet(Backbone):
         if unknown or not out_layers:
             raise ValueError(
                 f"out_layers={list(out_layers)} is invalid; expected a non-empty subset of "
-                f"{list(FEATURES)} or block outputs such as 'layer3.0'"
+                f"{list(FEATURES)} or block outputs such as 'layer3.0' or "
+                f"'layer3.0{PRE_RELU}'"
             )
         self.out_layers = tuple(name for name in self.outputs if name in out_layers)
 
@@ -398,7 +400,7 @@ class ResNet(Backbone):
 
     @property
     def block_info(self) -> list[FeatureInfo]:
-        return [info for name, info in self.outputs.items() if "." in name]
+        return [info for name, info in self.outputs.items() if name.count(".") == 1]
 
     def train(self, mode: bool = True) -> ResNet:
         """Frozen stages, and every BatchNorm under ``norm_eval``, stay in eval mode."""
@@ -420,32 +422,37 @@ class ResNet(Backbone):
     def out_strides(self) -> dict[str, int]:
         return {info.name: info.stride for info in self.feature_info}
 
-    def _run_block(self, block: nn.Module, x: Tensor) -> Tensor:
+    def _run_block(self, block: nn.Module, x: Tensor, pre_relu: bool = False) -> Tensor:
+        """The block's output (``pre_relu``: its residual sum before the last ReLU)."""
+        run = block.pre_activation if pre_relu else block
         trainable = any(p.requires_grad for p in block.parameters())
         if not (
             self.grad_checkpointing and self.training and trainable and torch.is_grad_enabled()
         ):
-            return block(x)
+            return run(x)
         contexts = partial(_checkpoint_contexts, block)
-        return checkpoint(block, x, use_reentrant=False, context_fn=contexts)
+        return checkpoint(run, x, use_reentrant=False, context_fn=contexts)
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         return self.forward_from(None, x)
 
     def _position(self, name: str) -> tuple[int, int]:
         """(stage index, blocks of that stage run) just after output ``name``; the stem is
-        (0, 0), ``layer2.1`` is (2, 2), ``layer2`` (2, all its blocks)."""
+        (0, 0), ``layer2.1`` and ``layer2.1.pre_relu`` are (2, 2), ``layer2`` (2, all its
+        blocks)."""
         if name not in self.outputs:
             raise ValueError(f"unknown output {name!r}; expected one of {list(self.outputs)}")
         if name == "stem":
             return 0, 0
-        stage, _, block = name.partition(".")
+        stage, _, block = name.removesuffix(PRE_RELU).partition(".")
         index = FEATURES.index(stage)
         return index, int(block) + 1 if block else len(getattr(self, stage))
 
     def forward_from(
         self, name: str | None, x: Tensor, until: str | None = None
     ) -> dict[str, Tensor]:
+        if name is not None and name.endswith(PRE_RELU):
+            raise ValueError(f"cannot resume the forward from {name!r}, a pre-ReLU output")
         start = (0, -1) if name is None else self._position(name)
         stop = self._position(until or self.out_layers[-1])
         if stop <= start:
@@ -462,14 +469,19 @@ class ResNet(Backbone):
             last = stop[1] if index == stop[0] else len(stage)
             if first == last:  # ``name`` is this stage's output
                 continue
-            blocks = [f"{stage_name}.{i}" in self.out_layers for i in range(first, last)]
-            if (first, last) == (0, len(stage)) and not (any(blocks) or self.grad_checkpointing):
+            inside = any(out.startswith(f"{stage_name}.") for out in self.out_layers)
+            if (first, last) == (0, len(stage)) and not (inside or self.grad_checkpointing):
                 x = stage(x)  # the stage's own hooks run
             else:
-                for offset, block in enumerate(stage[first:last]):
-                    x = self._run_block(block, x)
-                    if blocks[offset]:
-                        features[f"{stage_name}.{first + offset}"] = x
+                for index in range(first, last):
+                    block, block_name = stage[index], f"{stage_name}.{index}"
+                    if block_name + PRE_RELU in self.out_layers:
+                        features[block_name + PRE_RELU] = x = self._run_block(block, x, True)
+                        x = torch.relu(x)  # not in place: the pre-ReLU output is kept
+                    else:
+                        x = self._run_block(block, x)
+                    if block_name in self.out_layers:
+                        features[block_name] = x
             if last == len(stage) and stage_name in self.out_layers:
                 features[stage_name] = x
         return features

@@ -13,6 +13,8 @@ Layouts, detected from the keys:
   deep-stem ``conv1, bn1, conv2, bn2, conv3, bn3`` at top level.
 - ``pfenet``: a whole PFENet/ASGNet model, whose stem is ``layer0 = Sequential(conv1, bn1, relu,
   conv2, bn2, relu, conv3, bn3, relu, maxpool)``, so ``layer0.{0,1,3,4,6,7}``.
+- ``hsnet``: a whole HSNet model (``best_model.pt`` of juhongm999/hsnet): a torchvision ResNet
+  under ``backbone.``, the learner under ``hpn_learner.``.
 - ``lightning``: a checkpoint written by this project's tasks (``state_dict`` with a
   ``backbone.`` prefix).
 
@@ -119,6 +121,13 @@ def to_native(state: dict[str, Tensor], is_lightning: bool) -> tuple[dict, list[
     elif any(k.startswith("stem.") for k in state):
         layout = "native"
         renamed = {k: k for k in state}
+    elif any(k.startswith("backbone.") for k in state):
+        inner = {
+            k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")
+        }
+        native, skipped, _ = to_native(inner, is_lightning=False)
+        outside = [k for k in state if not k.startswith("backbone.")]
+        return native, sorted([f"backbone.{k}" for k in skipped] + outside), "hsnet"
     elif any(k.startswith("layer0.") for k in state):
         layout = "pfenet"
         renamed = {}

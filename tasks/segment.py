@@ -26,9 +26,14 @@ from backbones.weights import checkpoint_arch, read_checkpoint, to_native
 from datamodules.source import IGNORE
 from tasks.base import BaseTask, Optimizer, check_arguments, describe_head
 from tasks.callbacks.results import summarise
-from tasks.heads import ASGNetHead, HeadOutput, PFENetHead, PrototypeHead
-from tasks.heads.common import foreground_masks, resize, split_official_state_dict
-from tasks.heads.fem import FeatureEnrichment
+from tasks.heads import ASGNetHead, HeadOutput, HSNetHead, PFENetHead, PrototypeHead
+from tasks.heads.common import (
+    OfficialCheckpoint,
+    foreground_masks,
+    resize,
+    split_official_state_dict,
+    vote,
+)
 from tasks.metrics import FewShotIoU
 
 if TYPE_CHECKING:
@@ -47,18 +52,20 @@ DEFAULT_BACKBONE = lazy_instance(ResNet, **DEFAULT_ENCODER)
 
 #: The heads whose authors' released checkpoints ``official_checkpoint`` loads; a file is
 #: recognised by a head key only its model holds (``official_signature``).
-OFFICIAL_HEADS: tuple[type[FeatureEnrichment], ...] = (ASGNetHead, PFENetHead)
+OFFICIAL_HEADS: tuple[type[OfficialCheckpoint], ...] = (ASGNetHead, PFENetHead, HSNetHead)
 
 
 def official_model(
     path: str, trusted: bool = False, head: HeadFactory | nn.Module | None = None
-) -> tuple[ResNet, FeatureEnrichment]:
-    """The encoder and head of a released PFENet or ASGNet model (``model/PFENet.py``'s
-    ``train_epoch_*.pth``, ``model/asgnet.py``'s checkpoint): the PSPNet encoder (deep stem,
-    uniform dilation, output stride 8) of the depth the file holds, and the head of the model
-    the file holds, both loaded strictly from the one file. The head takes the paper's options,
-    or those of ``head`` when it builds that same head class (the bins are not in the file:
-    PFENet's COCO models use 1.0/0.5/0.25/0.125, set in ``configs/segment/pfenet_coco.yaml``).
+) -> tuple[ResNet, nn.Module]:
+    """The encoder and head of a released PFENet, ASGNet or HSNet model (``model/PFENet.py``'s
+    ``train_epoch_*.pth``, ``model/asgnet.py``'s checkpoint, HSNet's ``best_model.pt``): the
+    encoder of the depth the file holds in its paper's layout (PSPNet's deep stem, uniform
+    dilation and output stride 8; HSNet's torchvision ResNet at output stride 32), and the head
+    of the model the file holds, both loaded strictly from the one file. The head takes the
+    paper's options, or those of ``head`` when it builds that same head class (the bins are not
+    in the file: PFENet's COCO models use 1.0/0.5/0.25/0.125, set in
+    ``configs/segment/pfenet_coco.yaml``).
     """
     checkpoint = read_checkpoint(path, trusted, option="--model.official_trusted true")
     head_state, encoder = split_official_state_dict(checkpoint)
@@ -79,16 +86,12 @@ def official_model(
             "ResNet-50/101 model"
         )
     backbone = ResNet(
-        archs[0],
-        stem="deep",
-        output_stride=8,
-        dilation_scheme="uniform",
-        weights=path,
-        weights_trusted=trusted,
+        archs[0], **head_class.official_encoder, weights=path, weights_trusted=trusted
     )
     channels = backbone_channels(backbone)
     built = head if head is None or isinstance(head, nn.Module) else head(channels)
     model_head = built if isinstance(built, head_class) else head_class(channels)
+    assert isinstance(model_head, OfficialCheckpoint)
     model_head.load_official_state_dict(checkpoint)
     return backbone, model_head
 
@@ -114,11 +117,23 @@ def episode_mean_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     return (pixels.sum(1) / labelled).mean()
 
 
+def scored_logits(output: HeadOutput) -> Tensor:
+    """What evaluation predicts from: the head's ``shot_logits`` when it sets them, else its
+    ``logits``."""
+    return output.logits if output.shot_logits is None else output.shot_logits
+
+
 def original_size_predictions(logits: Tensor, batch: Mapping[str, Any]) -> list[Tensor]:
     """Each query's prediction [h, w] at its original size: the logits, upsampled to the model
     input, cropped to ``query_valid``, resized to ``query_resize_to`` and cropped to
     ``query_size`` (the batch contract of :mod:`datamodules.episode`: the clean protocol crops
-    then resizes; PFENet's ``ori_resize`` resizes the whole padded output to a square)."""
+    then resizes; PFENet's ``ori_resize`` resizes the whole padded output to a square).
+
+    Per-shot logits [B, K, 2, h, w] (:func:`scored_logits`) give each shot's prediction at that
+    resolution, combined by HSNet's :func:`~tasks.heads.common.vote`."""
+    if logits.ndim == 5:
+        shots = [original_size_predictions(shot, batch) for shot in logits.unbind(1)]
+        return [vote(torch.stack(query)) for query in zip(*shots, strict=True)]
     logits = upsample(logits, batch["query_image"].shape[-2:])
     resize_to = batch.get("query_resize_to", batch["query_size"]).tolist()
     valid, sizes = batch["query_valid"].tolist(), batch["query_size"].tolist()
@@ -169,7 +184,7 @@ class FewShotSegmentation(BaseTask):
         lr, momentum, weight_decay: optimizer settings (ASGNet PASCAL: 0.0025, 0.9, 1e-4).
         poly_power: learning rate ``lr * (1 - step / total_steps) ** poly_power`` per step.
         backbone_lr_mult: the backbone's learning-rate multiplier when fine-tuned.
-        official_checkpoint: a released PFENet or ASGNet model (``.pth``): its encoder and head
+        official_checkpoint: a released PFENet, ASGNet or HSNet model: its encoder and head
             replace ``backbone`` and ``head`` (:func:`official_model`), frozen as in the papers.
         official_trusted: unpickle ``official_checkpoint`` fully (only a file you trust).
         channels_last: keep weights and images in channels-last memory order (faster
@@ -392,11 +407,10 @@ class FewShotSegmentation(BaseTask):
         self._log_iou("train", self.train_iou)
 
     def _evaluate(self, batch: Mapping[str, Any], metric: FewShotIoU) -> Tensor:
-        logits = self.segment(batch).logits
-        metric.update(
-            original_resolution_predictions(logits, batch), batch["query_label"], batch["class_id"]
-        )
-        return logits
+        output = self.segment(batch)
+        predictions = original_resolution_predictions(scored_logits(output), batch)
+        metric.update(predictions, batch["query_label"], batch["class_id"])
+        return output.logits
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         """The logits go to callbacks (:class:`tasks.callbacks.visualise.LogValidationEpisodes`)."""
@@ -460,7 +474,8 @@ class FewShotSegmentation(BaseTask):
     def predict_step(self, batch: Mapping[str, Any], batch_idx: int) -> dict[str, Any]:
         """Foreground masks at each query's original size, with the batch's ids."""
         output = self.segment(batch)
-        masks = [p.to(torch.uint8).cpu() for p in original_size_predictions(output.logits, batch)]
+        predictions = original_size_predictions(scored_logits(output), batch)
+        masks = [p.to(torch.uint8).cpu() for p in predictions]
         return {"query_id": batch["query_id"], "query_path": batch["query_path"], "masks": masks}
 
     def configure_optimizers(self) -> dict[str, Any]:

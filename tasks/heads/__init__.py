@@ -9,7 +9,8 @@ Every head follows one interface::
   name (``stem``, ``layer1`` .. ``layer4``, and each block as ``layer3.2``; resnet50 stages:
   256/512/1024/2048, resnet18: 64/128/256/512).
 * ``head.in_features``: the outputs the head reads, set in ``__init__`` (it may depend on
-  ``in_channels``: HSNet would take every block of layer2..layer4). The task computes exactly
+  ``in_channels``: HSNet takes every block of layer2..layer4 before its last ReLU,
+  ``layer3.0.pre_relu``...). The task computes exactly
   these, and the modules after the last one get no gradient and are not run. The heads here read
   layer2 and layer3; when layer2 is larger than layer3 (output stride 16) it is resized
   bilinearly to layer3's size. PFENet's declares ``layer4`` too.
@@ -28,14 +29,17 @@ Every head follows one interface::
   ignored (treated as not foreground).
 * ``out``: :class:`HeadOutput` with ``logits`` [B, 2, h, w] at feature resolution (upsampled by
   the task), ``aux_logits`` (list of [B, 2, *, *], maybe empty) and ``aux_weight``; the loss is
-  ``ce(logits) + aux_weight * mean(ce(a) for a in aux_logits)``.
+  ``ce(logits) + aux_weight * mean(ce(a) for a in aux_logits)``. A head that segments with each
+  shot alone also sets ``shot_logits`` [B, K, 2, h, w]: evaluation then votes over the shots'
+  predictions (HSNet).
 
 Any K >= 1 and batch size work, in train and eval mode.
 """
 
 from .asgnet import ASGNetHead
 from .common import HeadOutput
+from .hsnet import HSNetHead
 from .pfenet import PFENetHead
 from .prototype import PrototypeHead
 
-__all__ = ["ASGNetHead", "HeadOutput", "PFENetHead", "PrototypeHead"]
+__all__ = ["ASGNetHead", "HSNetHead", "HeadOutput", "PFENetHead", "PrototypeHead"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +21,9 @@ MAP_EPS = 5e-4
 COSINE_EPS = 1e-7
 
 
-#: Key prefixes of the encoder in the PFENet/ASGNet checkpoints (PSPNet encoder: ``layer0`` is
-#: the deep stem). They are not part of the heads.
-OFFICIAL_BACKBONE_PREFIXES = ("layer0.", "layer1.", "layer2.", "layer3.", "layer4.")
+#: Key prefixes of the encoder in the official checkpoints, not part of the heads: PFENet/ASGNet's
+#: PSPNet encoder (``layer0`` is the deep stem) and HSNet's torchvision ResNet (``backbone.``).
+OFFICIAL_BACKBONE_PREFIXES = ("layer0.", "layer1.", "layer2.", "layer3.", "layer4.", "backbone.")
 
 
 def resize(x: Tensor, size: Sequence[int]) -> Tensor:
@@ -38,12 +38,24 @@ class HeadOutput(NamedTuple):
     ``logits`` [B, 2, h, w] at feature resolution (the task upsamples); ``aux_logits``
     [B, 2, *, *] each, possibly empty; the task's loss is
     ``ce(logits) + aux_weight * mean(ce(a) for a in aux_logits)`` (ASGNet/PFENet average the
-    auxiliary losses over the pyramid bins).
+    auxiliary losses over the pyramid bins). ``shot_logits`` [B, K, 2, h, w], set by a head that
+    segments with each shot alone (HSNet): evaluation then predicts each shot's mask at the
+    scored resolution and combines them with :func:`vote`.
     """
 
     logits: Tensor
     aux_logits: list[Tensor]
     aux_weight: float
+    shot_logits: Tensor | None = None
+
+
+def vote(predictions: Tensor) -> Tensor:
+    """HSNet's K-shot vote (``predict_mask_nshot`` of juhongm999/hsnet): [..., K, h, w] binary
+    per-shot predictions -> [..., h, w] long. A pixel is foreground when its votes reach half
+    the most votes any pixel of that query got (at least one vote)."""
+    votes = predictions.sum(-3)
+    most = votes.flatten(-2).amax(-1).clamp(min=1)[..., None, None]
+    return (votes.float() / most >= 0.5).long()
 
 
 def mid_level_channels(in_channels: Mapping[str, int]) -> int:
@@ -73,11 +85,11 @@ def check_inputs(
     query_feats: Mapping[str, Tensor],
     support_feats: Mapping[str, Tensor],
     support_masks: Tensor,
-    extra: Sequence[str] = (),
+    names: Sequence[str] = MID_LEVEL_LAYERS,
 ) -> None:
-    """Raise ``ValueError`` naming the argument when the head's inputs are inconsistent (the
-    mid-level layers and the ``extra`` outputs the head reads)."""
-    for name in (*MID_LEVEL_LAYERS, *extra):
+    """Raise ``ValueError`` naming the argument when the head's inputs (the outputs ``names``)
+    are missing or inconsistent."""
+    for name in names:
         if name not in query_feats:
             raise ValueError(f"query_feats lacks {name!r}; got {sorted(query_feats)}")
         if name not in support_feats:
@@ -94,7 +106,7 @@ def check_inputs(
                 f"support_feats[{name!r}] {tuple(support.shape)} does not match "
                 f"query_feats[{name!r}] {tuple(query.shape)} in batch size or channels"
             )
-    batch_shots = support_feats[MID_LEVEL_LAYERS[0]].shape[:2]
+    batch_shots = support_feats[names[0]].shape[:2]
     if support_masks.ndim != 4 or support_masks.shape[:2] != batch_shots:
         raise ValueError(
             f"support_masks must be [B, K, H, W] with B, K = {tuple(batch_shots)}, "
@@ -135,6 +147,32 @@ def cosine_similarity_map(query: Tensor, prototypes: Tensor) -> Tensor:
         return torch.einsum("bmc,bchw->bmhw", prototypes, query)
 
 
+class OfficialCheckpoint:
+    """Mixin of the heads whose authors' released checkpoints load into them.
+
+    Subclasses name their paper (``official_paper``), a head key only their official checkpoints
+    hold (``official_signature``, which recognises the file), the official prefixes they rename
+    (``official_renames``) and the encoder the file's backbone tensors fit
+    (``official_encoder``: :class:`backbones.ResNet` options besides the depth).
+    """
+
+    official_paper: ClassVar[str]
+    official_signature: ClassVar[str]
+    official_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
+    official_encoder: ClassVar[Mapping[str, Any]]
+
+    def load_official_state_dict(self, checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
+        """Load the head part of an official checkpoint strictly, key by key (``module.``
+        stripped, ``official_renames`` applied); return the backbone part for the caller.
+
+        Raises:
+            RuntimeError: listing the missing and unexpected head keys (e.g. an ASPP-variant
+            ASGNet checkpoint, or one with a different number of bins).
+        """
+        assert isinstance(self, nn.Module)
+        return load_official_head(self, checkpoint, self.official_paper, self.official_renames)
+
+
 def split_official_state_dict(
     checkpoint: Mapping[str, Any],
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
@@ -142,8 +180,8 @@ def split_official_state_dict(
 
     Accepts the saved file's dict (``{"state_dict": ...}``, as their ``test.py`` loads it) or
     the state dict itself, and strips the ``module.`` prefix of ``nn.DataParallel``. Keys under
-    ``layer0`` (deep stem) and ``layer1``..``layer4`` go to the backbone dict, unchanged; all
-    others to the head dict.
+    :data:`OFFICIAL_BACKBONE_PREFIXES` go to the backbone dict, unchanged; all others to the
+    head dict.
     """
     state = checkpoint.get("state_dict", checkpoint)
     head: dict[str, Tensor] = {}
@@ -161,7 +199,7 @@ def load_official_head(
     renames: Sequence[tuple[str, str]] = (),
 ) -> dict[str, Tensor]:
     """Load the head part of an official checkpoint into ``head`` strictly, key by key; return
-    the backbone part (``layer0.*`` .. ``layer4.*``) for the caller to map.
+    the backbone part (:data:`OFFICIAL_BACKBONE_PREFIXES`) for the caller to map.
 
     ``renames`` are (official prefix, prefix here) pairs; every other key keeps its name.
 

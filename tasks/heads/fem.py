@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import load_official_head, resize
+from .common import OfficialCheckpoint, resize
 
 #: Channels of ResNet-50/101 stages, the official checkpoints' backbones.
 RESNET50_CHANNELS = {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
@@ -61,7 +61,7 @@ def classifier(channels: int) -> nn.Sequential:
     )
 
 
-class FeatureEnrichment(nn.Module):
+class FeatureEnrichment(OfficialCheckpoint, nn.Module):
     """Base class of the heads decoding with the Feature Enrichment Module.
 
     For each bin: adaptive average pooling of the guide feature (query and prototype, 2C
@@ -71,10 +71,8 @@ class FeatureEnrichment(nn.Module):
     ``res1`` over the bins resized to the feature size and concatenated in bin order, ``res2``
     with residual and ``cls``. A base class rather than a submodule so that the heads' state-dict
     keys stay those of the official checkpoints (``corr_conv.0.0.weight``, ``cls.3.bias``...);
-    PFENet's ``init_merge`` is ASGNet's ``corr_conv``. Subclasses name their paper
-    (``official_paper``), a head key only their official checkpoints hold
-    (``official_signature``, which recognises the file) and the official prefixes they rename
-    (``official_renames``).
+    PFENet's ``init_merge`` is ASGNet's ``corr_conv``. Both papers' checkpoints hold the PSPNet
+    encoder (:class:`~tasks.heads.common.OfficialCheckpoint`).
 
     Args:
         reduce_dim: C, the channels of the reduced features (official 256).
@@ -82,9 +80,11 @@ class FeatureEnrichment(nn.Module):
             (:func:`pyramid_bin_size`).
     """
 
-    official_paper: ClassVar[str]
-    official_signature: ClassVar[str]
-    official_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
+    official_encoder: ClassVar[Mapping[str, Any]] = {
+        "stem": "deep",
+        "output_stride": 8,
+        "dilation_scheme": "uniform",
+    }
 
     def __init__(self, reduce_dim: int, bins: Sequence[float]) -> None:
         super().__init__()
@@ -118,17 +118,6 @@ class FeatureEnrichment(nn.Module):
         feat = self.res1(torch.cat(levels, 1))
         feat = self.res2(feat) + feat
         return self.cls(feat), aux_logits
-
-    def load_official_state_dict(self, checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
-        """Load the head part of an official checkpoint strictly, key by key (``module.``
-        stripped, ``official_renames`` applied); return the backbone part (``layer0.*`` ..
-        ``layer4.*``) for the caller to map.
-
-        Raises:
-            RuntimeError: listing the missing and unexpected head keys (e.g. an ASPP-variant
-            ASGNet checkpoint, or one with a different number of bins).
-        """
-        return load_official_head(self, checkpoint, self.official_paper, self.official_renames)
 
     @classmethod
     def from_official_state_dict(

@@ -149,7 +149,7 @@ class PFENetHead(FeatureEnrichment):
     ) -> HeadOutput:
         """Segment the query; see :mod:`tasks.heads` for shapes. ``support_feats["layer4"]``
         must come from the masked layer3 (the task does this for ``support_mask_at``)."""
-        check_inputs(query_feats, support_feats, support_masks, (PRIOR_LAYER,))
+        check_inputs(query_feats, support_feats, support_masks, self.in_features)
         batch, shots = support_masks.shape[:2]
         query = self.down_query(mid_level_features(query_feats))
         support = self.down_supp(mid_level_features(support_feats))
