@@ -88,9 +88,13 @@ def real_data_args(config: str, tmp_path: Path) -> tuple[list[str], list[str]]:
     else:
         root, data = write_coco_tree(tmp_path / "coco", num_images=240), "datamodules.CocoFewShot"
         lists = []
-    arch = "resnet101" if config == "pfenet_coco" else "resnet50"
-    weights = tmp_path / f"{arch}_v2.pth"
-    encoder = ResNet(arch, stem="deep", output_stride=8, dilation_scheme="uniform")
+    arch = "resnet101" if config in ("pfenet_coco", "hsnet_coco") else "resnet50"
+    weights = tmp_path / f"{arch}.pth"
+    if protocol == "hsnet":  # torchvision's ResNet and layout
+        encoder, head = ResNet(arch), []
+    else:  # the PSPNet encoder and semseg's layout
+        encoder = ResNet(arch, stem="deep", output_stride=8, dilation_scheme="uniform")
+        head = ["--model.head.init_args.bins", "[1.0, 0.5]"]
     torch.save({k.removeprefix("stem."): v for k, v in encoder.state_dict().items()}, weights)
     common = ["--data.root", str(root), "--data.cache_dir", str(tmp_path / "cache"),
               "--data.image_size", "64", "--data.num_workers", "0", "--data.batch_size", "2",
@@ -99,18 +103,20 @@ def real_data_args(config: str, tmp_path: Path) -> tuple[list[str], list[str]]:
               # the config's data settings, which a checkpoint does not hold
               "--data.protocol", protocol, "--data.min_pixels", "2048", *lists]  # fmt: skip
     fit = ["--config", str(CONFIGS / "segment" / f"{config}.yaml"), *common,
-           "--model.backbone.init_args.weights", str(weights),
-           "--model.head.init_args.bins", "[1.0, 0.5]"]  # fmt: skip
+           "--model.backbone.init_args.weights", str(weights), *head]  # fmt: skip
     return fit, ["--data", data, *common]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["pascal", "coco", "pfenet_pascal", "pfenet_coco"])
+@pytest.mark.parametrize(
+    "config", ["pascal", "coco", "pfenet_pascal", "pfenet_coco", "hsnet_pascal", "hsnet_coco"]
+)
 def test_paper_config_checkpoint_reloads_without_config_or_weights(
     config: str, tmp_path: Path
 ) -> None:
-    """ASGNet's and PFENet's recipes (ResNet-50/101 PSPNet encoder, frozen): ``test
-    --ckpt_path`` needs neither the training config nor the ImageNet weights file."""
+    """ASGNet's, PFENet's and HSNet's recipes (ResNet-50/101 PSPNet or torchvision encoder,
+    frozen): ``test --ckpt_path`` needs neither the training config nor the ImageNet weights
+    file."""
     fit, test = real_data_args(config, tmp_path)
     fit_then_reload(segment.main, fit, test, tmp_path)
 

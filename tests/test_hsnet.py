@@ -401,6 +401,22 @@ def test_bf16_autocast_channels_last_and_ignore_label() -> None:
     assert output.logits.dtype == torch.bfloat16 and torch.isfinite(output.logits.float()).all()
 
 
+def test_unmasked_support_is_the_papers_table_1_setting() -> None:
+    """``mask_support=False`` correlates the whole support (the README's evaluation without
+    support feature masking): the mask no longer matters, the support's background does."""
+    channels = backbone_channels(ResNet("resnet18", output_stride=8))
+    head = HSNetHead(channels, mask_support=False).eval()
+    query = block_features(channels, head, 2)
+    support = block_features(channels, head, 2, 1)
+    masks = torch.zeros(2, 1, 64, 64, dtype=torch.long)
+    masks[..., 8:40, 16:60] = 1
+    expected = head(query, support, masks).logits
+    torch.testing.assert_close(head(query, support, torch.zeros_like(masks)).logits, expected)
+    masked = HSNetHead(channels).eval()
+    masked.load_state_dict(head.state_dict())
+    assert not torch.allclose(masked(query, support, masks).logits, expected)
+
+
 def test_unequal_squeezed_support_grids_are_resized() -> None:
     """At 96 px and output stride 8 (the default experiment) layer4's squeezed support grid is
     2x2 and layer3's 1x1, a sum the official code cannot make; the head resizes and runs."""

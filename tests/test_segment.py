@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from backbones import build_backbone
-from tasks.heads import ASGNetHead, PFENetHead, PrototypeHead
+from tasks.heads import ASGNetHead, HSNetHead, PFENetHead, PrototypeHead
 from tasks.segment import FewShotSegmentation, main, original_resolution_predictions
 
 BACKBONES = {
@@ -107,6 +107,28 @@ def test_pfenet_head_is_one_option_on_the_default_experiment(tmp_path: Path) -> 
     assert isinstance(cli.model.head, PFENetHead) and cli.trainer.global_step == 2
     assert not any(p.requires_grad for p in cli.model.backbone.layer4.parameters())
     assert all(p.requires_grad for p in cli.model.backbone.layer3.parameters())
+
+
+def test_hsnet_head_is_one_option_and_votes_over_shots_in_test(tmp_path: Path) -> None:
+    """``fit --model.head tasks.heads.HSNetHead`` trains the default experiment (ResNet-18 at
+    output stride 8, its blocks' pre-ReLU outputs); ``test --ckpt_path`` with 3 shots scores
+    HSNet's vote of the shots' predictions."""
+    cli = main(["fit", *tiny_args(tmp_path), "--model.head", "tasks.heads.HSNetHead",
+                "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+                "--trainer.limit_val_batches", "1"])  # fmt: skip
+    assert isinstance(cli.model.head, HSNetHead) and cli.trainer.global_step == 2
+    assert cli.model.backbone.out_layers == cli.model.head.in_features
+    assert all(p.requires_grad for p in cli.model.backbone.layer4.parameters())
+    last = next((tmp_path / "runs").rglob("last.ckpt"))
+    tested = main(["test", *tiny_args(tmp_path, "--data.shots", "3"), "--ckpt_path", str(last)])
+    model = tested.model
+    assert isinstance(model.head, HSNetHead)
+    batch = next(iter(tested.datamodule.test_dataloader()[0]))
+    output = model.segment(batch)
+    assert output.shot_logits is not None and output.shot_logits.shape[1] == 3
+    scored = original_resolution_predictions(output.shot_logits, batch)
+    mean = original_resolution_predictions(output.logits, batch)
+    assert scored.shape == mean.shape == batch["query_label"].shape
 
 
 @pytest.mark.slow

@@ -86,7 +86,7 @@ def squeezing_block(
     return nn.Sequential(*layers)
 
 
-def correlation(query: Tensor, support: Tensor, support_masks: Tensor) -> Tensor:
+def correlation(query: Tensor, support: Tensor, support_masks: Tensor | None) -> Tensor:
     """One layer's correlation in fp32 (official ``Correlation.multilayer_correlation``): the
     support features multiplied by the foreground mask (label 1, bilinear with align_corners),
     both sides divided by their channel norm + 1e-5, dot products clamped at 0.
@@ -94,7 +94,7 @@ def correlation(query: Tensor, support: Tensor, support_masks: Tensor) -> Tensor
     Args:
         query: [B, C, ha, wa].
         support: [B, K, C, hb, wb].
-        support_masks: [B, K, H, W] labels.
+        support_masks: [B, K, H, W] labels; ``None``: the support is not masked.
 
     Returns:
         [B*K, ha, wa, hb, wb] float32, each shot's correlation with the query.
@@ -102,7 +102,9 @@ def correlation(query: Tensor, support: Tensor, support_masks: Tensor) -> Tensor
     b, k, _, hb, wb = support.shape
     ha, wa = query.shape[-2:]
     with torch.autocast(query.device.type, enabled=False):
-        support = support.float().flatten(0, 1) * foreground_masks(support_masks, (hb, wb))
+        support = support.float().flatten(0, 1)
+        if support_masks is not None:
+            support = support * foreground_masks(support_masks, (hb, wb))
         support = support.flatten(2)
         support = support / (support.norm(dim=1, keepdim=True) + NORM_EPS)
         query = query.float().flatten(2)
@@ -173,6 +175,9 @@ class HSNetHead(OfficialCheckpoint, nn.Module):
     Args:
         in_channels: Backbone outputs by name; the blocks of layer2..layer4 (``layer3.0``...)
             are read from it, at least one per stage.
+        mask_support: multiply the support features by the mask before correlating. ``False``
+            is the paper's Tab. 1 setting (the README's "evaluation without support feature
+            masking", line 51 of ``hsnet.py`` commented out): the support mask is then unused.
     """
 
     official_paper = "HSNet"
@@ -180,9 +185,10 @@ class HSNetHead(OfficialCheckpoint, nn.Module):
     official_renames = (("hpn_learner.", ""),)
     official_encoder: ClassVar[Mapping[str, Any]] = {"stem": "standard", "output_stride": 32}
 
-    def __init__(self, in_channels: Mapping[str, int]) -> None:
+    def __init__(self, in_channels: Mapping[str, int], mask_support: bool = True) -> None:
         super().__init__()
-        self.init_args: dict[str, Any] = {}
+        self.init_args: dict[str, Any] = {"mask_support": mask_support}
+        self.mask_support = mask_support
         self.stage_blocks = {
             stage: [f"{name}{PRE_RELU}" for name in in_channels if name.rpartition(".")[0] == stage]
             for stage in CORRELATED_STAGES
@@ -225,10 +231,11 @@ class HSNetHead(OfficialCheckpoint, nn.Module):
         """Segment the query with each shot; see :mod:`tasks.heads` for shapes."""
         check_inputs(query_feats, support_feats, support_masks, self.in_features)
         batch, shots = support_masks.shape[:2]
+        masks = support_masks if self.mask_support else None
         squeezed = {}
         for stage, names in self.stage_blocks.items():
             corr = torch.stack(
-                [correlation(query_feats[n], support_feats[n], support_masks) for n in names], 1
+                [correlation(query_feats[n], support_feats[n], masks) for n in names], 1
             )
             encoder = getattr(self, f"encoder_{stage}")
             squeezed[stage] = encoder(corr.to(self.decoder1[0].weight.dtype))
