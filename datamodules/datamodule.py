@@ -36,6 +36,7 @@ from .protocols import (
     QueryClasses,
     Scoring,
     TestSampling,
+    TrainIgnore,
     TrainSampling,
     episodes_per_pass,
     resolve_protocol,
@@ -131,6 +132,8 @@ class FewShotDataModule(LightningDataModule):
             project) rather than augmenting at the native resolution (PFENet).
         train_augment: augment training images; ``False`` squashes them to ``image_size``
             (HSNet).
+        train_ignore: label-255 pixels (PASCAL's object boundaries) in training targets:
+            ``ignore``d by the loss, or counted as ``background`` (HSNet).
         backbone_norm: a frozen backbone's BatchNorm in training: ``frozen`` (eval mode) or
             ``batch`` (batch statistics, running statistics updated: PFENet's/ASGNet's
             ``model.train()``); read by the task (:class:`tasks.segment.FewShotSegmentation`).
@@ -187,6 +190,7 @@ class FewShotDataModule(LightningDataModule):
         rotate_p: float | None = None,
         train_resize_longer: bool | None = None,
         train_augment: bool | None = None,
+        train_ignore: TrainIgnore | None = None,
         backbone_norm: BackboneNorm | None = None,
         min_pixels: int | None = None,
         val_fraction: float = 0.1,
@@ -253,6 +257,7 @@ class FewShotDataModule(LightningDataModule):
             "rotate_p": rotate_p,
             "train_resize_longer": train_resize_longer,
             "train_augment": train_augment,
+            "train_ignore": train_ignore,
             "backbone_norm": backbone_norm,
         }
         explicit |= self.dataset_protocol_options()
@@ -464,6 +469,7 @@ class FewShotDataModule(LightningDataModule):
                 p["train_resize_longer"],
                 p["train_augment"],
             )
+            keep = keep and p["train_ignore"] == "ignore"
             dataset = EpisodeDataset(self.source("train"), transform, keep_ignore=keep)
         elif stage == "val":
             evaluation = Evaluation(self.image_size)

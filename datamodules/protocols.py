@@ -30,6 +30,7 @@ train_scale                0.9-1.1      0.9-1.1 /    0.9-1.1 /    (none)        
 rotate_p                   1.0          0.5          0.5          (none)          0.5
 train_resize_longer        yes          no           no           no              no
 train_augment              yes          yes          yes          no              yes
+train_ignore               ignore       ignore       ignore       background      ignore
 backbone_norm              frozen       batch        batch        frozen          frozen
 coco_crowd                 ignore       ignore       ignore       background      ignore
 =========================  ===========  ===========  ===========  ==============  ===========
@@ -59,7 +60,9 @@ Sources, read from the official code:
   COCO draws the class uniformly, then an image of it; supports are redrawn only when equal to
   the query, so K > 1 supports may repeat; COCO masks keep only the episode's class, so crowd
   pixels are background; ``Resize((400, 400))``, scored at 400 (``use_original_imgsize`` off);
-  trained without augmentation, backbone in ``eval()``.
+  trained without augmentation, backbone in ``eval()``; ``extract_ignore_idx`` sets the
+  query's 255 (object boundary) pixels to 0 in the training target, which the 2-class
+  cross-entropy then counts as background (evaluation still ignores them).
 * BAM (Lang et al., CVPR 2022; ``test.py``, ``util/dataset.py``): five seeds
   ``np.random.seed(123); randint(0, 1000, 5)`` = 510 365 382 322 988, the mean reported;
   ``test_num`` 1000 with ``if iter_num * bs >= test_num: break`` (exactly 1000, so only the first
@@ -89,6 +92,7 @@ TrainSampling = Literal["pairs", "images"]
 QueryClasses = Literal["eligible", "present"]
 BackboneNorm = Literal["frozen", "batch"]
 CocoCrowd = Literal["ignore", "background"]
+TrainIgnore = Literal["ignore", "background"]
 Family = Literal["pascal", "coco"]
 
 #: PFENet/ASGNet/BAM's PASCAL-5i training list (VOC train + SBD, duplicates removed, 5953 images),
@@ -127,6 +131,7 @@ class Protocol:
     rotate_p: float = 1.0
     train_resize_longer: bool = True
     train_augment: bool = True
+    train_ignore: TrainIgnore = "ignore"
     backbone_norm: BackboneNorm = "frozen"
     coco_crowd: CocoCrowd = "ignore"
 
@@ -185,6 +190,7 @@ PROTOCOLS: dict[str, Protocol] = {
         scoring="input",
         train_resize_longer=False,
         train_augment=False,
+        train_ignore="background",
         coco_crowd="background",
     ),
     "bam": _pfenet_family(
@@ -215,6 +221,7 @@ OPTIONS = (
     "rotate_p",
     "train_resize_longer",
     "train_augment",
+    "train_ignore",
     "backbone_norm",
     "coco_crowd",
 )

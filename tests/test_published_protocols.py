@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from fixtures_data import pascal, write_coco_tree
+from fixtures_data import WIDTH, pascal, write_coco_tree
 from test_segment import tiny_args
 
 from backbones import ResNet
@@ -310,6 +310,24 @@ def test_hsnet_makes_coco_crowd_pixels_background(tmp_path: Path) -> None:
     assert labels["clean"].eq(255).any() and not labels["hsnet"].eq(255).any()
 
 
+def test_hsnet_trains_on_boundary_pixels_as_background(pascal_root, tmp_path) -> None:
+    """HSNet's ``extract_ignore_idx`` zeroes the query's 255 pixels in the training target (its
+    cross-entropy counts them as background); the other presets ignore them. Evaluation keeps
+    them ignored under every preset."""
+    targets = {}
+    for name, option in (("clean", None), ("hsnet", "ignore"), ("hsnet", None)):
+        # at the label's width, so that squashing keeps its one-pixel 255 column
+        dm = pascal(pascal_root, tmp_path, protocol=name, train_ignore=option, image_size=WIDTH)
+        dm.setup("fit")
+        loader = dm.train_dataloader()
+        episode = next(iter(loader.sampler))
+        targets[name, option] = loader.dataset[episode]["query_mask"]
+        assert dm.val_dataloader().dataset.keep_ignore
+    assert targets["clean", None].eq(255).any() and targets["hsnet", "ignore"].eq(255).any()
+    ignored = targets["hsnet", "ignore"]
+    assert torch.equal(ignored.masked_fill(ignored == 255, 0), targets["hsnet", None])
+
+
 # --- 6. training augmentation and queries per recipe --------------------------------------------
 
 
@@ -417,8 +435,9 @@ def test_every_config_resolves_to_its_preset_with_nothing_overridden(config: Pat
         assert data["init_args"]["train_episodes"] is None  # not the toy run's 2000
     if config.name == "default.yaml":
         assert protocol["name"] == "clean" and datamodule.train_epoch_length() == 2000
+    own = yaml.safe_load(config.read_text())["data"].get("init_args") or {}
     for key, value in datamodule_class.dataset_defaults.items():  # never the toy run's
-        assert getattr(datamodule, key) == value, key
+        assert getattr(datamodule, key) == own.get(key, value), key
 
 
 def test_a_seed_count_under_bam_gives_bams_seeds() -> None:
