@@ -27,6 +27,7 @@ BACKBONES = {
     "resnet18_os8": CONFIGS / "backbones" / "resnet18_os8.yaml",
     "resnet50_deep_os8": CONFIGS / "backbones" / "resnet50_deep_os8.yaml",
     "resnet101_deep_os8": CONFIGS / "backbones" / "resnet101_deep_os8.yaml",
+    "resnet50": CONFIGS / "backbones" / "resnet50.yaml",
 }
 
 

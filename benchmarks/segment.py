@@ -38,11 +38,16 @@ from benchmarks.common import (
     time_alternating,
     train_step,
 )
-from tasks.heads import ASGNetHead, PFENetHead, PrototypeHead
+from tasks.heads import ASGNetHead, HSNetHead, PFENetHead, PrototypeHead
 from tasks.metrics import FewShotIoU
-from tasks.segment import FewShotSegmentation, original_resolution_predictions
+from tasks.segment import FewShotSegmentation, original_resolution_predictions, scored_logits
 
-HEADS = {"prototype": PrototypeHead, "asgnet": ASGNetHead, "pfenet": PFENetHead}
+HEADS = {
+    "prototype": PrototypeHead,
+    "asgnet": ASGNetHead,
+    "pfenet": PFENetHead,
+    "hsnet": HSNetHead,
+}
 
 #: Dense bf16 tensor-core peaks (TFLOP/s) by device name, first match wins.
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0))
@@ -74,7 +79,7 @@ def eval_step(
     model.eval()
     device_type = batch["query_image"].device.type
     with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-        logits = model.segment(batch).logits
+        logits = scored_logits(model.segment(batch))
     metric.update(
         original_resolution_predictions(logits.float(), batch),
         batch["query_label"],

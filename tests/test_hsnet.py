@@ -424,7 +424,10 @@ def test_unequal_squeezed_support_grids_are_resized() -> None:
     query, support, masks = episode(2, 1, size=96)
     with torch.no_grad():
         output = model(query, support, masks)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = model(query, support, masks)
     assert output.logits.shape == (2, 2, 24, 24) and torch.isfinite(output.logits).all()
+    assert half.logits.dtype == torch.bfloat16 and torch.isfinite(half.logits.float()).all()
 
 
 def test_head_without_blocks_is_refused() -> None:

@@ -117,7 +117,8 @@ def resize_4d(x: Tensor, like: Tensor) -> Tensor:
     """Resize a [B, C, ha, wa, hb, wb] tensor's query dims to those of ``like`` (bilinear,
     align_corners: the official ``interpolate_support_dims``, which despite its name resizes the
     query dims) and, where the official code would fail on a sum of unequal shapes, its support
-    dims too (bilinear with antialiasing: averaging when shrinking)."""
+    dims too (bilinear with antialiasing: averaging when shrinking; in fp32, which CPU
+    antialiasing needs)."""
     b, c, ha, wa, hb, wb = x.shape
     query_size, support_size = like.shape[-4:-2], like.shape[-2:]
     if (ha, wa) != query_size:
@@ -126,7 +127,7 @@ def resize_4d(x: Tensor, like: Tensor) -> Tensor:
         ha, wa = query_size
     if (hb, wb) != support_size:
         x = x.permute(0, 2, 3, 1, 4, 5).reshape(b * ha * wa, c, hb, wb)
-        x = F.interpolate(x, support_size, mode="bilinear", antialias=True)
+        x = F.interpolate(x.float(), support_size, mode="bilinear", antialias=True).to(x.dtype)
         x = x.view(b, ha, wa, c, *support_size).permute(0, 3, 1, 2, 4, 5)
     return x
 
