@@ -20,7 +20,7 @@ for head in "${heads[@]}"; do
     echo "$head fit: $(($(date +%s) - start)) s" | tee -a "$out/times.txt"
     checkpoint=$(find "$runs" -name 'best-*.ckpt' | sort | tail -n 1)
     python -m tasks.segment test --trainer.logger.init_args.save_dir "$runs" \
-        --ckpt_path "$checkpoint" --results.output_dir "$out/results"
+        --ckpt_path "$checkpoint" --results.output_dir "$out/results/$head"
 done
 python -m tasks.report "$out/results" --markdown "$out/table.md"
 cat "$out/table.md"
