@@ -169,7 +169,8 @@ class HSNetHead(OfficialCheckpoint, nn.Module):
     one's support dims are resized (:func:`resize_4d`) instead of the official crash; the
     official ``padding == 0`` branch of ``CenterPivotConv4d`` is unreachable with its padding
     ``k // 2`` and is left out; the loss is the task's cross-entropy (HSNet's ``compute_objective``
-    is a 2-class cross-entropy too) with label 255 ignored; logits are returned at 1/4 of the
+    is a 2-class cross-entropy too; the ``hsnet`` preset's ``train_ignore: background`` gives its
+    targets, where the query's 255 pixels count as background); logits are returned at 1/4 of the
     input (the task upsamples, bilinear with align_corners, as the official forward). The VGG
     variant is not implemented.
 
