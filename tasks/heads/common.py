@@ -147,8 +147,8 @@ def cosine_similarity_map(query: Tensor, prototypes: Tensor) -> Tensor:
         return torch.einsum("bmc,bchw->bmhw", prototypes, query)
 
 
-class OfficialCheckpoint:
-    """Mixin of the heads whose authors' released checkpoints load into them.
+class OfficialCheckpoint(nn.Module):
+    """Base class of the heads whose authors' released checkpoints load into them.
 
     Subclasses name their paper (``official_paper``), a head key only their official checkpoints
     hold (``official_signature``, which recognises the file), the official prefixes they rename
@@ -169,7 +169,6 @@ class OfficialCheckpoint:
             RuntimeError: listing the missing and unexpected head keys (e.g. an ASPP-variant
             ASGNet checkpoint, or one with a different number of bins).
         """
-        assert isinstance(self, nn.Module)
         return load_official_head(self, checkpoint, self.official_paper, self.official_renames)
 
 

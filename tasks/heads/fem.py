@@ -61,7 +61,7 @@ def classifier(channels: int) -> nn.Sequential:
     )
 
 
-class FeatureEnrichment(OfficialCheckpoint, nn.Module):
+class FeatureEnrichment(OfficialCheckpoint):
     """Base class of the heads decoding with the Feature Enrichment Module.
 
     For each bin: adaptive average pooling of the guide feature (query and prototype, 2C

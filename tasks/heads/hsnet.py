@@ -132,7 +132,7 @@ def resize_4d(x: Tensor, like: Tensor) -> Tensor:
     return x
 
 
-class HSNetHead(OfficialCheckpoint, nn.Module):
+class HSNetHead(OfficialCheckpoint):
     """HSNet's hypercorrelation squeeze network (ResNet variant).
 
     From the official code (names and shapes kept, so its ``best_model.pt`` loads):
