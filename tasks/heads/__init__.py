@@ -6,7 +6,8 @@ Every head follows one interface::
     out = head(query_feats, support_feats, support_masks)
 
 * ``in_channels``: ``dict[str, int]``, the channels of every output the backbone can give, by
-  name (``stem``, ``layer1`` .. ``layer4``, and each block as ``layer3.2``; resnet50 stages:
+  name (``stem``, ``layer1`` .. ``layer4``, each block as ``layer3.2`` and its residual sum
+  before the last ReLU as ``layer3.2.pre_relu``; resnet50 stages:
   256/512/1024/2048, resnet18: 64/128/256/512).
 * ``head.in_features``: the outputs the head reads, set in ``__init__`` (it may depend on
   ``in_channels``: HSNet takes every block of layer2..layer4 before its last ReLU,
