@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_suite.sh 2>&1 | tee gpu_suite.log
 #
 # segment: ResNet-50 and ResNet-101 (deep stem, OS 8), every head, fp32 / bf16+cl / compiled,
-# 473 px, batch 8; memory: fine-tuned ResNet-101 at 473, batch 8, with and without gradient
+# 473 px, batch 8; HSNet's recipe (torchvision ResNet-50 at OS 32, 400 px, batch 20); memory: fine-tuned ResNet-101 at 473, batch 8, with and without gradient
 # checkpointing; loader against step; DDP over 1 and all GPUs; the backbone against torchvision.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,7 +18,9 @@ run() {
 }
 
 run benchmarks.segment --device cuda --size 473 --batch 8 \
-    --backbones resnet50_deep_os8 resnet101_deep_os8 --heads prototype asgnet pfenet \
+    --backbones resnet50_deep_os8 resnet101_deep_os8 --heads prototype asgnet pfenet hsnet \
+    --modes fp32 bf16+cl bf16+cl+compile
+run benchmarks.segment --device cuda --size 400 --batch 20 --backbones resnet50 --heads hsnet \
     --modes fp32 bf16+cl bf16+cl+compile
 run benchmarks.memory --device cuda --backbone resnet101_deep_os8 --size 473 --batch 8
 run benchmarks.loader_vs_step --device cuda --workers 0 1 2 4
