@@ -13,7 +13,7 @@ import torch
 from test_segment import tiny_args
 
 from backbones import ResNet
-from tasks.heads import ASGNetHead, PFENetHead, PrototypeHead
+from tasks.heads import ASGNetHead, HSNetHead, PFENetHead, PrototypeHead
 from tasks.segment import FewShotSegmentation, compile_unsupported_reason, main
 
 
@@ -67,7 +67,9 @@ def assert_close(reference, other, loss_tolerance: float, grad_tolerance: float)
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "head", [PrototypeHead, ASGNetHead, PFENetHead], ids=["prototype", "asgnet", "pfenet"]
+    "head",
+    [PrototypeHead, ASGNetHead, PFENetHead, HSNetHead],
+    ids=["prototype", "asgnet", "pfenet", "hsnet"],
 )
 def test_channels_last_and_bf16_match_float32(head) -> None:
     batch = episode()
@@ -86,13 +88,12 @@ def test_channels_last_and_bf16_match_float32(head) -> None:
 
 @pytest.mark.slow
 @pytest.mark.skipif(compile_unsupported_reason() is not None, reason="torch.compile unsupported")
-def test_compiled_model_matches_eager() -> None:
+@pytest.mark.parametrize("head", [PrototypeHead, HSNetHead], ids=["prototype", "hsnet"])
+def test_compiled_model_matches_eager(head) -> None:
     batch = episode()
-    compiled = build(PrototypeHead, compile=True)
-    assert list(compiled.state_dict()) == list(build(PrototypeHead).state_dict())
-    assert_close(
-        float64_reference(PrototypeHead, batch), loss_and_grads(compiled, batch), 1e-5, 0.03
-    )
+    compiled = build(head, compile=True)
+    assert list(compiled.state_dict()) == list(build(head).state_dict())
+    assert_close(float64_reference(head, batch), loss_and_grads(compiled, batch), 1e-5, 0.03)
 
 
 def test_switches_from_the_command_line(tmp_path: Path) -> None:

@@ -43,6 +43,10 @@ class CenterPivotConv4d(nn.Module):
     slices of a 4D kernel through its center. ``conv2`` strides the support dims; ``conv1``
     runs on every ``support_stride``-th support position, so both land on one grid
     (the official ``prune``). The query dims keep their size.
+
+    Under CPU autocast both convolutions run in fp32: oneDNN's bf16 convolution backward (torch
+    2.14) now and then returns NaN gradients for strided convolutions with a 1x1 output, which
+    the squeezing blocks make of small support grids (kernel 5, stride 4 on 2x2).
     """
 
     def __init__(
@@ -57,6 +61,12 @@ class CenterPivotConv4d(nn.Module):
         self.support_stride = support_stride
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                return self.convolve(x.float())
+        return self.convolve(x)
+
+    def convolve(self, x: Tensor) -> Tensor:
         b, c, ha, wa, hb, wb = x.shape
         pruned = x[..., :: self.support_stride, :: self.support_stride]
         hs, ws = pruned.shape[-2:]
