@@ -407,13 +407,14 @@ class FewShotSegmentation(BaseTask):
         self._log_iou("train", self.train_iou)
 
     def _evaluate(self, batch: Mapping[str, Any], metric: FewShotIoU) -> Tensor:
-        output = self.segment(batch)
-        predictions = original_resolution_predictions(scored_logits(output), batch)
+        logits = scored_logits(self.segment(batch))
+        predictions = original_resolution_predictions(logits, batch)
         metric.update(predictions, batch["query_label"], batch["class_id"])
-        return output.logits
+        return logits
 
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
-        """The logits go to callbacks (:class:`tasks.callbacks.visualise.LogValidationEpisodes`)."""
+        """The scored logits (:func:`scored_logits`) go to callbacks
+        (:class:`tasks.callbacks.visualise.LogValidationEpisodes`)."""
         return self._evaluate(batch, self.val_iou)
 
     def on_validation_epoch_end(self) -> None:

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from backbones import ResNet, WeightsError
 from backbones.weights import to_native
+from tasks.callbacks.visualise import predicted_masks
 from tasks.heads import HSNetHead
 from tasks.heads.common import vote
 from tasks.heads.hsnet import CenterPivotConv4d
@@ -362,6 +363,15 @@ def test_vote_is_hsnet_rule() -> None:
         logits[0][1] = -1  # a query no shot calls foreground anywhere
         predictions = torch.stack([x.argmax(1) for x in logits], 1)
         assert torch.equal(vote(predictions), official_vote(logits).long())
+
+
+def test_validation_images_show_the_vote() -> None:
+    """The validation-image callback draws a voting head's per-shot logits as evaluation scores
+    them: the official vote of the shots' upsampled argmax."""
+    generator = torch.Generator().manual_seed(0)
+    shot_logits = torch.randn(2, 3, 2, 8, 8, generator=generator)
+    expected = official_vote([interp(x, (32, 32)) for x in shot_logits.unbind(1)])
+    assert torch.equal(predicted_masks(shot_logits, torch.Size([32, 32])), expected.long())
 
 
 def block_features(channels: dict[str, int], head: HSNetHead, *lead: int, size: int = 8):

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from datamodules.source import IGNORE
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
-from tasks.heads.common import resize
+from tasks.heads.common import resize, vote
 
 CLASS_LABELS = {0: "background", 1: "object", IGNORE: "ignore"}
 
@@ -21,6 +21,14 @@ def to_uint8(image: Tensor) -> Tensor:
     mean = image.new_tensor(IMAGENET_MEAN)[:, None, None]
     std = image.new_tensor(IMAGENET_STD)[:, None, None]
     return ((image * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0)
+
+
+def predicted_masks(logits: Tensor, size: torch.Size) -> Tensor:
+    """[B, 2, h, w] logits, or a voting head's per-shot [B, K, 2, h, w] (combined by
+    :func:`~tasks.heads.common.vote`, as evaluation does) -> [B, *size] masks."""
+    if logits.ndim == 5:
+        return vote(torch.stack([predicted_masks(s, size) for s in logits.unbind(1)], 1))
+    return resize(logits.float(), size).argmax(1)
 
 
 class LogValidationEpisodes(Callback):
@@ -49,7 +57,7 @@ class LogValidationEpisodes(Callback):
             return
         count = min(self.num_episodes, batch["query_image"].shape[0])
         size = batch["query_image"].shape[-2:]
-        preds = resize(outputs.float(), size).argmax(1)
+        preds = predicted_masks(outputs, size)
         images, masks = [], []
         for i in range(count):
             frames = [*batch["support_images"][i], batch["query_image"][i]]
