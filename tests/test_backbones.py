@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
+from fixtures_models import randomise_norms
 from jsonargparse import ActionConfigFile, ArgumentParser
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -28,18 +29,6 @@ def torchvision_features(model: torchvision.models.ResNet, x: torch.Tensor) -> l
     return features
 
 
-def randomise_batchnorm(model: nn.Module, seed: int = 0) -> None:
-    """Non-trivial BatchNorm statistics and affine parameters: eval-mode parity means something."""
-    generator = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=generator) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=generator) * 0.1)
-
-
 @pytest.fixture(scope="module")
 def image() -> torch.Tensor:
     return torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
@@ -57,7 +46,7 @@ def test_parity_with_torchvision(arch: str, image: torch.Tensor, tmp_path: Path)
     torch.manual_seed(0)
     settings = DILATION_SETTINGS if ARCHS[arch].block.__name__ == "Bottleneck" else {32: None}
     reference = getattr(torchvision.models, arch)()
-    randomise_batchnorm(reference)
+    randomise_norms(reference)
     path = tmp_path / f"{arch}.pth"
     torch.save(reference.state_dict(), path)
     for output_stride, replace in settings.items():
@@ -80,7 +69,7 @@ def test_basic_block_dilation_matches_strided_network(arch: str, image: torch.Te
     features by the traded stride gives the strided network's features exactly."""
     torch.manual_seed(0)
     strided = build_backbone(arch, output_stride=32).eval()
-    randomise_batchnorm(strided)
+    randomise_norms(strided)
     with torch.no_grad():
         reference = strided(image)
     for output_stride, steps in ((16, {"layer4": 2}), (8, {"layer3": 2, "layer4": 4})):
@@ -117,7 +106,7 @@ def pspnet_reference(image_size: int = 64) -> torchvision.models.ResNet:
 def test_uniform_scheme_matches_pspnet_recipe(image: torch.Tensor, tmp_path: Path) -> None:
     torch.manual_seed(0)
     reference = pspnet_reference()
-    randomise_batchnorm(reference)
+    randomise_norms(reference)
     torch.save(reference.state_dict(), tmp_path / "r50.pth")
     ours = ResNet(
         "resnet50", output_stride=8, dilation_scheme="uniform", weights=str(tmp_path / "r50.pth")
@@ -188,7 +177,7 @@ def test_deep_stem_checkpoints_round_trip(layout, image: torch.Tensor, tmp_path:
     torch.manual_seed(0)
     options = dict(stem="deep", output_stride=8, dilation_scheme="uniform")
     source = build_backbone("resnet50", **options).eval()
-    randomise_batchnorm(source)
+    randomise_norms(source)
     path = tmp_path / "resnet50_v2.pth"
     torch.save(layout(source), path)
     loaded = build_backbone("resnet50", weights=str(path), **options).eval()

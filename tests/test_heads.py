@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from fixtures_models import channels_last_features
 from scipy.ndimage import distance_transform_edt
 
 from tasks.heads import ASGNetHead, HeadOutput, PFENetHead, PrototypeHead
@@ -77,10 +78,7 @@ def test_bf16_autocast_and_channels_last(head_name):
     head = HEADS[head_name](RESNET18).eval()
     query, support, masks = episode(RESNET18, 10, 5, shots=2)
     expected = head(query, support, masks).logits
-    query_cl = {k: v.contiguous(memory_format=torch.channels_last) for k, v in query.items()}
-    support_cl = {
-        k: v.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3) for k, v in support.items()
-    }
+    query_cl, support_cl = channels_last_features(query, support)
     torch.testing.assert_close(head(query_cl, support_cl, masks).logits, expected)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = head(query_cl, support_cl, masks)

@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from fixtures_models import channels_last_features, randomise_norms
 from torch import Tensor, nn
 
 from backbones import ResNet, WeightsError
@@ -206,21 +207,6 @@ def official_vote(shot_logits: list[Tensor]) -> Tensor:
     return pred_mask
 
 
-def randomise(model: nn.Module, seed: int = 0) -> None:
-    """Random BatchNorm and GroupNorm affine parameters and statistics, so that parity means
-    something."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d | nn.GroupNorm):
-                n = module.weight.numel()
-                module.weight.copy_(0.5 + 0.5 * torch.rand(n, generator=generator))
-                module.bias.copy_(0.1 * torch.randn(n, generator=generator))
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.copy_(0.1 * torch.randn(n, generator=generator))
-                module.running_var.copy_(0.5 + torch.rand(n, generator=generator))
-
-
 def episode(batch: int, shots: int, size: int = IMAGE, seed: int = 1):
     generator = torch.Generator().manual_seed(seed)
     query = torch.randn(batch, 3, size, size, generator=generator)
@@ -238,7 +224,7 @@ def episode(batch: int, shots: int, size: int = IMAGE, seed: int = 1):
 def reference() -> ReferenceHSNet:
     torch.manual_seed(0)
     model = ReferenceHSNet()
-    randomise(model)
+    randomise_norms(model)
     return model.eval()
 
 
@@ -277,7 +263,7 @@ def test_pre_relu_outputs_match_torchvision_blocks() -> None:
     ResNet-50 at output stride 32 and with ``replace_stride_with_dilation`` (output stride 8)."""
     for output_stride, dilation in ((32, [False, False, False]), (8, [False, True, True])):
         tv = torchvision.models.resnet50(replace_stride_with_dilation=dilation)
-        randomise(tv)
+        randomise_norms(tv)
         ours = ResNet("resnet50", output_stride=output_stride)
         ours.load_state_dict(to_native(tv.state_dict(), is_lightning=False)[0])
         names = [f"layer{s}.{b}.pre_relu" for s, n in ((2, 4), (3, 6), (4, 3)) for b in range(n)]
@@ -415,10 +401,7 @@ def test_bf16_autocast_channels_last_and_ignore_label() -> None:
     expected = head(query, support, masks).logits
     ignored_as_background = head(query, support, masks.masked_fill(masks == 255, 0)).logits
     torch.testing.assert_close(ignored_as_background, expected)
-    query_cl = {k: v.contiguous(memory_format=torch.channels_last) for k, v in query.items()}
-    support_cl = {
-        k: v.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3) for k, v in support.items()
-    }
+    query_cl, support_cl = channels_last_features(query, support)
     torch.testing.assert_close(head(query_cl, support_cl, masks).logits, expected)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         output = head(query_cl, support_cl, masks)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from fixtures_models import randomise_norms
 from torch import Tensor, nn
 from torchvision.models.resnet import Bottleneck
 
@@ -159,19 +160,6 @@ class ReferencePFENet(nn.Module):
         return interp(self.cls(feat), (h, w)), out_list
 
 
-def randomise(model: nn.Module, seed: int = 0) -> None:
-    """Random weights and BatchNorm statistics, so that eval-mode parity means something."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                n = module.num_features
-                module.weight.copy_(0.5 + 0.5 * torch.rand(n, generator=generator))
-                module.bias.copy_(0.1 * torch.randn(n, generator=generator))
-                module.running_mean.copy_(0.1 * torch.randn(n, generator=generator))
-                module.running_var.copy_(0.5 + torch.rand(n, generator=generator))
-
-
 def write_official(reference: ReferencePFENet, path: Path) -> Path:
     """Saved as the official ``train.py`` saves: ``{"epoch", "state_dict", "optimizer"}`` with
     DataParallel's ``module.`` prefix."""
@@ -203,7 +191,7 @@ def test_official_checkpoint_matches_official_forward(
     official forward's logits and inner-classifier logits (eval mode) to float32 precision."""
     torch.manual_seed(0)
     reference = ReferencePFENet(bins, shots)
-    randomise(reference)
+    randomise_norms(reference)
     reference.eval()
     path = write_official(reference, tmp_path / "train_epoch_200_0.5.pth")
     model = FewShotSegmentation(
