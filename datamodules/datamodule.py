@@ -159,6 +159,8 @@ class FewShotDataModule(LightningDataModule):
     }
     #: protocol options this dataset has no use for, left out of the resolved protocol
     protocol_unused: tuple[str, ...] = ("train_list", "coco_crowd")
+    #: cross-validation folds of the class split (a class-folder dataset sets its own)
+    num_folds: int = NUM_FOLDS
 
     def __init__(
         self,
@@ -206,7 +208,8 @@ class FewShotDataModule(LightningDataModule):
         num_workers = default["num_workers"] if num_workers is None else num_workers
         val_episodes = default["val_episodes"] if val_episodes is None else val_episodes
         min_pixels = default["min_pixels"] if min_pixels is None else min_pixels
-        require("fold", fold, fold in range(NUM_FOLDS), f"one of {list(range(NUM_FOLDS))}")
+        folds = range(self.num_folds)
+        require("fold", fold, fold in folds, f"one of {list(folds)}")
         require("shots", shots, shots >= 1, "an integer >= 1")
         require("image_size", image_size, image_size >= 8, "an integer >= 8")
         require("batch_size", batch_size, batch_size >= 1, "an integer >= 1")

@@ -10,6 +10,8 @@ import numpy as np
 from PIL import Image
 
 from .datamodule import FewShotDataModule, Split, data_dir
+from .lists import NODUPLICATE, shipped
+from .protocols import NODUPLICATE_LIST
 from .source import PngLabelSource, missing_path_error
 from .splits import pascal_novel_classes
 
@@ -25,7 +27,8 @@ PASCAL_LAYOUT = """\
   SegmentationClassAug/<id>.png   single-channel labels: 0 background, 1..20 classes, 255 ignore
   ImageSets/SegmentationAug/train_aug.txt   training list (SBD-augmented train, 10582 images)
   lists/pascal/voc_sbd_merge_noduplicate.txt  training list of the pfenet/asgnet/bam presets
-                                            (5953 images; from PFENet's repository)
+                                            (5953 images; from PFENet's repository; when the
+                                            tree lacks it, the copy shipped in datamodules/lists)
   ImageSets/Segmentation/val.txt            test list (VOC2012 val, 1449 images)
 List lines are ids ("2007_000032") or image/label paths relative to <root>
 ("JPEGImages/2007_000032.jpg SegmentationClassAug/2007_000032.png", as PFENet's lists)."""
@@ -69,6 +72,8 @@ def pascal_source(
         if not (root / folder).is_dir():
             raise missing_path_error(root / folder, "folder", PASCAL_LAYOUT)
     list_path = root / list_file
+    if not list_path.is_file() and list_file == NODUPLICATE_LIST:
+        list_path = shipped(NODUPLICATE)  # PFENet's list, shipped: a tree need not hold it
     if not list_path.is_file():
         raise missing_path_error(list_path, "list file", PASCAL_LAYOUT)
     files: dict[str, tuple[Path, Path]] = {}
@@ -98,7 +103,7 @@ class PascalFewShot(FewShotDataModule):
         train_list: training list relative to ``root``; ``None``: the protocol's (the clean
             protocol and HSNet: the SBD-augmented ``train_aug.txt``; PFENet, ASGNet, BAM:
             ``lists/pascal/voc_sbd_merge_noduplicate.txt``, 5953 images, from their repositories'
-            ``lists/pascal/``).
+            ``lists/pascal/``; read from ``datamodules/lists/`` when the tree has no copy).
         test_list: test list relative to ``root`` (VOC2012 val).
         label_dir: folder of the single-channel label PNGs.
         **kwargs: see :class:`FewShotDataModule`; ``root`` defaults to ``data_dir()/VOC2012``.

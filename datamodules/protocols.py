@@ -76,7 +76,9 @@ reproduced (they interleave Python's, NumPy's and torch's generators with loader
 episodes follow each paper's rules, drawn from our own seeded generator.
 
 The embedded ``shapes`` set is laid out as PASCAL-5i and takes the PASCAL column (but keeps its
-own list files).
+own list files). FSS-1000 and class folders (:mod:`datamodules.folders`) take the ``fss`` column,
+defined for ``clean`` (1000 balanced episodes) and ``hsnet`` (HSNet's ``data/fss.py``: each of
+the 2400 test images once, in list order); the other presets name the families they have.
 """
 
 from __future__ import annotations
@@ -93,7 +95,12 @@ QueryClasses = Literal["eligible", "present"]
 BackboneNorm = Literal["frozen", "batch"]
 CocoCrowd = Literal["ignore", "background"]
 TrainIgnore = Literal["ignore", "background"]
-Family = Literal["pascal", "coco"]
+Family = Literal["pascal", "coco", "fss"]
+
+# --- the "fss" family: datasets of one class per folder (datamodules.folders) ----------------
+#: HSNet's FSS-1000 test (``data/fss.py``): every image of the 240 test classes once as the
+#: query, in list order (``__len__`` is the number of images), supports redrawn when equal.
+FSS_TEST_IMAGES = 2400
 
 #: PFENet/ASGNet/BAM's PASCAL-5i training list (VOC train + SBD, duplicates removed, 5953 images),
 #: published in each repository's ``lists/pascal/``; relative to the dataset root.
@@ -162,7 +169,7 @@ PFENET_LOOP: dict[str, Any] = {
 
 PROTOCOLS: dict[str, Protocol] = {
     "clean": Protocol(
-        {"pascal": 1000, "coco": 1000},
+        {"pascal": 1000, "coco": 1000, "fss": 1000},
         (321,),
         source="this project: held-out validation, 2048-px pairs, every class given episodes, "
         "crop-then-resize scoring, BatchNorm of a frozen backbone in eval mode",
@@ -180,10 +187,10 @@ PROTOCOLS: dict[str, Protocol] = {
         **PFENET_LOOP,
     ),
     "hsnet": Protocol(
-        {"pascal": 1000, "coco": 1000},
+        {"pascal": 1000, "coco": 1000, "fss": FSS_TEST_IMAGES},
         (0,),
         source="HSNet (Min et al., ICCV 2021)",
-        test_sampling={"pascal": "pair_walk", "coco": "class_first"},
+        test_sampling={"pascal": "pair_walk", "coco": "class_first", "fss": "pair_walk"},
         support_repeats=True,
         eval_resize="squash",
         eval_size=400,
@@ -259,6 +266,12 @@ def resolve_protocol(
     if unknown:
         raise ValueError(f"unknown protocol options {unknown}; expected some of {list(OPTIONS)}")
     preset = PROTOCOLS[name]
+    if family not in preset.test_episodes:
+        defined = [n for n, p in PROTOCOLS.items() if family in p.test_episodes]
+        raise ValueError(
+            f"data.protocol={name!r} has no {family!r} variant (it is defined for "
+            f"{sorted(preset.test_episodes)}); expected one of {defined}"
+        )
     values = asdict(preset)
     resolved: dict[str, Any] = {"name": name}
     for option in OPTIONS:
