@@ -108,7 +108,8 @@ def write_pascal_archives(
     """VOC and SBD archives over real ids, every class eligible (2048 px) in
     ``num_train / 20`` training and ``num_val / 20`` validation images.
 
-    Training image ``i`` has big class ``i % 20 + 1`` and a 2047-px small class; its label
+    Training image ``i`` has big class ``i % 20 + 1`` and a 2047-px small class of the same
+    PASCAL-5i fold; its label
     comes from VOC (``i < 80``), SBD (``i >= 50``; where both, SBD's big class is another, and
     VOC's must win) and four SBD-only ids outside PFENet's list join ``train_aug``. The first 5
     validation images are also in SBD's val list (so not in ``train_aug``). ``drop`` leaves
@@ -128,7 +129,8 @@ def write_pascal_archives(
     for index, image_id in enumerate([*train, *extra, *val, *unlabelled]):
         voc.append((f"{VOC_ROOT}JPEGImages/{image_id}.jpg", jpeg_bytes(index)))
     for index, image_id in enumerate([*train, *extra]):
-        big, small = index % 20 + 1, (index + 7) % 20 + 1
+        group = index % 20 // 5  # the small class is of the big one's fold (BAM drops
+        big, small = index % 20 + 1, group * 5 + (index + 1) % 5 + 1  # novel-class images)
         voc_label = pascal_label(big, small)  # with a 255 border line, as VOC's
         sbd_label = np.where(voc_label == 255, 0, voc_label).astype(np.uint8)
         if image_id in voc_train:

@@ -56,9 +56,7 @@ def _render_in_worker(image_id: str) -> bool:
     return render(image_id, _source, _folder)
 
 
-def prepare_split(
-    root: Path, out: Path, split: str, workers: int, log: Log
-) -> dict[str, int]:
+def prepare_split(root: Path, out: Path, split: str, workers: int, log: Log) -> dict[str, int]:
     """Render every image of ``split`` (those without annotations too: all background, as the
     JSON loader sees them) into ``out/split``."""
     global _source, _folder

@@ -103,27 +103,52 @@ def download(archive: Archive, folder: Path, log: Log) -> Path:
     return path
 
 
-def iterate_archive(path: Path, what: Archive) -> Iterator[tuple[tarfile.TarInfo, tarfile.TarFile]]:
+def truncated(path: Path, error: BaseException, what: Archive) -> PrepareError:
+    return PrepareError(
+        f"archive {path} is truncated or corrupt ({type(error).__name__}: {error}); expected "
+        f"the published {what.filename} (md5 {what.md5}, {what.url})"
+    )
+
+
+ARCHIVE_ERRORS = (tarfile.TarError, EOFError, zlib.error, OSError)
+
+
+def iterate_archive(path: Path, what: Archive) -> Iterator[tuple[tarfile.TarInfo, MemberReader]]:
     """The members of a tar archive in stored order (one sequential read, which a ``.tgz``
-    needs); a truncated or corrupt archive is named with what it should have been."""
+    needs), each with a reader of its bytes; a truncated or corrupt archive is named with what
+    it should have been. A plain tar cut at a member boundary reads as a shorter archive, so
+    its end-of-archive blocks are required."""
     if not path.is_file():
         raise PrepareError(f"archive not found: {path} (expected {what.filename}, {what.url})")
+    with path.open("rb") as file:
+        compressed = file.read(2) == b"\x1f\x8b"
     try:
         with tarfile.open(path, mode="r|*") as tar:
             for member in tar:
-                yield member, tar
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as error:
-        raise PrepareError(
-            f"archive {path} is truncated or corrupt ({type(error).__name__}: {error}); expected "
-            f"the published {what.filename} (md5 {what.md5}, {what.url})"
-        ) from error
+                yield member, MemberReader(tar, member, path, what)
+            if not compressed and path.stat().st_size - tar.offset < 2 * tarfile.BLOCKSIZE:
+                raise tarfile.ReadError(f"no end-of-archive blocks after byte {tar.offset}")
+    except ARCHIVE_ERRORS as error:
+        raise truncated(path, error, what) from error
 
 
-def read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
-    file = tar.extractfile(member)
-    if file is None:
-        raise PrepareError(f"member {member.name} is not a regular file")
-    return file.read()
+@dataclass(frozen=True)
+class MemberReader:
+    """Reads one member's bytes (while the archive is at that member)."""
+
+    tar: tarfile.TarFile
+    member: tarfile.TarInfo
+    path: Path
+    what: Archive
+
+    def read(self) -> bytes:
+        try:
+            file = self.tar.extractfile(self.member)
+            if file is None:
+                raise PrepareError(f"{self.path}: member {self.member.name} is not a file")
+            return file.read()
+        except ARCHIVE_ERRORS as error:
+            raise truncated(self.path, error, self.what) from error
 
 
 def read_ids(data: bytes) -> list[str]:
@@ -180,6 +205,20 @@ def sbd_label(data: bytes, origin: str) -> np.ndarray:
     return label.astype(np.uint8)
 
 
+def check_published_counts(counts: dict[str, int]) -> None:
+    """When the archives' own lists have the published sizes (so they are the published
+    archives), every derived count must be the published one too; smaller archives (tests, a
+    subset) are checked for consistency only (every listed image has its image and label)."""
+    sources = ("voc_train", "voc_val", "sbd_train", "sbd_val")
+    if all(counts.get(key) == PUBLISHED[key] for key in sources):
+        for key, expected in PUBLISHED.items():
+            if counts.get(key) != expected:
+                raise PrepareError(
+                    f"{key}: {counts.get(key)} images, expected {expected} from the published "
+                    "VOC2012 and SBD archives"
+                )
+
+
 def image_hw(path: Path) -> tuple[int, int]:
     with Image.open(path) as image:
         return image.height, image.width
@@ -204,7 +243,7 @@ class PascalBuilder:
     def voc_pass(self, path: Path) -> None:
         """JPEGImages, VOC's labels (converted to grayscale PNGs) and the segmentation lists."""
         seen_images = 0
-        for member, tar in iterate_archive(path, VOC):
+        for member, reader in iterate_archive(path, VOC):
             if not member.isfile() or not member.name.startswith(VOC_ROOT):
                 continue
             relative = member.name[len(VOC_ROOT) :]
@@ -214,17 +253,17 @@ class PascalBuilder:
                 seen_images += 1
                 target = self.images / name
                 if not target.is_file() or target.stat().st_size != member.size:
-                    write_bytes(target, read_member(tar, member))
+                    write_bytes(target, reader.read())
                     self.written["images"] += 1
             elif folder == "SegmentationClass" and name.endswith(".png"):
                 self.voc_labelled.add(stem)
                 if not self.label_path(stem).is_file():
                     origin = f"{path}: {member.name}"
-                    label = voc_label(read_member(tar, member), origin)
+                    label = voc_label(reader.read(), origin)
                     write_bytes(self.label_path(stem), encode_label_png(label))
                     self.written["voc_labels"] += 1
             elif folder == "ImageSets/Segmentation" and name.endswith(".txt"):
-                data = read_member(tar, member)
+                data = reader.read()
                 self.lists[f"voc_{stem}"] = read_ids(data)
                 write_bytes(self.out / relative, data)
         for key, member_name in (
@@ -243,20 +282,20 @@ class PascalBuilder:
     def sbd_pass(self, path: Path) -> None:
         """SBD's ``cls/*.mat`` of images VOC does not label, as grayscale PNGs."""
         sbd_ids: set[str] = set()
-        for member, tar in iterate_archive(path, SBD):
+        for member, reader in iterate_archive(path, SBD):
             if not member.isfile() or not member.name.startswith(SBD_ROOT):
                 continue
             relative = member.name[len(SBD_ROOT) :]
             if relative in ("train.txt", "val.txt"):
-                self.lists[f"sbd_{relative[:-4]}"] = read_ids(read_member(tar, member))
+                self.lists[f"sbd_{relative[:-4]}"] = read_ids(reader.read())
             elif relative.startswith("cls/") and relative.endswith(".mat"):
                 stem = relative[4:-4]
                 sbd_ids.add(stem)
-                if stem in self.voc_labelled:
-                    continue  # VOC's label wins (it has the 255 borders)
-                if not self.label_path(stem).is_file():
-                    origin = f"{path}: {member.name}"
-                    label = sbd_label(read_member(tar, member), origin)
+                origin = f"{path}: {member.name}"
+                if stem in self.voc_labelled:  # VOC's label wins (it has the 255 borders)
+                    sbd_label(reader.read(), origin)  # checked all the same
+                elif not self.label_path(stem).is_file():
+                    label = sbd_label(reader.read(), origin)
                     image = self.images / f"{stem}.jpg"
                     if not image.is_file():
                         raise PrepareError(
@@ -321,14 +360,7 @@ class PascalBuilder:
             "noduplicate": len(kept),
             "noduplicate_shipped": len(shipped_lines),
         }
-        sources = ("voc_train", "voc_val", "sbd_train", "sbd_val")
-        if all(counts[key] == PUBLISHED[key] for key in sources):  # the published archives
-            for key, expected in PUBLISHED.items():
-                if counts[key] != expected:
-                    raise PrepareError(
-                        f"{key}: {counts[key]} images, expected {expected} from the published "
-                        f"VOC2012 and SBD archives"
-                    )
+        check_published_counts(counts)
         return counts
 
     @staticmethod
