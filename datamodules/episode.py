@@ -1,23 +1,26 @@
 """Episodes and the batch contract shared by every few-shot datamodule.
 
 An episode is one query image and ``K`` support images (``K >= 1``, never including the query)
-with binary masks of one class ``c``. Every loader (train, val, test) yields a dict:
+with binary masks of one class ``c``. Every loader (train, val, test) yields a dict of ``uint8``
+pixels (a quarter of float32's bytes through workers, pinned memory and the host-to-device copy):
 
 =================  ==========================  ==================================================
 key                type / shape                meaning
 =================  ==========================  ==================================================
-``query_image``    float32 ``[B, 3, S, S]``    ImageNet mean/std normalised
-``query_mask``     int64 ``[B, S, S]``         1 class ``c``, 0 other, 255 ignore
-``support_images`` float32 ``[B, K, 3, S, S]`` normalised like the query
-``support_masks``  int64 ``[B, K, S, S]``      1 / 0 / 255 like ``query_mask``
+``query_image``    uint8 ``[B, 3, S, S]``      RGB
+``query_mask``     uint8 ``[B, S, S]``         1 class ``c``, 0 other, 255 ignore
+``support_images`` uint8 ``[B, K, 3, S, S]``   RGB like the query
+``support_masks``  uint8 ``[B, K, S, S]``      1 / 0 / 255 like ``query_mask``
 ``class_id``       int64 ``[B]``               0-based index into ``class_names`` (VOC k -> k-1)
 =================  ==========================  ==================================================
 
-``S`` is the datamodule's ``image_size`` (in test, the protocol's ``eval_size``). Validation and
-test batches add:
+On the model's device, :func:`to_model_inputs` (the tasks' ``on_after_batch_transfer``) turns
+the images into float32 normalised with the ImageNet mean/std and the masks and labels into
+int64; what the models, losses and metrics see is that. ``S`` is the datamodule's
+``image_size`` (in test, the protocol's ``eval_size``). Validation and test batches add:
 
 =================  ==========================  ==================================================
-``query_label``    int64 ``[B, Hmax, Wmax]``   the query's binary label (0/1/255) at its original
+``query_label``    uint8 ``[B, Hmax, Wmax]``   the query's binary label (0/1/255) at its original
                                                resolution, padded with 255 at the bottom/right to
                                                the largest query of the batch
 ``query_size``     int64 ``[B, 2]``            original ``(h, w)``
@@ -55,14 +58,20 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torchvision import tv_tensors
 
 from .protocols import EvalPad, EvalResize, Scoring
 from .source import IGNORE, SegmentationSource
-from .transforms import valid_size
+from .transforms import normalise, valid_size
 
 Batch = dict[str, Any]
-JointTransform = Callable[[tv_tensors.Image, tv_tensors.Mask], tuple[torch.Tensor, torch.Tensor]]
+#: ``(image uint8 [H, W, 3], mask uint8 [H, W], generator) -> (uint8 [3, S, S], uint8 [S, S])``
+#: (:mod:`datamodules.transforms`); evaluation transforms ignore the generator.
+JointTransform = Callable[
+    [np.ndarray, np.ndarray, np.random.Generator | None], tuple[torch.Tensor, torch.Tensor]
+]
+#: The batch's pixel fields, normalised on the device, and its label fields, made int64 there.
+IMAGE_FIELDS = ("query_image", "support_images")
+LABEL_FIELDS = ("query_mask", "support_masks", "query_label")
 
 
 @dataclass(frozen=True)
@@ -106,7 +115,7 @@ class Evaluation:
             valid = torch.tensor(valid_size(height, width, self.size, self.resize))
             resize_to = size.clone()
         return {
-            "query_label": torch.from_numpy(label).long(),
+            "query_label": torch.from_numpy(label),
             "query_size": size,
             "query_valid": valid,
             "query_resize_to": resize_to,
@@ -146,19 +155,18 @@ class EpisodeDataset(Dataset):
         self.evaluation = evaluation
         self.keep_ignore = keep_ignore
 
-    def _load(self, image_id: str, class_id: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    def _load(
+        self, image_id: str, class_id: int, rng: np.random.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
         image, label = self.source.read(image_id)
         binary = binary_label(label, class_id, self.keep_ignore)
-        pixels = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1))
-        image_t, mask_t = self.transform(pixels, tv_tensors.Mask(torch.from_numpy(binary)))
-        return image_t.as_subclass(torch.Tensor), mask_t.as_subclass(torch.Tensor).long(), binary
+        image_t, mask_t = self.transform(image, binary, rng)
+        return image_t, mask_t, binary
 
     def __getitem__(self, episode: Episode) -> Batch:  # type: ignore[override]
-        with torch.random.fork_rng(devices=[], enabled=episode.seed is not None):
-            if episode.seed is not None:
-                torch.random.default_generator.manual_seed(episode.seed)
-            query_image, query_mask, query_label = self._load(episode.query, episode.class_id)
-            support = [self._load(image_id, episode.class_id)[:2] for image_id in episode.support]
+        rng = np.random.default_rng(episode.seed)
+        query_image, query_mask, query_label = self._load(episode.query, episode.class_id, rng)
+        support = [self._load(image_id, episode.class_id, rng)[:2] for image_id in episode.support]
         item: Batch = {
             "query_image": query_image,
             "query_mask": query_mask,
@@ -182,10 +190,24 @@ def collate_episodes(items: Sequence[Batch]) -> Batch:
         elif key == "query_label":
             height = max(value.shape[0] for value in values)
             width = max(value.shape[1] for value in values)
-            padded = torch.full((len(values), height, width), IGNORE, dtype=torch.long)
+            padded = torch.full((len(values), height, width), IGNORE, dtype=values[0].dtype)
             for row, value in zip(padded, values, strict=True):
                 row[: value.shape[0], : value.shape[1]] = value
             batch[key] = padded
         else:
             batch[key] = torch.stack(values)
     return batch
+
+
+def to_model_inputs(batch: Batch) -> Batch:
+    """The batch as models see it, on the batch's device: ``uint8`` images as float32 normalised
+    with the ImageNet mean/std (:func:`datamodules.transforms.normalise`), masks and labels as
+    int64. Fields already converted (float images, int64 masks) pass unchanged."""
+    converted = dict(batch)
+    for key in IMAGE_FIELDS:
+        if key in batch and batch[key].dtype == torch.uint8:
+            converted[key] = normalise(batch[key])
+    for key in LABEL_FIELDS:
+        if key in batch:
+            converted[key] = batch[key].long()
+    return converted

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torchvision import tv_tensors
 
 from .episode import Batch, JointTransform
 from .files import IMAGE_EXTENSIONS
@@ -78,7 +77,7 @@ class PredictEpisodes(Dataset):
         self.transform = transform
         self.size = size
         pairs = [(Path(i), Path(m)) for i, m in zip(support_images, support_masks, strict=True)]
-        loaded = [self._transform(*self._read_support(image, mask)) for image, mask in pairs]
+        loaded = [self.transform(*self._read_support(image, mask), None) for image, mask in pairs]
         self.support_images = torch.stack([image for image, _ in loaded])
         self.support_masks = torch.stack([mask for _, mask in loaded])
 
@@ -90,11 +89,6 @@ class PredictEpisodes(Dataset):
         image = open_image(image_path)
         return image, support_mask(mask_path, image.shape[:2], image_path)
 
-    def _transform(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        pixels = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1))
-        image_t, mask_t = self.transform(pixels, tv_tensors.Mask(torch.from_numpy(mask)))
-        return image_t.as_subclass(torch.Tensor), mask_t.as_subclass(torch.Tensor).long()
-
     def __len__(self) -> int:
         return len(self.queries)
 
@@ -102,7 +96,7 @@ class PredictEpisodes(Dataset):
         path = self.queries[index]
         image = open_image(path)
         height, width = image.shape[:2]
-        query_image, _ = self._transform(image, np.zeros((height, width), dtype=np.uint8))
+        query_image, _ = self.transform(image, np.zeros((height, width), dtype=np.uint8), None)
         return {
             "query_image": query_image,
             "support_images": self.support_images,

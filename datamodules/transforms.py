@@ -1,25 +1,45 @@
-"""Joint image/mask transforms (torchvision.transforms.v2 with ``tv_tensors.Mask``).
+"""Joint image/mask transforms on uint8 pixels: the fewest operations per pixel.
 
-Images are normalised with the ImageNet mean/std first, so every fill of the image is ``0`` (the
-mean colour, as PFENet pads with the mean pixel) and every fill of the mask is ``255`` (ignored).
+Images stay ``uint8`` from decoding to the batch (``[3, S, S]``, masks ``[S, S]``); the model's
+device converts and normalises them (:func:`datamodules.episode.to_model_inputs`), so loader
+workers do no float work and batches travel in a quarter of the bytes. Every fill of the image is
+the ImageNet mean colour (:data:`MEAN_FILL`, as PFENet pads with the mean pixel) or black, every
+fill of the mask ``255`` (ignored).
 
-* Training (after PFENet/ASGNet: RandScale 0.9-1.1, RandRotate +-10, RandomGaussianBlur,
-  RandomHorizontalFlip, Crop with label padding 255): the image is first resized so its longer
-  side is ``size``, exactly as in evaluation, so that objects have the same scale in training and
-  testing for any ``size`` (PFENet crops at native scale, which for VOC's 500 px images and a
-  473 crop differs by under 6%).
+* Training follows PFENet's ``util/transform.py`` (dvlab-research/PFENet; ASGNet and BAM share
+  it): ``RandScale`` (the canvas resized by ``s``), ``RandRotate`` (+-10 degrees about the canvas
+  centre with probability ``rotate_p``, canvas kept), ``RandomGaussianBlur`` (5 x 5, OpenCV's
+  sigma for that size, 1.1, probability 0.5), ``RandomHorizontalFlip``, ``Crop('rand')`` (padded
+  to the crop, centred, when smaller; up to 31 redraws of the offset while the crop keeps less
+  than 85% of the foreground). The draws of one image (:class:`Augmentation`) compose into **one**
+  affine map from the source image to the output crop, so the image is interpolated once, at crop
+  size only (``cv2.warpAffine``, bilinear, mean fill); the mask is warped (nearest, 255 fill) at
+  the padded canvas, which the foreground rule needs, and cropped. Deviations, all below one
+  pixel of geometry: one bilinear interpolation instead of PFENet's two (resize, then rotate);
+  the blur runs on the crop, so within 2 pixels of the crop's border it sees the mean fill or the
+  mirrored crop instead of the pixels beyond. ``resize_longer`` (this project's ``clean``
+  protocol) first scales the longer side to ``size``, so objects have the same scale in training
+  and evaluation for any ``size`` (PFENet augments at the native resolution).
 * Evaluation: resize the longer side to ``size`` keeping the aspect ratio, place at the top-left
   and pad to ``size x size`` (image: the mean colour, mask 255); or PFENet's ``transform.Resize``
   (``floor8``: ``int()`` and each side floored to a multiple of 8, no antialiasing as
   ``cv2.INTER_LINEAR``, padded black as its zero canvas before normalisation); or, as HSNet,
-  squash to ``size x size`` (``squash``). See :mod:`datamodules.protocols`.
+  squash to ``size x size`` (``squash``). See :mod:`datamodules.protocols`. torchvision's uint8
+  resize (antialiased bilinear where the protocol antialiases) computes what its float resize
+  did, rounded to 8 bits.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
 import torch
-from torchvision import tv_tensors
-from torchvision.transforms import v2
+from torch import Tensor
+from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
 from .protocols import EvalPad, EvalResize
@@ -27,7 +47,19 @@ from .source import IGNORE
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-_FILL = {tv_tensors.Image: 0.0, tv_tensors.Mask: IGNORE}
+#: The mean colour in 8 bits: the fill of training crops and of ``mean``-padded evaluation.
+MEAN_FILL = tuple(round(255 * mean) for mean in IMAGENET_MEAN)
+
+#: PFENet's ``RandRotate`` range and ``RandomGaussianBlur`` kernel (``radius=5``, sigma 0: OpenCV
+#: derives ``0.3 * ((5 - 1) * 0.5 - 1) + 0.8 = 1.1``).
+ROTATION_DEGREES = 10.0
+BLUR_KERNEL = 5
+#: PFENet's ``Crop``: the offset is redrawn up to 31 times while the crop holds less than this
+#: share of the canvas's foreground pixels.
+CROP_KEEP = 0.85
+CROP_DRAWS = 32
+
+Pair = tuple[Tensor, Tensor]
 
 
 def resized_size(height: int, width: int, size: int) -> tuple[int, int]:
@@ -55,93 +87,183 @@ def valid_size(height: int, width: int, size: int, resize: EvalResize) -> tuple[
     return size, size
 
 
-class ResizeLonger:
-    """Resize image (bilinear) and mask (nearest) so the longer side is ``size``: rounded and
-    antialiased (``longer_pad``), or PFENet's floored sizes without antialiasing (``floor8``)."""
+def as_tensors(image: np.ndarray, mask: np.ndarray) -> Pair:
+    """``uint8 [3, H, W]`` (a view of the ``[H, W, 3]`` array) and ``uint8 [H, W]``."""
+    return torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(mask)
 
-    def __init__(self, size: int, resize: EvalResize = "longer_pad") -> None:
-        self.size, self.resize = size, resize
 
-    def __call__(
-        self, image: tv_tensors.Image, mask: tv_tensors.Mask
-    ) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
-        target = list(valid_size(*image.shape[-2:], self.size, self.resize))
-        antialias = self.resize == "longer_pad"
-        return F.resize(image, target, antialias=antialias), F.resize(mask, target)
+@dataclass(frozen=True)
+class Augmentation:
+    """One image's draw of the training augmentation, in PFENet's order.
+
+    ``scale`` multiplies the canvas (after the resize of ``resize_longer``); ``angle`` is in
+    degrees, counter-clockwise as ``cv2.getRotationMatrix2D`` (0: not rotated); ``blur`` and
+    ``flip`` say whether the Gaussian blur and the horizontal flip apply; ``canvas`` is the
+    ``(h, w)`` after scaling and padding to the crop; ``offset`` the crop's top-left there.
+    """
+
+    scale: float
+    angle: float
+    blur: bool
+    flip: bool
+    canvas: tuple[int, int]
+    offset: tuple[int, int]
+
+
+def _scale_rotate_flip(
+    height: int, width: int, factor: float, angle: float, flip: bool
+) -> tuple[np.ndarray, int, int]:
+    """The 3 x 3 map from source pixels to the scaled, rotated and flipped canvas, and its size.
+
+    Scaling as ``cv2.resize(fx=fy=factor)`` (pixel centres: ``(x + 0.5) * f - 0.5``, size
+    rounded), rotation as ``cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1)``, flip as
+    ``cv2.flip(..., 1)`` (``x -> w - 1 - x``)."""
+    new_h, new_w = max(1, round(height * factor)), max(1, round(width * factor))
+    scale = np.array([[factor, 0, 0.5 * factor - 0.5], [0, factor, 0.5 * factor - 0.5], [0, 0, 1]])
+    rotate = np.eye(3)
+    rotate[:2] = cv2.getRotationMatrix2D((new_w / 2, new_h / 2), angle, 1.0)
+    mirror = np.array([[-1.0, 0, new_w - 1], [0, 1, 0], [0, 0, 1]]) if flip else np.eye(3)
+    return mirror @ rotate @ scale, new_h, new_w
+
+
+def _crop_offset(foreground: np.ndarray, size: int, rng: np.random.Generator) -> tuple[int, int]:
+    """PFENet's ``Crop('rand')`` offset: uniform, redrawn (at most 31 times) while the crop keeps
+    less than :data:`CROP_KEEP` of the canvas's foreground; the last draw stands otherwise."""
+    height, width = foreground.shape
+    ys = rng.integers(0, height - size + 1, CROP_DRAWS)
+    xs = rng.integers(0, width - size + 1, CROP_DRAWS)
+    total = int(np.count_nonzero(foreground))
+    if total == 0:
+        return int(ys[0]), int(xs[0])
+    table = cv2.integral(foreground.view(np.uint8))
+    kept = table[ys + size, xs + size] - table[ys, xs + size] - table[ys + size, xs] + table[ys, xs]
+    good = np.flatnonzero(kept >= CROP_KEEP * total)
+    pick = int(good[0]) if good.size else CROP_DRAWS - 1
+    return int(ys[pick]), int(xs[pick])
+
+
+class TrainTransform:
+    """PFENet's training augmentation as one warp per image (module docstring).
+
+    Args:
+        size: the square crop.
+        scale: range of the random scale factor (PFENet PASCAL 0.9-1.1, COCO 0.8-1.25).
+        rotate_p: probability of a rotation (PFENet's ``RandRotate``: 0.5).
+        resize_longer: first resize the longer side to ``size`` (this project's ``clean``).
+    """
+
+    def __init__(
+        self,
+        size: int,
+        scale: tuple[float, float] = (0.9, 1.1),
+        rotate_p: float = 1.0,
+        resize_longer: bool = True,
+    ) -> None:
+        self.size, self.scale, self.rotate_p = size, tuple(scale), rotate_p
+        self.resize_longer = resize_longer
+
+    def __call__(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> Pair:
+        return as_tensors(*self.augment(image, mask, rng)[:2])
+
+    def augment(
+        self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray, Augmentation]:
+        """The augmented ``uint8`` image ``[S, S, 3]``, mask ``[S, S]`` and the draw."""
+        low, high = self.scale
+        scale = low + (high - low) * rng.random()
+        angle = 0.0
+        if rng.random() < self.rotate_p:
+            angle = ROTATION_DEGREES * (2 * rng.random() - 1)
+        blur, flip = bool(rng.random() < 0.5), bool(rng.random() < 0.5)
+        height, width = mask.shape
+        factor = scale * (self.size / max(height, width) if self.resize_longer else 1.0)
+        matrix, new_h, new_w = _scale_rotate_flip(height, width, factor, angle, flip)
+        canvas_h, canvas_w = max(new_h, self.size), max(new_w, self.size)
+        matrix[:2, 2] += ((canvas_w - new_w) // 2, (canvas_h - new_h) // 2)  # centred padding
+        canvas_mask = cv2.warpAffine(
+            mask, matrix[:2], (canvas_w, canvas_h), flags=cv2.INTER_NEAREST,
+            borderMode=cv2.BORDER_CONSTANT, borderValue=IGNORE,
+        )  # fmt: skip
+        top, left = _crop_offset(canvas_mask == 1, self.size, rng)
+        matrix[:2, 2] -= (left, top)
+        crop = cv2.warpAffine(
+            image, matrix[:2], (self.size, self.size), flags=cv2.INTER_LINEAR,
+            borderMode=cv2.BORDER_CONSTANT, borderValue=MEAN_FILL,
+        )  # fmt: skip
+        if blur:
+            crop = cv2.GaussianBlur(crop, (BLUR_KERNEL, BLUR_KERNEL), 0)
+        crop_mask = canvas_mask[top : top + self.size, left : left + self.size]
+        draw = Augmentation(scale, angle, blur, flip, (canvas_h, canvas_w), (top, left))
+        return crop, crop_mask, draw
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(size={self.size}, resize={self.resize!r})"
+        return (
+            f"{type(self).__name__}(size={self.size}, scale={self.scale}, "
+            f"rotate_p={self.rotate_p}, resize_longer={self.resize_longer})"
+        )
 
 
-class PadBottomRight:
-    """Pad to ``size x size`` at the bottom/right, the mask with 255 and the image with the mean
-    colour (0 after normalisation) or black (PFENet's zero canvas, ``-mean / std``)."""
+class EvalTransform:
+    """Longer side to ``size``, top-left placement, pad to ``size x size`` with the mean colour
+    or black and 255; or squash to ``size x size`` (HSNet). Deterministic (``rng`` unused)."""
 
-    def __init__(self, size: int, pad: EvalPad = "mean") -> None:
-        self.size, self.pad = size, pad
+    def __init__(self, size: int, resize: EvalResize = "longer_pad", pad: EvalPad = "mean") -> None:
+        self.size, self.resize, self.pad = size, resize, pad
 
     def __call__(
-        self, image: tv_tensors.Image, mask: tv_tensors.Mask
-    ) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
-        height, width = image.shape[-2:]
-        canvas = torch.zeros((image.shape[0], self.size, self.size), dtype=image.dtype)
-        if self.pad == "black":
-            black = [-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)]
-            canvas += torch.tensor(black, dtype=image.dtype)[:, None, None]
-        canvas[:, :height, :width] = image
-        padding = [0, 0, self.size - width, self.size - height]
-        return tv_tensors.wrap(canvas, like=image), F.pad(mask, padding, fill=IGNORE)
+        self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator | None = None
+    ) -> Pair:
+        pixels, labels = as_tensors(image, mask)
+        target = list(valid_size(*mask.shape, self.size, self.resize))
+        antialias = self.resize != "floor8"
+        pixels = F.resize(pixels, target, antialias=antialias)
+        labels = F.resize(labels[None], target, InterpolationMode.NEAREST)[0]
+        if self.resize == "squash":
+            return pixels, labels
+        fill = MEAN_FILL if self.pad == "mean" else (0, 0, 0)
+        canvas = torch.tensor(fill, dtype=torch.uint8)[:, None, None].repeat(1, *[self.size] * 2)
+        canvas[:, : target[0], : target[1]] = pixels
+        padded = torch.full((self.size, self.size), IGNORE, dtype=torch.uint8)
+        padded[: target[0], : target[1]] = labels
+        return canvas, padded
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(size={self.size}, pad={self.pad!r})"
-
-
-def _to_normalised() -> list:
-    return [
-        v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
-        v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ]
+        return f"{type(self).__name__}(size={self.size}, resize={self.resize!r}, pad={self.pad!r})"
 
 
 def train_transform(
     size: int,
-    scale: tuple[float, float] = (0.9, 1.1),
+    scale: Sequence[float] = (0.9, 1.1),
     rotate_p: float = 1.0,
     resize_longer: bool = True,
     augment: bool = True,
-) -> v2.Compose:
-    """PFENet's augmentation: random scale, rotation +-10 degrees with probability ``rotate_p``
-    (PFENet's ``RandRotate``: 0.5), Gaussian blur, flip, crop ``size`` padded with the mean and
-    255; after resizing the longer side to ``size`` (``resize_longer``, this project) or at the
-    native resolution (PFENet). ``augment=False`` squashes to ``size x size`` only (HSNet)."""
+) -> TrainTransform | EvalTransform:
+    """The training transform of a protocol: :class:`TrainTransform`, or with ``augment=False``
+    a squash to ``size x size`` only (HSNet trains without augmentation)."""
     if not augment:
-        return v2.Compose([*_to_normalised(), v2.Resize((size, size), antialias=True)])
-
-    def affine(degrees: float) -> v2.RandomAffine:
-        interpolation = v2.InterpolationMode.BILINEAR
-        return v2.RandomAffine(degrees, scale=scale, interpolation=interpolation, fill=_FILL)
-
-    if rotate_p >= 1:
-        geometry: v2.Transform = affine(10)
-    else:  # one interpolation either way
-        geometry = v2.RandomChoice([affine(10), affine(0)], p=[rotate_p, 1 - rotate_p])
-    return v2.Compose(
-        [
-            *_to_normalised(),
-            *([ResizeLonger(size)] if resize_longer else []),
-            geometry,
-            v2.RandomApply([v2.GaussianBlur(5, sigma=(0.1, 2.0))], p=0.5),
-            v2.RandomHorizontalFlip(),
-            v2.RandomCrop(size, pad_if_needed=True, fill=_FILL),
-        ]
-    )
+        return EvalTransform(size, "squash")
+    low, high = scale
+    return TrainTransform(size, (low, high), rotate_p, resize_longer)
 
 
 def eval_transform(
     size: int, resize: EvalResize = "longer_pad", pad: EvalPad = "mean"
-) -> v2.Compose:
+) -> EvalTransform:
     """Longer side to ``size``, top-left placement, pad to ``size x size``; or squash to
     ``size x size`` (HSNet)."""
-    if resize == "squash":
-        return v2.Compose([*_to_normalised(), v2.Resize((size, size), antialias=True)])
-    return v2.Compose([*_to_normalised(), ResizeLonger(size, resize), PadBottomRight(size, pad)])
+    return EvalTransform(size, resize, pad)
+
+
+@functools.cache
+def _normalisation(device: torch.device) -> tuple[Tensor, Tensor]:
+    """``1 / (255 std)`` and ``mean / std`` as ``[3, 1, 1]`` tensors on ``device``, made once."""
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float64).view(3, 1, 1)
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float64).view(3, 1, 1)
+    return (1 / (255 * std)).float().to(device), (mean / std).float().to(device)
+
+
+def normalise(images: Tensor) -> Tensor:
+    """``uint8`` images ``[..., 3, H, W]`` to float32 with the ImageNet mean/std on their own
+    device, in one multiply-subtract: ``(x / 255 - m) / s = x / (255 s) - m / s``."""
+    scale, shift = _normalisation(images.device)
+    return images.to(torch.float32).mul_(scale).sub_(shift)

@@ -23,6 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from backbones import Backbone, ResNet, WeightsError
 from backbones.weights import checkpoint_arch, read_checkpoint, to_native
+from datamodules.episode import Batch, to_model_inputs
 from datamodules.source import IGNORE
 from tasks.base import BaseTask, Optimizer, check_arguments, describe_head
 from tasks.callbacks.results import summarise
@@ -385,9 +386,17 @@ class FewShotSegmentation(BaseTask):
         ).mean()
         return main + output.aux_weight * aux, main
 
+    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        """Pixels arrive as ``uint8`` and become normalised float32 here, on the model's device,
+        so loader workers do no float work (:func:`datamodules.episode.to_model_inputs`)."""
+        return to_model_inputs(batch)
+
     def segment(self, batch: Mapping[str, Any]) -> HeadOutput:
-        """The head's output for a batch in the :mod:`datamodules.episode` format."""
-        return self(batch["query_image"], batch["support_images"], batch["support_masks"])
+        """The head's output for a batch in the :mod:`datamodules.episode` format, as a loader
+        gives it (``uint8``) or converted (:func:`~datamodules.episode.to_model_inputs`)."""
+        inputs = to_model_inputs({k: batch[k] for k in ("query_image", "support_images",
+                                                        "support_masks")})  # fmt: skip
+        return self(inputs["query_image"], inputs["support_images"], inputs["support_masks"])
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         output = self.segment(batch)

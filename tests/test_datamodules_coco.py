@@ -76,7 +76,7 @@ def test_eval_batch(coco_root: Path, tmp_path: Path) -> None:
     batch = next(iter(dm.test_dataloader()[0]))
     assert batch["query_image"].shape == (6, 3, 48, 48)
     assert batch["support_masks"].shape == (6, 1, 48, 48)
-    assert batch["query_label"].shape == (6, 80, 96) and batch["query_label"].dtype == torch.long
+    assert batch["query_label"].shape == (6, 80, 96) and batch["query_label"].dtype == torch.uint8
     assert all(query_id.startswith("COCO_val2014_") for query_id in batch["query_id"])
     assert (batch["query_label"] == 1).sum(dim=(1, 2)).tolist() == [2048] * 6
 
