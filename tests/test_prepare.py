@@ -304,6 +304,10 @@ def test_coco_masks_give_the_json_loaders_index_and_workers_the_same_bytes(
     json_based = CocoFewShot(**common)
     for split in ("train", "test"):
         assert masks.counts(split) == json_based.counts(split)
+    pngs, rasterised = masks.source("test"), json_based.source("test")
+    assert pngs.ids == rasterised.ids
+    for image_id in pngs.ids:
+        np.testing.assert_array_equal(pngs.read_label(image_id), rasterised.read_label(image_id))
     parallel = tmp_path / "parallel"
     prepare_coco(coco, out=parallel, workers=2, log=quiet)
     rendered = {k: v for k, v in tree_bytes(coco / "annotations").items() if k.endswith("png")}
