@@ -4,9 +4,15 @@ the label maps the fixtures built by hand; the failures name the archive, member
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import hashlib
 import json
 import os
 import shutil
+import threading
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +34,7 @@ from datamodules import CocoFewShot, PascalFewShot
 from datamodules.lists import HSNET_PASCAL, NODUPLICATE, shipped
 from datamodules.pascal import pascal_source
 from datamodules.prepare import PrepareError, prepare_coco, prepare_pascal
+from datamodules.prepare import pascal as prepare_pascal_module
 from datamodules.prepare.__main__ import main as prepare_main
 from datamodules.prepare.pascal import PUBLISHED, check_published_counts
 from datamodules.protocols import NODUPLICATE_LIST, PROTOCOLS, TRAIN_AUG_LIST
@@ -337,3 +344,39 @@ def test_coco_config_fits_on_the_rendered_masks(coco: Path, tmp_path: Path, prot
                         *TINY, "--data.val_fraction", "0.2",
                         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")])  # fmt: skip
     assert cli.trainer.global_step == 1 and "val/miou" in cli.trainer.callback_metrics
+
+
+# --- PASCAL: downloading ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def served(archives: PascalArchives) -> Iterator[str]:
+    """The archives' folder over HTTP on 127.0.0.1 (torchvision's helper speaks HTTP)."""
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(archives.voc_tar.parent))
+    handler.log_message = lambda *args: None  # type: ignore[method-assign]
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_download_checks_the_md5_and_builds_the_same_tree(
+    served: str, archives: PascalArchives, voc: Path, tmp_path: Path, monkeypatch
+) -> None:
+    for name, path in (("VOC", archives.voc_tar), ("SBD", archives.sbd_tgz)):
+        published = getattr(prepare_pascal_module, name)
+        md5 = hashlib.md5(path.read_bytes()).hexdigest()
+        here = dataclasses.replace(published, url=f"{served}/{path.name}", md5=md5)
+        monkeypatch.setattr(prepare_pascal_module, name, here)
+    downloads = tmp_path / "downloads"
+    argv = ["pascal", "--out", str(tmp_path / "VOC2012"), "--download", "--downloads",
+            str(downloads)]  # fmt: skip
+    assert prepare_main(argv) == 0
+    assert tree_bytes(tmp_path / "VOC2012") == tree_bytes(voc)
+    assert (downloads / archives.sbd_tgz.name).read_bytes() == archives.sbd_tgz.read_bytes()
+    wrong = dataclasses.replace(prepare_pascal_module.VOC, md5="0" * 32)
+    monkeypatch.setattr(prepare_pascal_module, "VOC", wrong)
+    with pytest.raises(PrepareError, match=r"cannot download http://127.0.0.1:\d+/VOCtrainval"):
+        prepare_pascal(tmp_path / "again", download_to=tmp_path / "fresh", log=quiet)
