@@ -285,6 +285,16 @@ class FewShotDataModule(LightningDataModule):
         self._pools: dict[str, dict[int, list[str]]] = {}
         self._walks: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
 
+    def validation_images(self, counts: ClassCounts) -> set[str]:
+        """Training-list images kept out of training for validation episodes: by default the
+        stratified hold-out of :func:`datamodules.splits.hold_out` (FSS-1000: HSNet's val
+        classes' images)."""
+        return hold_out(counts, self.val_fraction, self.min_pixels)
+
+    def validation_classes(self) -> list[int]:
+        """Classes of the validation episodes: by default the base classes."""
+        return self.base_classes
+
     def dataset_protocol_options(self) -> dict[str, Any]:
         """Protocol options of a dataset's own (``train_list``, ``coco_crowd``) as given to its
         constructor (``None``: the preset's)."""
@@ -337,7 +347,7 @@ class FewShotDataModule(LightningDataModule):
             self._set_accumulation()
         if stage in (None, "fit", "validate") and "val" not in self._pools:
             counts = self.counts("train")
-            held = hold_out(counts, self.val_fraction, self.min_pixels)
+            held = self.validation_images(counts)
             train_ids = [image_id for image_id in counts if image_id not in held]
             excluded = self.novel_classes if self.protocol["exclude_novel_from_train"] else ()
             self._pools["train"] = self._checked(
@@ -346,7 +356,7 @@ class FewShotDataModule(LightningDataModule):
             )
             self._walks["train"] = self._walk(counts, train_ids, self.base_classes, excluded)
             self._pools["val"] = self._checked(
-                "val", eligible_images(counts, held, self.base_classes, self.min_pixels)
+                "val", eligible_images(counts, held, self.validation_classes(), self.min_pixels)
             )
         if stage in (None, "test") and "test" not in self._pools:
             counts = self.counts("test")

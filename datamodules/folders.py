@@ -24,6 +24,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .datamodule import FewShotDataModule, Split, data_dir
 from .files import IMAGE_EXTENSIONS
+from .index import ClassCounts
 from .lists import FSS_SPLITS, shipped
 from .source import IGNORE, PngLabelSource, missing_path_error
 
@@ -153,8 +154,12 @@ class ClassFolderFewShot(FewShotDataModule):
         never the reserved index."""
         self.base_classes = self.base_class_indices()
 
+    def train_source_classes(self) -> list[int]:
+        """Classes whose images make the training list (the validation images among them)."""
+        return self.base_classes
+
     def make_source(self, split: Split) -> ClassFolderSource:
-        classes = self.base_classes if split == "train" else self.novel_classes
+        classes = self.train_source_classes() if split == "train" else self.novel_classes
         files: dict[str, tuple[Path, Path]] = {}
         class_of: dict[str, int] = {}
         for cls in classes:
@@ -182,7 +187,9 @@ class FSS1000(ClassFolderFewShot):
     """FSS-1000 episodes under HSNet's class split (``data/splits/fss/{trn,val,test}.txt`` of
     juhongm999/hsnet, shipped in ``datamodules/lists/hsnet/fss/``: 520 / 240 / 240 classes).
 
-    Base classes: ``trn``; novel: ``test`` (or ``val`` with ``test_split="val"``). Class indices
+    Base classes: ``trn``; novel: ``test``; validation episodes: the ``val`` classes, as HSNet
+    selects its checkpoints (never a test class). With ``test_split="val"`` the ``val`` classes
+    are the novel ones and validation holds out ``trn`` images as for PASCAL-5i. Class indices
     follow HSNet's (``trn`` sorted, then ``val``, then ``test``), with index 254 reserved
     (module docstring). There is one fold.
 
@@ -222,12 +229,28 @@ class FSS1000(ClassFolderFewShot):
         return data_dir() / "FSS-1000"
 
     def fold_novel_classes(self) -> list[int]:
-        novel = set(self.splits[self.test_split])
-        return [c for c, name in enumerate(self.class_names) if name in novel]
+        return self._indices(self.test_split)
 
     def base_class_indices(self) -> list[int]:
-        base = set(self.splits["trn"])
-        return [c for c, name in enumerate(self.class_names) if name in base]
+        return self._indices("trn")
+
+    def _indices(self, split: str) -> list[int]:
+        names = set(self.splits[split])
+        return [c for c, name in enumerate(self.class_names) if name in names]
+
+    def train_source_classes(self) -> list[int]:
+        extra = self._indices("val") if self.test_split == "test" else []
+        return sorted(self.base_classes + extra)
+
+    def validation_images(self, counts: ClassCounts) -> set[str]:
+        """The ``val`` classes' images (HSNet's validation split), unless they are the test."""
+        if self.test_split == "val":
+            return super().validation_images(counts)
+        val = set(self._indices("val"))
+        return {i for i, c in self.source("train").class_of.items() if c in val}
+
+    def validation_classes(self) -> list[int]:
+        return self._indices("val") if self.test_split == "test" else self.base_classes
 
     def make_source(self, split: Split) -> ClassFolderSource:
         if not self.root.is_dir():

@@ -89,10 +89,13 @@ def test_fss1000_episodes_under_clean_and_hsnet(fss: tuple[Path, Path], tmp_path
     clean = fss_module(fss, tmp_path, test_episodes=6)
     clean.setup("fit")
     clean.setup("test")
-    trn = {clean.class_names.index(n) for n in SMALL_SPLITS["trn"]}
-    test = {clean.class_names.index(n) for n in SMALL_SPLITS["test"]}
-    assert set(clean.pools("train")) == set(clean.pools("val")) == trn
-    assert all(len(ids) == 8 for ids in clean.pools("train").values())  # 2 of 10 held out
+    trn, val, test = ({clean.class_names.index(n) for n in SMALL_SPLITS[s]} for s in SMALL_SPLITS)
+    assert set(clean.pools("train")) == trn and set(clean.pools("val")) == val  # HSNet's val
+    assert all(len(ids) == 10 for pools in ("train", "val") for ids in clean.pools(pools).values())
+    held = fss_module(fss, tmp_path, test_split="val")  # validation: held-out trn images
+    held.setup("fit")
+    assert set(held.pools("train")) == set(held.pools("val")) == trn
+    assert all(len(ids) == 8 for ids in held.pools("train").values())  # 2 of 10 held out
     batch = next(iter(clean.test_dataloader()[0]))
     assert set(batch["class_id"].tolist()) <= test
     assert batch["query_image"].shape == (2, 3, 32, 32)
