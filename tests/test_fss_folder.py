@@ -237,6 +237,21 @@ def test_fss1000_config_fits(fss: tuple[Path, Path], tmp_path: Path) -> None:
     assert cli.trainer.global_step == 1
 
 
+@pytest.mark.slow
+def test_fss1000_with_the_shipped_split_on_a_full_tree(tmp_path: Path) -> None:
+    """All 1000 class folders (3 pairs each, 16 px): the shipped lists, no splits_dir."""
+    root = write_fss_tree(tmp_path / "FSS-1000", sorted(set().union(*HSNET_SPLITS.values())),
+                          per_class=3, size=16)  # fmt: skip
+    data = ["--data", "datamodules.FSS1000", "--data.root", str(root), "--data.cache_dir",
+            str(tmp_path / "cache"), *SMALL, "--data.test_episodes", "240"]  # fmt: skip
+    fit = main(["fit", *data, *runs(tmp_path)])
+    assert len(fit.datamodule.pools("train")) == 520 and len(fit.datamodule.pools("val")) == 240
+    last = next((tmp_path / "runs").rglob("last.ckpt"))
+    test = main(["test", *data, "--ckpt_path", str(last), *runs(tmp_path)])
+    assert len(test.datamodule.pools("test")) == 240
+    assert 0 <= float(test.trainer.callback_metrics["test/miou"]) <= 1
+
+
 # --- bad layouts --------------------------------------------------------------------------------
 
 
