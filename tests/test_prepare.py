@@ -325,12 +325,24 @@ def test_coco_masks_give_the_json_loaders_index_and_workers_the_same_bytes(
                         "nothing to do"]  # fmt: skip
 
 
-def test_coco_failures_name_the_file(tmp_path: Path) -> None:
+def test_coco_failures_name_the_file_and_the_run_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     root = write_coco_tree(tmp_path / "coco", num_images=2)
-    (root / "val2014" / "COCO_val2014_000000000001.jpg").unlink()
+    image = root / "val2014" / "COCO_val2014_000000000001.jpg"
+    data = image.read_bytes()
+    image.unlink()
     with pytest.raises(PrepareError, match=r"image \S+COCO_val2014_000000000001.jpg of \S+"
                        r"instances_val2014.json not found"):  # fmt: skip
         prepare_coco(root, log=quiet)
+    assert not (root / "annotations" / ".prepared-coco.json").exists()
+    image.write_bytes(data)
+    assert prepare_main(["coco", "--root", str(root)]) == 0  # resumes: val2014's second image
+    assert "written this run: {'train2014': 0, 'val2014': 1}" in capsys.readouterr().out
+    fresh = tmp_path / "fresh"
+    prepare_coco(root, out=fresh, log=quiet)
+    resumed = tree_bytes(root / "annotations")
+    assert tree_bytes(fresh) == {k: v for k, v in resumed.items() if "instances_" not in k}
     os.remove(root / "annotations" / "instances_train2014.json")
     with pytest.raises(PrepareError, match=r"annotation file not found: \S+instances_train2014"):
         prepare_coco(root, out=tmp_path / "other", log=quiet)
