@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .episode import Batch, JointTransform
+from .episode import Batch, JointTransform, image_tensor
 from .files import IMAGE_EXTENSIONS
 from .source import IGNORE, open_image, open_label_png
 from .transforms import resized_size
@@ -78,8 +78,8 @@ class PredictEpisodes(Dataset):
         self.size = size
         pairs = [(Path(i), Path(m)) for i, m in zip(support_images, support_masks, strict=True)]
         loaded = [self.transform(*self._read_support(image, mask), None) for image, mask in pairs]
-        self.support_images = torch.stack([image for image, _ in loaded])
-        self.support_masks = torch.stack([mask for _, mask in loaded])
+        self.support_images = image_tensor(np.stack([image for image, _ in loaded]))
+        self.support_masks = torch.from_numpy(np.stack([mask for _, mask in loaded]))
 
     @staticmethod
     def _read_support(image_path: Path, mask_path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -98,7 +98,7 @@ class PredictEpisodes(Dataset):
         height, width = image.shape[:2]
         query_image, _ = self.transform(image, np.zeros((height, width), dtype=np.uint8), None)
         return {
-            "query_image": query_image,
+            "query_image": image_tensor(query_image),
             "support_images": self.support_images,
             "support_masks": self.support_masks,
             "query_size": torch.tensor([height, width]),

@@ -1,7 +1,7 @@
 """Joint image/mask transforms on uint8 pixels: the fewest operations per pixel.
 
-Images stay ``uint8`` from decoding to the batch (``[3, S, S]``, masks ``[S, S]``); the model's
-device converts and normalises them (:func:`datamodules.episode.to_model_inputs`), so loader
+Images stay ``uint8`` from decoding to the batch (``[S, S, 3]`` arrays, masks ``[S, S]``); the
+model's device converts and normalises them (:func:`datamodules.episode.to_model_inputs`), so loader
 workers do no float work and batches travel in a quarter of the bytes. Every fill of the image is
 the ImageNet mean colour (:data:`MEAN_FILL`, as PFENet pads with the mean pixel) or black, every
 fill of the mask ``255`` (ignored).
@@ -59,7 +59,7 @@ BLUR_KERNEL = 5
 CROP_KEEP = 0.85
 CROP_DRAWS = 32
 
-Pair = tuple[Tensor, Tensor]
+Pair = tuple[np.ndarray, np.ndarray]
 
 
 def resized_size(height: int, width: int, size: int) -> tuple[int, int]:
@@ -85,11 +85,6 @@ def valid_size(height: int, width: int, size: int, resize: EvalResize) -> tuple[
     if resize == "floor8":
         return floor8_size(height, width, size)
     return size, size
-
-
-def as_tensors(image: np.ndarray, mask: np.ndarray) -> Pair:
-    """``uint8 [3, H, W]`` (a view of the ``[H, W, 3]`` array) and ``uint8 [H, W]``."""
-    return torch.from_numpy(image).permute(2, 0, 1), torch.from_numpy(mask)
 
 
 @dataclass(frozen=True)
@@ -124,6 +119,37 @@ def _scale_rotate_flip(
     rotate[:2] = cv2.getRotationMatrix2D((new_w / 2, new_h / 2), angle, 1.0)
     mirror = np.array([[-1.0, 0, new_w - 1], [0, 1, 0], [0, 0, 1]]) if flip else np.eye(3)
     return mirror @ rotate @ scale, new_h, new_w
+
+
+def _fill_outside(
+    pixels: np.ndarray, top: int, left: int, height: int, width: int, fill: int | tuple[int, ...]
+) -> None:
+    """Fill ``pixels`` outside the ``height x width`` rectangle at ``(top, left)``, in place:
+    PFENet rotates within the scaled canvas, so corners turned beyond it are cut before the
+    padding (which the single warp would otherwise show)."""
+    bottom, right = max(top + height, 0), max(left + width, 0)
+    pixels[: max(top, 0)] = fill
+    pixels[bottom:] = fill
+    pixels[:, : max(left, 0)] = fill
+    pixels[:, right:] = fill
+
+
+def _resize_flip_pad(
+    pixels: np.ndarray,
+    factor: float,
+    flip: bool,
+    padding: tuple[int, int, int, int],
+    fill: int | tuple[int, ...],
+    interpolation: int,
+) -> np.ndarray:
+    """PFENet's ``RandScale`` (``cv2.resize(fx=fy=factor)``), flip and ``Crop``'s padding
+    ``(top, bottom, left, right)``: the map of :func:`_scale_rotate_flip` at angle 0."""
+    scaled = cv2.resize(pixels, None, fx=factor, fy=factor, interpolation=interpolation)
+    if flip:
+        scaled = cv2.flip(scaled, 1)
+    if not any(padding):
+        return scaled
+    return cv2.copyMakeBorder(scaled, *padding, cv2.BORDER_CONSTANT, value=fill)
 
 
 def _crop_offset(foreground: np.ndarray, size: int, rng: np.random.Generator) -> tuple[int, int]:
@@ -163,7 +189,8 @@ class TrainTransform:
         self.resize_longer = resize_longer
 
     def __call__(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> Pair:
-        return as_tensors(*self.augment(image, mask, rng)[:2])
+        """``uint8`` image ``[S, S, 3]`` and mask ``[S, S]``."""
+        return self.augment(image, mask, rng)[:2]
 
     def augment(
         self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
@@ -179,20 +206,32 @@ class TrainTransform:
         factor = scale * (self.size / max(height, width) if self.resize_longer else 1.0)
         matrix, new_h, new_w = _scale_rotate_flip(height, width, factor, angle, flip)
         canvas_h, canvas_w = max(new_h, self.size), max(new_w, self.size)
-        matrix[:2, 2] += ((canvas_w - new_w) // 2, (canvas_h - new_h) // 2)  # centred padding
-        canvas_mask = cv2.warpAffine(
-            mask, matrix[:2], (canvas_w, canvas_h), flags=cv2.INTER_NEAREST,
-            borderMode=cv2.BORDER_CONSTANT, borderValue=IGNORE,
-        )  # fmt: skip
-        top, left = _crop_offset(canvas_mask == 1, self.size, rng)
-        matrix[:2, 2] -= (left, top)
-        crop = cv2.warpAffine(
-            image, matrix[:2], (self.size, self.size), flags=cv2.INTER_LINEAR,
-            borderMode=cv2.BORDER_CONSTANT, borderValue=MEAN_FILL,
-        )  # fmt: skip
+        pad_top, pad_left = (canvas_h - new_h) // 2, (canvas_w - new_w) // 2  # centred padding
+        if angle:
+            matrix[:2, 2] += (pad_left, pad_top)
+            canvas_mask = cv2.warpAffine(
+                mask, matrix[:2], (canvas_w, canvas_h), flags=cv2.INTER_NEAREST,
+                borderMode=cv2.BORDER_CONSTANT, borderValue=IGNORE,
+            )  # fmt: skip
+            _fill_outside(canvas_mask, pad_top, pad_left, new_h, new_w, IGNORE)
+            top, left = _crop_offset(canvas_mask == 1, self.size, rng)
+            matrix[:2, 2] -= (left, top)
+            crop = cv2.warpAffine(
+                image, matrix[:2], (self.size, self.size), flags=cv2.INTER_LINEAR,
+                borderMode=cv2.BORDER_CONSTANT, borderValue=MEAN_FILL,
+            )  # fmt: skip
+            _fill_outside(crop, pad_top - top, pad_left - left, new_h, new_w, MEAN_FILL)
+        else:  # the same map without rotation: PFENet's own resize, 4x cheaper than a warp
+            padding = (pad_top, canvas_h - new_h - pad_top, pad_left, canvas_w - new_w - pad_left)
+            canvas_mask = _resize_flip_pad(mask, factor, flip, padding, IGNORE, cv2.INTER_NEAREST)
+            top, left = _crop_offset(canvas_mask == 1, self.size, rng)
+            canvas = _resize_flip_pad(image, factor, flip, padding, MEAN_FILL, cv2.INTER_LINEAR)
+            crop = np.ascontiguousarray(canvas[top : top + self.size, left : left + self.size])
         if blur:
             crop = cv2.GaussianBlur(crop, (BLUR_KERNEL, BLUR_KERNEL), 0)
-        crop_mask = canvas_mask[top : top + self.size, left : left + self.size]
+        crop_mask = np.ascontiguousarray(
+            canvas_mask[top : top + self.size, left : left + self.size]
+        )
         draw = Augmentation(scale, angle, blur, flip, (canvas_h, canvas_w), (top, left))
         return crop, crop_mask, draw
 
@@ -213,18 +252,20 @@ class EvalTransform:
     def __call__(
         self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator | None = None
     ) -> Pair:
-        pixels, labels = as_tensors(image, mask)
+        """``uint8`` image ``[S, S, 3]`` and mask ``[S, S]``."""
         target = list(valid_size(*mask.shape, self.size, self.resize))
-        antialias = self.resize != "floor8"
-        pixels = F.resize(pixels, target, antialias=antialias)
-        labels = F.resize(labels[None], target, InterpolationMode.NEAREST)[0]
+        pixels = F.resize(
+            torch.from_numpy(image).permute(2, 0, 1), target, antialias=self.resize != "floor8"
+        )
+        labels = F.resize(torch.from_numpy(mask)[None], target, InterpolationMode.NEAREST)[0]
+        resized, labels_np = pixels.permute(1, 2, 0).numpy(), labels.numpy()
         if self.resize == "squash":
-            return pixels, labels
-        fill = MEAN_FILL if self.pad == "mean" else (0, 0, 0)
-        canvas = torch.tensor(fill, dtype=torch.uint8)[:, None, None].repeat(1, *[self.size] * 2)
-        canvas[:, : target[0], : target[1]] = pixels
-        padded = torch.full((self.size, self.size), IGNORE, dtype=torch.uint8)
-        padded[: target[0], : target[1]] = labels
+            return np.ascontiguousarray(resized), np.ascontiguousarray(labels_np)
+        canvas = np.empty((self.size, self.size, 3), dtype=np.uint8)
+        canvas[:] = MEAN_FILL if self.pad == "mean" else 0
+        canvas[: target[0], : target[1]] = resized
+        padded = np.full((self.size, self.size), IGNORE, dtype=np.uint8)
+        padded[: target[0], : target[1]] = labels_np
         return canvas, padded
 
     def __repr__(self) -> str:
@@ -264,6 +305,8 @@ def _normalisation(device: torch.device) -> tuple[Tensor, Tensor]:
 
 def normalise(images: Tensor) -> Tensor:
     """``uint8`` images ``[..., 3, H, W]`` to float32 with the ImageNet mean/std on their own
-    device, in one multiply-subtract: ``(x / 255 - m) / s = x / (255 s) - m / s``."""
+    device, in one multiply-subtract (``(x / 255 - m) / s = x / (255 s) - m / s``), contiguous
+    whatever the input's memory order (loaders stack pixels channels-last)."""
     scale, shift = _normalisation(images.device)
-    return images.to(torch.float32).mul_(scale).sub_(shift)
+    floats = torch.empty(images.shape, dtype=torch.float32, device=images.device)
+    return floats.copy_(images).mul_(scale).sub_(shift)
