@@ -58,11 +58,12 @@ def class_indices(names: Sequence[str]) -> list[str]:
 
 
 def read_binary_mask(path: Path) -> np.ndarray:
-    """A mask PNG as ``bool [H, W]``: values 0/1 as they are, otherwise ``>= 128`` is the object
-    (HSNet's ``data/fss.py`` thresholds FSS-1000's grayscale masks at 128)."""
+    """A mask PNG as ``bool [H, W]``: its values (a palette PNG's indices, other modes in
+    grayscale) 0/1 as they are, otherwise ``>= 128`` is the object (HSNet's ``data/fss.py``
+    thresholds FSS-1000's grayscale masks at 128)."""
     try:
         with Image.open(path) as image:
-            values = np.array(image.convert("L"))
+            values = np.array(image if image.mode == "P" else image.convert("L"))
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
         raise ValueError(f"cannot read mask {path}: {error}") from error
     return values == 1 if values.max(initial=0) <= 1 else values >= 128
@@ -131,6 +132,7 @@ class ClassFolderFewShot(FewShotDataModule):
 
     protocol_family = "fss"
     layout = FOLDER_LAYOUT
+    source_prefix = "folder"  # names the index cache files
     #: HSNet's FSS-1000 recipe (400 px, every image usable: ``min_pixels`` 1)
     dataset_defaults: ClassVar[dict[str, int]] = {
         "image_size": 400,
@@ -169,8 +171,6 @@ class ClassFolderFewShot(FewShotDataModule):
                 files[image_id] = paths
                 class_of[image_id] = cls
         return ClassFolderSource(f"{self.source_prefix}-{split}", self.num_classes, files, class_of)
-
-    source_prefix = "folder"
 
 
 def read_class_list(path: Path) -> list[str]:

@@ -13,8 +13,9 @@ from fixtures_archives import object_mask, write_class_folders, write_fss_tree
 from PIL import Image
 
 from datamodules import FSS1000, FolderFewShot
-from datamodules.folders import RESERVED_NAME
+from datamodules.folders import RESERVED_NAME, read_binary_mask
 from datamodules.lists import FSS_SPLITS, shipped
+from datamodules.pascal import save_label_png
 from tasks.segment import main
 
 CONFIGS = Path(__file__).parents[1] / "configs" / "segment"
@@ -159,6 +160,11 @@ def test_masks_beside_as_0_1_or_in_a_masks_folder_as_0_255(tmp_path: Path) -> No
     expected = (object_mask(1 + 1, 24) > 0).astype(np.uint8) * 2  # class b (index 1) -> 2
     np.testing.assert_array_equal(labels[0], expected)
     np.testing.assert_array_equal(labels[1], expected)
+    mask = beside / "b" / "img_1.png"  # as a VOC palette PNG of indices 0/1, and as RGB 0/255
+    save_label_png((object_mask(2, 24) > 0).astype(np.uint8), mask)
+    np.testing.assert_array_equal(read_binary_mask(mask) * 2, expected)
+    Image.fromarray(object_mask(2, 24)).convert("RGB").save(mask)
+    np.testing.assert_array_equal(read_binary_mask(mask) * 2, expected)
 
 
 # --- the command line ---------------------------------------------------------------------------
