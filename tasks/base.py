@@ -65,13 +65,55 @@ class BaseTask(LightningModule):
         self.hparams.update(resolved)
         self.hparams["_instantiator"] = INSTANTIATOR
 
+    #: Training steps between the host's reads of the device-side non-finite record (a read
+    #: waits for the device to finish); ``finite_check_deferred`` ``None``: deferred on
+    #: accelerators, every step read on the CPU, where a read costs nothing.
+    finite_check_every: int = 50
+    finite_check_deferred: bool | None = None
+
     def check_finite(self, loss: Tensor) -> None:
-        """Stop on a non-finite training loss with the step, the epoch and a hint."""
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss ({loss.item()}) at global step {self.global_step}, "
-                f"epoch {self.current_epoch}: lower the learning rate (model.lr) or check the data"
-            )
+        """Stop on a non-finite training loss with its step, its epoch and a hint. On an
+        accelerator the first non-finite loss is recorded on the device and read every
+        :attr:`finite_check_every` steps, at epoch end and before any checkpoint is written
+        (:meth:`raise_if_nonfinite`), so the step never waits on the device for it."""
+        deferred = self.finite_check_deferred
+        if not (loss.device.type != "cpu" if deferred is None else deferred):
+            if not torch.isfinite(loss):
+                self._nonfinite_error(loss.item(), self.global_step, self.current_epoch)
+            return
+        value = loss.detach().double().reshape(())
+        record = getattr(self, "_nonfinite", None)
+        if record is None or record.device != value.device:
+            record = self._nonfinite = torch.full((3,), -1.0, device=value.device).double()
+        # fill kernels, not host-to-device copies: nothing here waits for the device
+        now = torch.stack([value, value.new_full((), self.global_step),
+                           value.new_full((), self.current_epoch)])  # fmt: skip
+        first = ~torch.isfinite(value) & (record[1] < 0)
+        record.copy_(torch.where(first, now, record))
+        if (self.global_step + 1) % self.finite_check_every == 0:
+            self.raise_if_nonfinite()
+
+    def raise_if_nonfinite(self) -> None:
+        """Raise for the first non-finite loss recorded on the device (a host sync)."""
+        record = getattr(self, "_nonfinite", None)
+        if record is not None:
+            loss, step, epoch = record.tolist()
+            if step >= 0:
+                self._nonfinite_error(loss, int(step), int(epoch))
+
+    def on_train_epoch_end(self) -> None:
+        self.raise_if_nonfinite()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """No checkpoint of weights a non-finite loss has already touched."""
+        self.raise_if_nonfinite()
+
+    @staticmethod
+    def _nonfinite_error(loss: float, step: int, epoch: int) -> None:
+        raise FloatingPointError(
+            f"non-finite training loss ({loss}) at global step {step}, epoch {epoch}: lower the "
+            "learning rate (model.lr) or check the data"
+        )
 
     def attached_trainer(self) -> Trainer | None:
         """The trainer, or ``None`` for a module used on its own."""

@@ -286,7 +286,7 @@ class FewShotSegmentation(BaseTask):
 
     def configure_metrics(self) -> None:
         """Train and validation IoU; the test metrics, one per test seed, at test start."""
-        self.train_iou = FewShotIoU(self.hparams.num_classes)
+        self.train_iou = FewShotIoU(self.hparams.num_classes, check_values=False)
         self.val_iou = FewShotIoU(self.hparams.num_classes)
         self.test_ious = nn.ModuleList()
 
@@ -413,6 +413,7 @@ class FewShotSegmentation(BaseTask):
         return loss
 
     def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
         self._log_iou("train", self.train_iou)
 
     def _evaluate(self, batch: Mapping[str, Any], metric: FewShotIoU) -> Tensor:

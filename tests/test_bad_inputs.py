@@ -34,6 +34,7 @@ from backbones import ResNet
 from backbones.weights import WeightsError
 from datamodules.pascal import save_label_png
 from datamodules.shapes import ensure_shapes
+from tasks.base import BaseTask
 from tasks.classify import ImageClassification
 from tasks.classify import main as classify_main
 from tasks.segment import FewShotSegmentation
@@ -451,6 +452,23 @@ def test_non_finite_loss_stops_with_the_step_and_a_hint(
         r"learning rate \(model\.lr\) or check the data",
         str(info.value),
     )
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_deferred_non_finite_check_names_the_step_it_happened(
+    shared: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On accelerators the check is recorded on the device and read every few steps (no sync
+    per step): forced here on the CPU, read every 3 steps, the run stops at the read after the
+    NaN of step 1 and still names step 1; no checkpoint holds the blown-up weights."""
+    monkeypatch.setattr(BaseTask, "finite_check_deferred", True)
+    monkeypatch.setattr(BaseTask, "finite_check_every", 3)
+    args = [substitute(arg, shared) for arg in SHAPES]
+    with pytest.raises(FloatingPointError, match=r"at global step 1, epoch 0: lower") as info:
+        segment_main(["fit", *args, *BOUNDED, "--trainer.max_steps", "5", "--model.lr", "1e30",
+                      "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")])  # fmt: skip
+    frames = [frame.name for frame in info.traceback]
+    assert "raise_if_nonfinite" in frames and "training_step" in frames
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
