@@ -325,6 +325,16 @@ def test_coco_masks_give_the_json_loaders_index_and_workers_the_same_bytes(
                         "nothing to do"]  # fmt: skip
 
 
+def test_hsnets_png_layout_reads_without_the_json(coco: Path, tmp_path: Path) -> None:
+    """HSNet's ``annotations/{train,val}2014/*.png`` beside the images is a whole dataset."""
+    hsnet = Path(shutil.copytree(coco, tmp_path / "coco", ignore=shutil.ignore_patterns("*.json")))
+    assert not list(hsnet.rglob("*.json"))
+    data = CocoFewShot(root=str(hsnet), masks="annotations", cache_dir=str(tmp_path / "cache"))
+    reference = CocoFewShot(root=str(coco), cache_dir=str(tmp_path / "cache"))
+    assert data.counts("test") == reference.counts("test")
+    assert len(data.source("train").ids) == 240
+
+
 def test_coco_failures_name_the_file_and_the_run_resumes(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
