@@ -8,7 +8,11 @@ in memory. Each worker count gets its own step measurement right after its loade
 every ratio compares neighbouring times. The last column runs the step fed by the live loader
 (the loop of a real fit, without Lightning): workers and step then share the cores.
 
+``--dataset pascal-like`` runs PascalFewShot on a generated tree of PASCAL-sized JPEGs
+(:mod:`benchmarks.voc_like`), so decoding and augmenting cost what they cost on real data.
+
     python -m benchmarks.loader_vs_step --workers 0 1 2
+    python -m benchmarks.loader_vs_step --dataset pascal-like --workers 2
     python -m benchmarks.loader_vs_step --dataset pascal --root /data/VOC2012 --device cuda
 """
 
@@ -16,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import tempfile
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,13 +43,24 @@ from benchmarks.common import (
     time_alternating,
     train_step,
 )
+from benchmarks.voc_like import write_voc_like_tree
+from datamodules.episode import to_model_inputs
 from tasks.segment import FewShotSegmentation
 
-DATASETS = {"shapes": "datamodules.ShapesFewShot", "pascal": "datamodules.PascalFewShot"}
+DATASETS = {
+    "shapes": "datamodules.ShapesFewShot",
+    "pascal": "datamodules.PascalFewShot",
+    "pascal-like": "datamodules.PascalFewShot",
+}
 
 
 def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    """What Lightning does with a batch: the copy (from pinned memory, asynchronous on a GPU),
+    then the task's ``on_after_batch_transfer`` (normalisation on the device)."""
+    moved = {
+        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+    }
+    return to_model_inputs(moved)
 
 
 def step_rate(
@@ -82,7 +99,11 @@ def fed_rate(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=list(DATASETS), default="shapes")
-    parser.add_argument("--root", default=None, help="dataset root (default: the datamodule's)")
+    parser.add_argument(
+        "--root",
+        default=None,
+        help="dataset root (default: the datamodule's); pascal-like: where to generate it",
+    )
     parser.add_argument("--image-size", type=int, default=None, help="default: the datamodule's")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
@@ -92,7 +113,11 @@ def main(argv: list[str] | None = None) -> None:
     add_device_arguments(parser)
     args = parser.parse_args(argv)
     device = setup_device(args)
-    overrides: dict[str, Any] = {"root": args.root, "batch_size": args.batch_size}
+    root = args.root
+    if args.dataset == "pascal-like":
+        base = Path(args.root or tempfile.mkdtemp(prefix="voc-like-"))
+        root = str(write_voc_like_tree(base / "VOC2012"))
+    overrides: dict[str, Any] = {"root": root, "batch_size": args.batch_size}
     if args.image_size:
         overrides["image_size"] = args.image_size
     probe = default_datamodule(DATASETS[args.dataset], num_workers=0, **overrides)

@@ -46,7 +46,8 @@ def support_mask(path: Path, image_hw: tuple[int, int], image_path: Path) -> np.
             f"{str(image_path)!r} is {image_hw[1]}x{image_hw[0]} (width x height)"
         )
     binary = (label > 0).astype(np.uint8)
-    binary[label == IGNORE] = IGNORE
+    if ((label > 0) & (label != IGNORE)).any():  # 255 is the object in a 0/255 mask
+        binary[label == IGNORE] = IGNORE
     if not (binary == 1).any():
         raise ValueError(f"support mask {str(path)!r} marks no object pixel")
     return binary

@@ -26,7 +26,7 @@ class Recorder(LightningModule):
         self.seen["train"] += [repr(e) for e in self.trainer.train_dataloader.sampler]
 
     def training_step(self, batch: dict, index: int) -> torch.Tensor:
-        return self.weight * batch["query_image"].mean()
+        return self.weight * batch["query_image"].float().mean()
 
     def _record(self, stage: str, batch: dict) -> None:
         pairs = zip(batch["query_id"], batch["class_id"].tolist(), strict=True)

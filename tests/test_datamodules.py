@@ -20,6 +20,7 @@ from datamodules import EpisodeSampler, PascalFewShot
 from datamodules.episode import to_model_inputs
 from datamodules.index import index_path
 from datamodules.pascal import save_label_png
+from datamodules.predict import support_mask
 from datamodules.splits import coco_novel_classes, pascal_novel_classes
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD, MEAN_FILL
 
@@ -445,3 +446,21 @@ def test_file_that_disappears_mid_run_is_named_from_a_worker(own_tree: Path, mak
     image.unlink()
     with pytest.raises(ValueError, match=rf"cannot read image {re.escape(str(image))}"):
         list(dm.test_dataloader()[0])
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [((0, 255), (0, 1)), ((0, 1, 255), (0, 1, 255)), ((0, 15, 255), (0, 1, 255))],
+    ids=["0/255 mask", "0/1 with ignore", "VOC class with border"],
+)
+def test_predict_support_masks_read_255_as_object_only_alone(
+    tmp_path: Path, values: tuple[int, ...], expected: tuple[int, ...]
+) -> None:
+    """Support masks: 255 is ignore beside other object values, the object in a 0/255 mask."""
+    label = np.zeros((8, 9), dtype=np.uint8)
+    for column, value in enumerate(values):
+        label[:, 3 * column : 3 * column + 3] = value
+    path = tmp_path / "mask.png"
+    Image.fromarray(label).save(path)
+    binary = support_mask(path, (8, 9), tmp_path / "image.jpg")
+    assert [int(binary[0, 3 * column]) for column in range(len(values))] == list(expected)

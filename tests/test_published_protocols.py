@@ -25,7 +25,7 @@ from test_segment import tiny_args
 
 from backbones import ResNet
 from datamodules import CocoFewShot
-from datamodules.episode import Evaluation, collate_episodes
+from datamodules.episode import Evaluation, collate_episodes, image_tensor
 from datamodules.protocols import NODUPLICATE_LIST, PROTOCOLS, episodes_per_pass, resolve_protocol
 from datamodules.sampler import draw_episodes
 from datamodules.sampling import EpisodeRule, pair_items, walk_items
@@ -211,7 +211,7 @@ def test_black_canvas_and_square_scoring_equal_pfenets() -> None:
     label[100:300, 50:400] = 1
     label[300:, 480:] = 255  # an ignored corner touching the border
     mask = torch.from_numpy(label)
-    transformed = normalise(eval_transform(473, "floor8", "black")(image, label)[0])
+    transformed = normalise(image_tensor(eval_transform(473, "floor8", "black")(image, label)[0]))
     black = torch.tensor([-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD, strict=True)])
     assert transformed.shape == (3, 473, 473)
     assert torch.allclose(transformed[:, 352:, :], black[:, None, None].expand(3, 121, 473))
