@@ -48,6 +48,7 @@ from .splits import NUM_FOLDS, eligible_images, hold_out
 from .transforms import eval_transform, train_transform
 
 Split = Literal["train", "test"]
+AugmentOn = Literal["cpu", "gpu"]
 _STAGE_CODE = {"val": 0, "test": 1}
 
 
@@ -140,6 +141,10 @@ class FewShotDataModule(LightningDataModule):
         min_pixels: pixels a class needs in an image to be used there (OSLSM: 2 * 32 * 32).
         val_fraction: share of each class's training images held out for validation.
         cache_dir: where the class index is cached; ``None`` = :meth:`default_cache_dir`.
+        augment_on: where training crops are rendered: ``cpu`` (loader workers) or ``gpu``
+            (loaders decode and draw; the model's device warps and blurs the batch in one
+            batched ``grid_sample``, :func:`datamodules.transforms.render_on_device`), for nodes
+            with few cores per GPU. The same draws either way (tested).
         predict_support: ``predict`` only: support image files (the K shots).
         predict_support_masks: ``predict`` only: one mask PNG per support image.
         predict_queries: ``predict`` only: query image files or folders of images.
@@ -197,6 +202,7 @@ class FewShotDataModule(LightningDataModule):
         min_pixels: int | None = None,
         val_fraction: float = 0.1,
         cache_dir: str | None = None,
+        augment_on: AugmentOn = "cpu",
         predict_support: list[str] | None = None,
         predict_support_masks: list[str] | None = None,
         predict_queries: list[str] | None = None,
@@ -481,6 +487,7 @@ class FewShotDataModule(LightningDataModule):
                 p["rotate_p"],
                 p["train_resize_longer"],
                 p["train_augment"],
+                on_device=self.hparams.augment_on == "gpu",
             )
             keep = keep and p["train_ignore"] == "ignore"
             dataset = EpisodeDataset(self.source("train"), transform, keep_ignore=keep)

@@ -61,7 +61,15 @@ from torch.utils.data import Dataset
 
 from .protocols import EvalPad, EvalResize, Scoring
 from .source import IGNORE, SegmentationSource
-from .transforms import normalise, valid_size
+from .transforms import (
+    MEAN_FILL,
+    Plan,
+    TrainTransform,
+    inverse_map,
+    normalise,
+    render_on_device,
+    valid_size,
+)
 
 Batch = dict[str, Any]
 #: ``(image uint8 [H, W, 3], mask uint8 [H, W], generator) -> (uint8 [S, S, 3], uint8 [S, S])``
@@ -72,6 +80,12 @@ JointTransform = Callable[
 #: The batch's pixel fields, normalised on the device, and its label fields, made int64 there.
 IMAGE_FIELDS = ("query_image", "support_images")
 LABEL_FIELDS = ("query_mask", "support_masks", "query_label")
+#: With ``--data.augment_on gpu``, ``<role>_source`` (``query``: ``uint8 [B, 3, H, W]``,
+#: ``support``: ``[B, K, 3, H, W]``, the decoded images padded at the bottom/right) replaces the
+#: role's images, with these fields of each image's plan (suffixes of ``<role>_``): the
+#: crop-to-source map ``[..., 2, 3]``, the scaled image's rectangle in the crop ``[..., 4]``,
+#: the blur and rotation flags and the source's ``(h, w)``.
+PLAN_FIELDS = ("warp", "rect", "blur", "rotated", "hw")
 
 
 @dataclass(frozen=True)
@@ -157,26 +171,67 @@ class EpisodeDataset(Dataset):
 
     def _load(
         self, image_id: str, class_id: int, rng: np.random.Generator
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Plan | None]:
+        """Image (or, to be rendered on the device, the decoded source), mask, the query's
+        binary label, and the :class:`~datamodules.transforms.Plan` of a device rendering."""
         image, label = self.source.read(image_id)
         binary = binary_label(label, class_id, self.keep_ignore)
-        return *self.transform(image, binary, rng), binary
+        if isinstance(self.transform, TrainTransform) and self.transform.on_device:
+            plan = self.transform.plan(binary, rng)
+            return image, plan.mask, binary, plan
+        return *self.transform(image, binary, rng), binary, None
 
     def __getitem__(self, episode: Episode) -> Batch:  # type: ignore[override]
         rng = np.random.default_rng(episode.seed)
-        query_image, query_mask, query_label = self._load(episode.query, episode.class_id, rng)
-        support = [self._load(image_id, episode.class_id, rng)[:2] for image_id in episode.support]
+        query_image, query_mask, query_label, plan = self._load(
+            episode.query, episode.class_id, rng
+        )
+        support = [self._load(image_id, episode.class_id, rng) for image_id in episode.support]
         item: Batch = {
-            "query_image": image_tensor(query_image),
             "query_mask": torch.from_numpy(query_mask),
-            "support_images": image_tensor(np.stack([image for image, _ in support])),
-            "support_masks": torch.from_numpy(np.stack([mask for _, mask in support])),
+            "support_masks": torch.from_numpy(np.stack([mask for _, mask, _, _ in support])),
             "class_id": torch.tensor(episode.class_id),
         }
+        if plan is None:
+            item["query_image"] = image_tensor(query_image)
+            item["support_images"] = image_tensor(np.stack([image for image, *_ in support]))
+        else:  # rendered on the device (to_model_inputs)
+            item.update(plan_fields("query", [query_image], [plan], squeeze=True))
+            item.update(plan_fields("support", [s[0] for s in support], [s[3] for s in support]))
         if self.evaluation is not None:
             item.update(self.evaluation.label_fields(query_label, item["query_mask"]))
             item["query_id"] = episode.query
         return item
+
+
+def plan_fields(
+    role: str, sources: Sequence[np.ndarray], plans: Sequence[Plan], squeeze: bool = False
+) -> Batch:
+    """``<role>_source`` (the decoded images) and the :data:`PLAN_FIELDS` of images rendered on
+    the device (one image without the leading shot dimension when ``squeeze``)."""
+    fields = {
+        f"{role}_source": [image_tensor(source) for source in sources],
+        f"{role}_warp": torch.from_numpy(np.stack([inverse_map(p.matrix) for p in plans])),
+        f"{role}_rect": torch.tensor([p.rect for p in plans]),
+        f"{role}_blur": torch.tensor([p.draw.blur for p in plans]),
+        f"{role}_rotated": torch.tensor([bool(p.draw.angle) for p in plans]),
+        f"{role}_hw": torch.tensor([source.shape[:2] for source in sources]),
+    }
+    if squeeze:
+        return {key: value[0] for key, value in fields.items()}
+    return fields
+
+
+def pad_sources(sources: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``uint8 [N, 3, Hmax, Wmax]`` (channels-last memory) of images ``[3, h, w]`` placed at the
+    top-left, the rest :data:`~datamodules.transforms.MEAN_FILL` (the crops' fill)."""
+    height = max(source.shape[-2] for source in sources)
+    width = max(source.shape[-1] for source in sources)
+    canvas = torch.empty((len(sources), height, width, 3), dtype=torch.uint8)
+    canvas[:] = torch.tensor(MEAN_FILL, dtype=torch.uint8)
+    for row, source in zip(canvas, sources, strict=True):
+        row[: source.shape[-2], : source.shape[-1]] = source.movedim(-3, -1)
+    return canvas.movedim(-1, -3)
 
 
 def image_tensor(pixels: np.ndarray) -> torch.Tensor:
@@ -196,6 +251,12 @@ def collate_episodes(items: Sequence[Batch]) -> Batch:
             batch[key] = values
         elif key in IMAGE_FIELDS:
             batch[key] = torch.stack([value.movedim(-3, -1) for value in values]).movedim(-1, -3)
+        elif key == "query_source":
+            batch[key] = pad_sources(values)
+        elif key == "support_source":
+            shots = len(values[0])
+            flat = pad_sources([source for sources in values for source in sources])
+            batch[key] = flat.unflatten(0, (len(values), shots))
         elif key == "query_label":
             height = max(value.shape[0] for value in values)
             width = max(value.shape[1] for value in values)
@@ -208,14 +269,25 @@ def collate_episodes(items: Sequence[Batch]) -> Batch:
     return batch
 
 
-def to_model_inputs(batch: Batch) -> Batch:
+def to_model_inputs(batch: Batch, dtype: torch.dtype = torch.float32) -> Batch:
     """The batch as models see it, on the batch's device: ``uint8`` images as float32 normalised
     with the ImageNet mean/std (:func:`datamodules.transforms.normalise`), masks and labels as
-    int64. Fields already converted (float images, int64 masks) pass unchanged."""
+    int64; images to be rendered on the device (``--data.augment_on gpu``) rendered first
+    (:func:`datamodules.transforms.render_on_device`). Fields already converted pass unchanged.
+    ``dtype``: the images' floating type (the model's: float64 under ``precision=64-true``)."""
     converted = dict(batch)
+    if "query_source" in batch:
+        size = batch["query_mask"].shape[-1]
+        for role, key in (("query", "query_image"), ("support", "support_images")):
+            sources = converted.pop(f"{role}_source")
+            fields = [converted.pop(f"{role}_{name}") for name in PLAN_FIELDS]
+            lead = sources.shape[:-3]  # [B] or [B, K]
+            flat = [tensor.flatten(0, len(lead) - 1) for tensor in (sources, *fields)]
+            crops = render_on_device(*flat, size).unflatten(0, lead)
+            converted[key] = normalise(crops).to(dtype)
     for key in IMAGE_FIELDS:
         if key in batch and batch[key].dtype == torch.uint8:
-            converted[key] = normalise(batch[key])
+            converted[key] = normalise(batch[key]).to(dtype)
     for key in LABEL_FIELDS:
         if key in batch:
             converted[key] = batch[key].long()

@@ -39,6 +39,7 @@ import cv2
 import numpy as np
 import torch
 from torch import Tensor
+from torch.nn import functional as nnf
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
@@ -105,15 +106,33 @@ class Augmentation:
     offset: tuple[int, int]
 
 
+@dataclass(frozen=True)
+class Plan:
+    """Where one training crop comes from: the draw, the map from source pixels to crop pixels
+    (``2 x 3``), the scaled image's rectangle ``(top, left, height, width)`` in the crop (outside
+    it the fill: PFENet rotates within that canvas), the mask crop, and the scale factor and
+    ``(top, bottom, left, right)`` padding of the unrotated path."""
+
+    draw: Augmentation
+    matrix: np.ndarray
+    rect: tuple[int, int, int, int]
+    mask: np.ndarray
+    factor: float
+    padding: tuple[int, int, int, int]
+
+
 def _scale_rotate_flip(
     height: int, width: int, factor: float, angle: float, flip: bool
 ) -> tuple[np.ndarray, int, int]:
     """The 3 x 3 map from source pixels to the scaled, rotated and flipped canvas, and its size.
 
     Scaling as ``cv2.resize(fx=fy=factor)`` (pixel centres: ``(x + 0.5) * f - 0.5``, size
-    rounded), rotation as ``cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1)``, flip as
-    ``cv2.flip(..., 1)`` (``x -> w - 1 - x``)."""
+    rounded, a copy when the rounded size is the image's), rotation as
+    ``cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1)``, flip as ``cv2.flip(..., 1)``
+    (``x -> w - 1 - x``)."""
     new_h, new_w = max(1, round(height * factor)), max(1, round(width * factor))
+    if (new_h, new_w) == (height, width):
+        factor = 1.0  # cv2.resize copies an image whose rounded size is unchanged
     scale = np.array([[factor, 0, 0.5 * factor - 0.5], [0, factor, 0.5 * factor - 0.5], [0, 0, 1]])
     rotate = np.eye(3)
     rotate[:2] = cv2.getRotationMatrix2D((new_w / 2, new_h / 2), angle, 1.0)
@@ -176,6 +195,8 @@ class TrainTransform:
         scale: range of the random scale factor (PFENet PASCAL 0.9-1.1, COCO 0.8-1.25).
         rotate_p: probability of a rotation (PFENet's ``RandRotate``: 0.5).
         resize_longer: first resize the longer side to ``size`` (this project's ``clean``).
+        on_device: loaders ship the decoded image and its :class:`Plan`; the model's device
+            renders the crops (:func:`render_on_device`), for nodes with few cores per GPU.
     """
 
     def __init__(
@@ -184,9 +205,10 @@ class TrainTransform:
         scale: tuple[float, float] = (0.9, 1.1),
         rotate_p: float = 1.0,
         resize_longer: bool = True,
+        on_device: bool = False,
     ) -> None:
         self.size, self.scale, self.rotate_p = size, tuple(scale), rotate_p
-        self.resize_longer = resize_longer
+        self.resize_longer, self.on_device = resize_longer, on_device
 
     def __call__(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> Pair:
         """``uint8`` image ``[S, S, 3]`` and mask ``[S, S]``."""
@@ -196,6 +218,12 @@ class TrainTransform:
         self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray, Augmentation]:
         """The augmented ``uint8`` image ``[S, S, 3]``, mask ``[S, S]`` and the draw."""
+        plan = self.plan(mask, rng)
+        return self.render(image, plan), plan.mask, plan.draw
+
+    def plan(self, mask: np.ndarray, rng: np.random.Generator) -> Plan:
+        """One image's draw, its map and its mask crop (the crop offset needs the warped mask);
+        the image is warped by :meth:`render`, or on the device (:func:`render_on_device`)."""
         low, high = self.scale
         scale = low + (high - low) * rng.random()
         angle = 0.0
@@ -207,38 +235,50 @@ class TrainTransform:
         matrix, new_h, new_w = _scale_rotate_flip(height, width, factor, angle, flip)
         canvas_h, canvas_w = max(new_h, self.size), max(new_w, self.size)
         pad_top, pad_left = (canvas_h - new_h) // 2, (canvas_w - new_w) // 2  # centred padding
+        padding = (pad_top, canvas_h - new_h - pad_top, pad_left, canvas_w - new_w - pad_left)
+        matrix[:2, 2] += (pad_left, pad_top)
         if angle:
-            matrix[:2, 2] += (pad_left, pad_top)
             canvas_mask = cv2.warpAffine(
                 mask, matrix[:2], (canvas_w, canvas_h), flags=cv2.INTER_NEAREST,
                 borderMode=cv2.BORDER_CONSTANT, borderValue=IGNORE,
             )  # fmt: skip
             _fill_outside(canvas_mask, pad_top, pad_left, new_h, new_w, IGNORE)
-            top, left = _crop_offset(canvas_mask == 1, self.size, rng)
-            matrix[:2, 2] -= (left, top)
-            crop = cv2.warpAffine(
-                image, matrix[:2], (self.size, self.size), flags=cv2.INTER_LINEAR,
-                borderMode=cv2.BORDER_CONSTANT, borderValue=MEAN_FILL,
-            )  # fmt: skip
-            _fill_outside(crop, pad_top - top, pad_left - left, new_h, new_w, MEAN_FILL)
-        else:  # the same map without rotation: PFENet's own resize, 4x cheaper than a warp
-            padding = (pad_top, canvas_h - new_h - pad_top, pad_left, canvas_w - new_w - pad_left)
+        else:  # PFENet's own resize: the same map, 4x cheaper than a warp
             canvas_mask = _resize_flip_pad(mask, factor, flip, padding, IGNORE, cv2.INTER_NEAREST)
-            top, left = _crop_offset(canvas_mask == 1, self.size, rng)
-            canvas = _resize_flip_pad(image, factor, flip, padding, MEAN_FILL, cv2.INTER_LINEAR)
-            crop = np.ascontiguousarray(canvas[top : top + self.size, left : left + self.size])
-        if blur:
-            crop = cv2.GaussianBlur(crop, (BLUR_KERNEL, BLUR_KERNEL), 0)
+        top, left = _crop_offset(canvas_mask == 1, self.size, rng)
+        matrix[:2, 2] -= (left, top)
         crop_mask = np.ascontiguousarray(
             canvas_mask[top : top + self.size, left : left + self.size]
         )
         draw = Augmentation(scale, angle, blur, flip, (canvas_h, canvas_w), (top, left))
-        return crop, crop_mask, draw
+        rect = (pad_top - top, pad_left - left, new_h, new_w)
+        return Plan(draw, matrix[:2], rect, crop_mask, factor, padding)
+
+    def render(self, image: np.ndarray, plan: Plan) -> np.ndarray:
+        """The crop of ``plan`` from ``image``: one warp (rotated draws) or PFENet's resize,
+        flip and padding (unrotated ones), then the blur."""
+        draw, size = plan.draw, self.size
+        if draw.angle:
+            crop = cv2.warpAffine(
+                image, plan.matrix, (size, size), flags=cv2.INTER_LINEAR,
+                borderMode=cv2.BORDER_CONSTANT, borderValue=MEAN_FILL,
+            )  # fmt: skip
+            _fill_outside(crop, *plan.rect, MEAN_FILL)
+        else:
+            canvas = _resize_flip_pad(
+                image, plan.factor, draw.flip, plan.padding, MEAN_FILL, cv2.INTER_LINEAR
+            )
+            top, left = draw.offset
+            crop = np.ascontiguousarray(canvas[top : top + size, left : left + size])
+        if draw.blur:
+            crop = cv2.GaussianBlur(crop, (BLUR_KERNEL, BLUR_KERNEL), 0)
+        return crop
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(size={self.size}, scale={self.scale}, "
-            f"rotate_p={self.rotate_p}, resize_longer={self.resize_longer})"
+            f"rotate_p={self.rotate_p}, resize_longer={self.resize_longer}, "
+            f"on_device={self.on_device})"
         )
 
 
@@ -278,13 +318,14 @@ def train_transform(
     rotate_p: float = 1.0,
     resize_longer: bool = True,
     augment: bool = True,
+    on_device: bool = False,
 ) -> TrainTransform | EvalTransform:
     """The training transform of a protocol: :class:`TrainTransform`, or with ``augment=False``
-    a squash to ``size x size`` only (HSNet trains without augmentation)."""
+    a squash to ``size x size`` only (HSNet trains without augmentation; always on the CPU)."""
     if not augment:
         return EvalTransform(size, "squash")
     low, high = scale
-    return TrainTransform(size, (low, high), rotate_p, resize_longer)
+    return TrainTransform(size, (low, high), rotate_p, resize_longer, on_device)
 
 
 def eval_transform(
@@ -310,3 +351,57 @@ def normalise(images: Tensor) -> Tensor:
     scale, shift = _normalisation(images.device)
     floats = torch.empty(images.shape, dtype=torch.float32, device=images.device)
     return floats.copy_(images).mul_(scale).sub_(shift)
+
+
+def inverse_map(matrix: np.ndarray) -> np.ndarray:
+    """The ``2 x 3`` map from crop pixels back to source pixels, of a source-to-crop ``matrix``."""
+    return cv2.invertAffineTransform(matrix).astype(np.float32)
+
+
+def render_on_device(
+    sources: Tensor,
+    inverse: Tensor,
+    rects: Tensor,
+    blur: Tensor,
+    rotated: Tensor,
+    sizes: Tensor,
+    size: int,
+) -> Tensor:
+    """:meth:`TrainTransform.render` for a batch, on the sources' device: ``uint8`` sources
+    ``[N, 3, H, W]`` (each image at the top-left, padded with :data:`MEAN_FILL`; ``sizes``
+    ``[N, 2]`` their own ``(h, w)``), their crop-to-source maps ``[N, 2, 3]``
+    (:func:`inverse_map`), and their :class:`Plan` s' rectangles ``[N, 4]``, blur and rotation
+    flags ``[N]``; crops ``[N, 3, S, S]`` as float32 values in ``0..255``, rounded as the CPU's
+    ``uint8`` results.
+
+    One batched bilinear ``grid_sample`` (pixel centres, ``align_corners=False``, as OpenCV):
+    a rotated draw samples beyond its image the mean fill (``warpAffine``'s constant border:
+    the difference to the fill is sampled with zero padding), an unrotated one its edge pixels
+    (``resize``'s replicated border: coordinates clamped to the image); then the fill outside
+    each rectangle and OpenCV's 5-tap kernel (``getGaussianKernel(5, 0)``, reflect-101 border)
+    where flagged."""
+    device = sources.device
+    fill = torch.tensor(MEAN_FILL, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    height, width = sources.shape[-2:]
+    pixels = torch.arange(size, dtype=torch.float32, device=device)
+    v, u = torch.meshgrid(pixels, pixels, indexing="ij")
+    base = torch.stack([u, v, torch.ones_like(u)], -1)  # [S, S, 3]: (x, y, 1) per crop pixel
+    source_xy = torch.einsum("hwk,nck->nhwc", base, inverse.float())
+    last = (sizes.to(device).flip(-1).float() - 1).view(-1, 1, 1, 2)  # (w - 1, h - 1)
+    clamped = torch.minimum(source_xy.clamp(min=0), last)
+    source_xy = torch.where(rotated.to(device).view(-1, 1, 1, 1), source_xy, clamped)
+    scale = torch.tensor([2 / width, 2 / height], device=device)
+    grid = (source_xy + 0.5) * scale - 1
+    difference = sources.float() - fill
+    crops = nnf.grid_sample(difference, grid, "bilinear", "zeros", align_corners=False) + fill
+    top, left, rect_h, rect_w = rects.to(device).unbind(1)
+    rows = (pixels >= top[:, None]) & (pixels < (top + rect_h)[:, None])  # [N, S]
+    cols = (pixels >= left[:, None]) & (pixels < (left + rect_w)[:, None])
+    inside = (rows[:, :, None] & cols[:, None, :])[:, None]
+    crops = torch.where(inside, crops.round().clamp(0, 255), fill)
+    kernel = torch.from_numpy(cv2.getGaussianKernel(BLUR_KERNEL, 0)).float().to(device)
+    half = BLUR_KERNEL // 2
+    padded = nnf.pad(crops, (half, half, half, half), mode="reflect")
+    blurred = nnf.conv2d(padded, kernel.view(1, 1, 1, -1).expand(3, 1, 1, -1), groups=3)
+    blurred = nnf.conv2d(blurred, kernel.view(1, 1, -1, 1).expand(3, 1, -1, 1), groups=3)
+    return torch.where(blur.to(device).view(-1, 1, 1, 1), blurred.round(), crops)

@@ -387,15 +387,21 @@ class FewShotSegmentation(BaseTask):
         return main + output.aux_weight * aux, main
 
     def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
-        """Pixels arrive as ``uint8`` and become normalised float32 here, on the model's device,
-        so loader workers do no float work (:func:`datamodules.episode.to_model_inputs`)."""
-        return to_model_inputs(batch)
+        """Pixels arrive as ``uint8`` and become normalised images of the model's floating type
+        here, on its device, so loader workers do no float work
+        (:func:`datamodules.episode.to_model_inputs`)."""
+        return to_model_inputs(batch, self.input_dtype)
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        """The model's floating type (float64 under ``precision=64-true``), else float32."""
+        return self.dtype if self.dtype.is_floating_point else torch.float32
 
     def segment(self, batch: Mapping[str, Any]) -> HeadOutput:
         """The head's output for a batch in the :mod:`datamodules.episode` format, as a loader
         gives it (``uint8``) or converted (:func:`~datamodules.episode.to_model_inputs`)."""
-        inputs = to_model_inputs({k: batch[k] for k in ("query_image", "support_images",
-                                                        "support_masks")})  # fmt: skip
+        keys = ("query_image", "support_images", "support_masks")
+        inputs = to_model_inputs({key: batch[key] for key in keys}, self.input_dtype)
         return self(inputs["query_image"], inputs["support_images"], inputs["support_masks"])
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:

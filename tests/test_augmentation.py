@@ -11,12 +11,20 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from fixtures_data import write_pascal_tree
 from scipy import stats
 
 from datamodules import PascalFewShot
+from datamodules.episode import PLAN_FIELDS, pad_sources, plan_fields, to_model_inputs
 from datamodules.protocols import NODUPLICATE_LIST, PROTOCOLS, TRAIN_AUG_LIST, resolve_protocol
-from datamodules.transforms import MEAN_FILL, EvalTransform, TrainTransform, train_transform
+from datamodules.transforms import (
+    MEAN_FILL,
+    EvalTransform,
+    TrainTransform,
+    render_on_device,
+    train_transform,
+)
 
 SIZE = 48
 DRAWS = 1500
@@ -185,3 +193,44 @@ def test_hsnet_trains_without_augmentation() -> None:
     first = transform(image, mask, np.random.default_rng(0))
     second = transform(image, mask, np.random.default_rng(1))
     assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
+
+
+@pytest.mark.parametrize("shape", [(150, 200), (30, 40)])
+def test_device_rendering_equals_the_cpu_crops(shape: tuple[int, int]) -> None:
+    """``--data.augment_on gpu`` renders the plans the CPU would render: one batched
+    ``grid_sample`` against OpenCV's warp or resize, the same fill, rectangle and blur."""
+    transform = TrainTransform(SIZE, (0.8, 1.25), rotate_p=0.5, resize_longer=False)
+    images = [smooth_image(*shape, seed) for seed in range(24)]
+    mask = blob_mask(*shape)
+    plans = [transform.plan(mask, np.random.default_rng(seed)) for seed in range(24)]
+    expected = np.stack(
+        [transform.render(image, plan) for image, plan in zip(images, plans, strict=True)]
+    )
+    fields = plan_fields("query", images, plans)
+    crops = render_on_device(
+        pad_sources(fields["query_source"]),
+        *[fields[f"query_{name}"] for name in PLAN_FIELDS],
+        SIZE,
+    )
+    difference = (crops.permute(0, 2, 3, 1).numpy() - expected).__abs__()
+    assert {p.draw.blur for p in plans} == {True, False}
+    assert {bool(p.draw.angle) for p in plans} == {True, False}
+    assert difference.max() <= 1  # OpenCV's fixed-point interpolation against float32
+
+
+def test_device_augmentation_batches_equal_the_cpu_ones(pascal_root: Path, tmp_path: Path) -> None:
+    """Same episodes, same draws: the masks are identical and the images agree to rounding."""
+    batches = {}
+    for where in ("cpu", "gpu"):
+        dm = PascalFewShot(root=str(pascal_root), cache_dir=str(tmp_path), protocol="pfenet",
+                           image_size=SIZE, shots=2, batch_size=4, num_workers=0,
+                           val_fraction=0.3, augment_on=where)  # fmt: skip
+        dm.setup("fit")
+        batches[where] = to_model_inputs(next(iter(dm.train_dataloader())))
+    cpu, gpu = batches["cpu"], batches["gpu"]
+    assert set(gpu) == set(cpu)
+    for key in ("query_mask", "support_masks", "class_id"):
+        assert torch.equal(cpu[key], gpu[key])
+    for key in ("query_image", "support_images"):
+        assert gpu[key].shape == cpu[key].shape and gpu[key].dtype == torch.float32
+        assert (gpu[key] - cpu[key]).abs().mean() < 0.3 / 255 / 0.224
