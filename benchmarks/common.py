@@ -170,7 +170,7 @@ def episodes_per_second(loader: Iterable[Mapping[str, Any]], batches: int) -> fl
     next(iterator)
     start, episodes = time.perf_counter(), 0
     for _ in range(batches):
-        episodes += next(iterator)["query_image"].shape[0]
+        episodes += len(next(iterator)["class_id"])
     return episodes / (time.perf_counter() - start)
 
 

@@ -25,7 +25,7 @@ import random
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,21 @@ class RandScale:
         return image, label
 
 
+def rotate(
+    image: np.ndarray, label: np.ndarray, angle: float, padding: Sequence[float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """``RandRotate``'s warp: about the centre, canvas kept, ``padding`` / 255 filled."""
+    h, w = label.shape
+    matrix = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1)
+    warped = [
+        cv2.warpAffine(pixels, matrix, (w, h), flags=flags, borderMode=cv2.BORDER_CONSTANT,
+                       borderValue=fill)
+        for pixels, flags, fill in ((image, cv2.INTER_LINEAR, padding),
+                                    (label, cv2.INTER_NEAREST, 255))
+    ]  # fmt: skip
+    return warped[0], warped[1]
+
+
 class RandRotate:
     def __init__(self, rotate: tuple[float, float], padding: list[float], p: float = 0.5) -> None:
         self.rotate, self.padding, self.p = rotate, padding, p
@@ -65,25 +80,8 @@ class RandRotate:
     def __call__(self, image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         if random.random() < self.p:
             angle = self.rotate[0] + (self.rotate[1] - self.rotate[0]) * random.random()
-            h, w = label.shape
-            matrix = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1)
-            image = cv2.warpAffine(
-                image,
-                matrix,
-                (w, h),
-                flags=cv2.INTER_LINEAR,
-                borderMode=cv2.BORDER_CONSTANT,
-                borderValue=self.padding,
-            )
-            label = cv2.warpAffine(
-                label,
-                matrix,
-                (w, h),
-                flags=cv2.INTER_NEAREST,
-                borderMode=cv2.BORDER_CONSTANT,
-                borderValue=255,
-            )
-        return image, label  # fmt: skip
+            image, label = rotate(image, label, angle, self.padding)
+        return image, label
 
 
 class RandomGaussianBlur:

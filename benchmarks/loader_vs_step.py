@@ -30,11 +30,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from benchmarks.common import (
+    BACKBONES,
     add_device_arguments,
     default_datamodule,
     default_model,
     describe,
     episodes_per_second,
+    load_backbone,
     markdown_row,
     markdown_table,
     setup_device,
@@ -43,6 +45,7 @@ from benchmarks.common import (
     time_alternating,
     train_step,
 )
+from benchmarks.segment import HEADS
 from benchmarks.voc_like import write_voc_like_tree
 from datamodules.episode import to_model_inputs
 from tasks.segment import FewShotSegmentation
@@ -63,6 +66,15 @@ def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
     return to_model_inputs(moved)
 
 
+def build_model(args: argparse.Namespace) -> FewShotSegmentation:
+    """The default model, or a frozen ``--backbone`` with ``--head`` (channels_last with
+    ``--bf16``)."""
+    if args.backbone is None:
+        return default_model(head=HEADS[args.head], channels_last=args.bf16)
+    return FewShotSegmentation(backbone=load_backbone(args.backbone), head=HEADS[args.head],
+                               freeze_backbone=True, channels_last=args.bf16)  # fmt: skip
+
+
 def step_rate(
     model: FewShotSegmentation,
     optimizer: torch.optim.Optimizer,
@@ -72,7 +84,7 @@ def step_rate(
 ) -> float:
     """Episodes/s of the training step on in-memory batches (taken in turn)."""
     cycle = itertools.cycle(batches)
-    runs = {"step": lambda: train_step(model, optimizer, next(cycle))}
+    runs = {"step": lambda: train_step(model, optimizer, next(cycle), args.bf16)}
     seconds = time_alternating(runs, args.steps, args.warmup, device)["step"]
     return batches[0]["query_image"].shape[0] / seconds
 
@@ -81,17 +93,18 @@ def fed_rate(
     model: FewShotSegmentation,
     optimizer: torch.optim.Optimizer,
     loader: DataLoader,
-    steps: int,
+    args: argparse.Namespace,
     device: torch.device,
 ) -> float:
     """Episodes/s of the step fed by the live loader, after one warm-up step."""
     iterator = iter(loader)
-    train_step(model, optimizer, to_device(next(iterator), device))
+    steps = args.steps
+    train_step(model, optimizer, to_device(next(iterator), device), args.bf16)
     synchronize(device)
     start, episodes = time.perf_counter(), 0
     for batch in itertools.islice(iterator, steps):
-        train_step(model, optimizer, to_device(batch, device))
-        episodes += batch["query_image"].shape[0]
+        train_step(model, optimizer, to_device(batch, device), args.bf16)
+        episodes += len(batch["class_id"])
     synchronize(device)
     return episodes / (time.perf_counter() - start)
 
@@ -110,6 +123,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, default=40, help="timed loader batches")
     parser.add_argument("--steps", type=int, default=8, help="timed training steps")
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--backbone",
+        default=None,
+        help="a frozen encoder: a key of "
+        f"{sorted(BACKBONES)} or a config file (default: the default model's)",
+    )
+    parser.add_argument("--head", choices=list(HEADS), default="prototype")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast and channels_last")
+    parser.add_argument("--protocol", default=None, help="data.protocol (default: clean)")
+    parser.add_argument("--augment-on", choices=["cpu", "gpu"], default="cpu")
     add_device_arguments(parser)
     args = parser.parse_args(argv)
     device = setup_device(args)
@@ -118,20 +141,23 @@ def main(argv: list[str] | None = None) -> None:
         base = Path(args.root or tempfile.mkdtemp(prefix="voc-like-"))
         root = str(write_voc_like_tree(base / "VOC2012"))
     overrides: dict[str, Any] = {"root": root, "batch_size": args.batch_size}
+    overrides.update(protocol=args.protocol, augment_on=args.augment_on)
     if args.image_size:
         overrides["image_size"] = args.image_size
     probe = default_datamodule(DATASETS[args.dataset], num_workers=0, **overrides)
     probe.prepare_data()
     probe.setup("fit")
     torch.manual_seed(0)
-    model = default_model().to(device)
+    model = build_model(args).to(device)
     optimizer = sgd(model)
     batches = [to_device(b, device) for b in itertools.islice(probe.train_dataloader(), 4)]
     print(
         f"# {args.dataset} ({type(probe).__name__}), {probe.image_size} px, batch "
-        f"{args.batch_size}, {probe.shots}-shot; default model "
+        f"{args.batch_size}, {probe.shots}-shot; model "
         f"({model.backbone.summary()[1]}, "
-        f"{type(model.head).__name__}, fine-tuned); {describe(device)}"
+        f"{type(model.head).__name__}, {'frozen' if args.backbone else 'fine-tuned'}"
+        f"{', bf16+channels_last' if args.bf16 else ''}), protocol {probe.protocol['name']}, "
+        f"augment on {args.augment_on}; {describe(device)}"
     )
     header = ["loader workers", "loader ep/s", "step ep/s (batches in memory)", "loader / step",
               "step fed by the loader ep/s"]  # fmt: skip
@@ -142,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
         loader = datamodule.train_dataloader()
         loaded = episodes_per_second(loader, args.batches)
         consumed = step_rate(model, optimizer, batches, args, device)
-        fed = fed_rate(model, optimizer, loader, args.steps, device)
+        fed = fed_rate(model, optimizer, loader, args, device)
         ratio = f"{loaded / consumed:.1f}x"
         print(
             markdown_row([workers, f"{loaded:.1f}", f"{consumed:.2f}", ratio, f"{fed:.2f}"]),

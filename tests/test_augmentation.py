@@ -15,6 +15,7 @@ import torch
 from fixtures_data import write_pascal_tree
 from scipy import stats
 
+from benchmarks.loader_vs_official import rotate
 from datamodules import PascalFewShot
 from datamodules.episode import PLAN_FIELDS, pad_sources, plan_fields, to_model_inputs
 from datamodules.protocols import NODUPLICATE_LIST, PROTOCOLS, TRAIN_AUG_LIST, resolve_protocol
@@ -45,24 +46,14 @@ def blob_mask(height: int, width: int) -> np.ndarray:
 
 def pfenet_sequence(image: np.ndarray, mask: np.ndarray, transform: TrainTransform, draw):
     """PFENet's ``RandScale``, ``RandRotate``, ``RandomHorizontalFlip`` and ``Crop`` as OpenCV
-    calls in its order, given the draw's parameters (the blur is left out)."""
+    calls in its order, given the draw's parameters (the blur is left out); the rotation is the
+    transcription's in :mod:`benchmarks.loader_vs_official`."""
     height, width = mask.shape
     factor = draw.scale * (SIZE / max(height, width) if transform.resize_longer else 1.0)
     image = cv2.resize(image, None, fx=factor, fy=factor, interpolation=cv2.INTER_LINEAR)
     mask = cv2.resize(mask, None, fx=factor, fy=factor, interpolation=cv2.INTER_NEAREST)
     if draw.angle:
-        h, w = mask.shape
-        matrix = cv2.getRotationMatrix2D((w / 2, h / 2), draw.angle, 1)
-        image = cv2.warpAffine(
-            image,
-            matrix,
-            (w, h),
-            flags=cv2.INTER_LINEAR,
-            borderMode=cv2.BORDER_CONSTANT,
-            borderValue=MEAN_FILL,
-        )
-        mask = cv2.warpAffine(mask, matrix, (w, h), flags=cv2.INTER_NEAREST,
-                              borderMode=cv2.BORDER_CONSTANT, borderValue=255)  # fmt: skip
+        image, mask = rotate(image, mask, draw.angle, MEAN_FILL)
     if draw.flip:
         image, mask = cv2.flip(image, 1), cv2.flip(mask, 1)
     h, w = mask.shape
