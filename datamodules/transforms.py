@@ -8,18 +8,22 @@ fill of the mask ``255`` (ignored).
 
 * Training follows PFENet's ``util/transform.py`` (dvlab-research/PFENet; ASGNet and BAM share
   it): ``RandScale`` (the canvas resized by ``s``), ``RandRotate`` (+-10 degrees about the canvas
-  centre with probability ``rotate_p``, canvas kept), ``RandomGaussianBlur`` (5 x 5, OpenCV's
-  sigma for that size, 1.1, probability 0.5), ``RandomHorizontalFlip``, ``Crop('rand')`` (padded
+  centre with probability ``rotate_p``, canvas kept, corners turned out of it cut),
+  ``RandomGaussianBlur`` (``cv2.GaussianBlur`` 5 x 5 with sigma 0: OpenCV's binomial kernel
+  ``[1, 4, 6, 4, 1] / 16``, probability 0.5), ``RandomHorizontalFlip``, ``Crop('rand')`` (padded
   to the crop, centred, when smaller; up to 31 redraws of the offset while the crop keeps less
-  than 85% of the foreground). The draws of one image (:class:`Augmentation`) compose into **one**
-  affine map from the source image to the output crop, so the image is interpolated once, at crop
-  size only (``cv2.warpAffine``, bilinear, mean fill); the mask is warped (nearest, 255 fill) at
-  the padded canvas, which the foreground rule needs, and cropped. Deviations, all below one
-  pixel of geometry: one bilinear interpolation instead of PFENet's two (resize, then rotate);
-  the blur runs on the crop, so within 2 pixels of the crop's border it sees the mean fill or the
-  mirrored crop instead of the pixels beyond. ``resize_longer`` (this project's ``clean``
-  protocol) first scales the longer side to ``size``, so objects have the same scale in training
-  and evaluation for any ``size`` (PFENet augments at the native resolution).
+  than 85% of the foreground). The draws of one image (:class:`Augmentation`) compose into one
+  map from the source image to the output crop (:class:`Plan`), rendered at crop size only: one
+  ``cv2.warpAffine`` (bilinear, mean fill) for a rotated draw, PFENet's own ``cv2.resize``, flip
+  and padding for the others (4x cheaper than a warp); the mask (nearest, 255 fill) at the padded
+  canvas, which the foreground rule needs, then cropped. Deviations, all at edges: a rotated draw
+  is interpolated once instead of PFENet's twice (resize, then rotate), which differs along the
+  image's border and object outlines (``tests/test_augmentation.py`` bounds it); the blur runs on
+  the crop, so within 2 pixels of the crop's border it sees the mean fill or the mirrored crop
+  instead of the pixels beyond. ``resize_longer`` (this project's ``clean`` protocol) first
+  scales the longer side to ``size``, so objects have the same scale in training and evaluation
+  for any ``size`` (PFENet augments at the native resolution). With ``on_device`` the loaders
+  ship the decoded image and its plan, and :func:`render_on_device` renders the batch.
 * Evaluation: resize the longer side to ``size`` keeping the aspect ratio, place at the top-left
   and pad to ``size x size`` (image: the mean colour, mask 255); or PFENet's ``transform.Resize``
   (``floor8``: ``int()`` and each side floored to a multiple of 8, no antialiasing as
@@ -51,8 +55,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: The mean colour in 8 bits: the fill of training crops and of ``mean``-padded evaluation.
 MEAN_FILL = tuple(round(255 * mean) for mean in IMAGENET_MEAN)
 
-#: PFENet's ``RandRotate`` range and ``RandomGaussianBlur`` kernel (``radius=5``, sigma 0: OpenCV
-#: derives ``0.3 * ((5 - 1) * 0.5 - 1) + 0.8 = 1.1``).
+#: PFENet's ``RandRotate`` range and ``RandomGaussianBlur`` kernel size (``radius=5``, sigma 0:
+#: OpenCV's fixed 5-tap kernel, ``cv2.getGaussianKernel(5, 0)``).
 ROTATION_DEGREES = 10.0
 BLUR_KERNEL = 5
 #: PFENet's ``Crop``: the offset is redrawn up to 31 times while the crop holds less than this
