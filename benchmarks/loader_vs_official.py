@@ -337,7 +337,7 @@ def official_loaders(root: Path, shots: int, args: argparse.Namespace) -> dict[s
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default=None, help="tree to reuse (default: a fresh temp dir)")
-    parser.add_argument("--images", type=int, nargs=2, default=[200, 100], help="train, test")
+    parser.add_argument("--images", type=int, nargs=2, default=[400, 150], help="train, test")
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 5])
     parser.add_argument("--size", type=int, default=473)
     parser.add_argument("--batch-size", type=int, default=8, help="training batch (both sides)")

@@ -82,11 +82,12 @@ def step_rate(
     args: argparse.Namespace,
     device: torch.device,
 ) -> float:
-    """Episodes/s of the training step on in-memory batches (taken in turn)."""
+    """Episodes/s of the training step on loader batches held on the device (taken in turn),
+    converted there as in every step (:func:`datamodules.episode.to_model_inputs`)."""
     cycle = itertools.cycle(batches)
-    runs = {"step": lambda: train_step(model, optimizer, next(cycle), args.bf16)}
+    runs = {"step": lambda: train_step(model, optimizer, to_model_inputs(next(cycle)), args.bf16)}
     seconds = time_alternating(runs, args.steps, args.warmup, device)["step"]
-    return batches[0]["query_image"].shape[0] / seconds
+    return len(batches[0]["class_id"]) / seconds
 
 
 def fed_rate(
@@ -150,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     model = build_model(args).to(device)
     optimizer = sgd(model)
-    batches = [to_device(b, device) for b in itertools.islice(probe.train_dataloader(), 4)]
+    loaded = itertools.islice(probe.train_dataloader(), 4)
+    batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in loaded]
     print(
         f"# {args.dataset} ({type(probe).__name__}), {probe.image_size} px, batch "
         f"{args.batch_size}, {probe.shots}-shot; model "

@@ -45,7 +45,7 @@ def _scene(rng: np.random.Generator, height: int, width: int) -> tuple[np.ndarra
     return image, label
 
 
-def write_voc_like_tree(root: Path, train: int = 200, test: int = 100, seed: int = 0) -> Path:
+def write_voc_like_tree(root: Path, train: int = 400, test: int = 150, seed: int = 0) -> Path:
     """``train`` + ``test`` images in the VOC layout under ``root`` (kept if already there)."""
     done = root / "ImageSets" / "Segmentation" / "val.txt"
     if done.is_file():
