@@ -26,7 +26,7 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
-from .episode import EpisodeDataset, Evaluation, collate_episodes
+from .episode import Batch, EpisodeDataset, Evaluation, collate_episodes, to_model_inputs
 from .index import ClassCounts, class_counts
 from .predict import PredictEpisodes
 from .protocols import (
@@ -508,6 +508,14 @@ class FewShotDataModule(LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0 and stage != "test",
         )
+
+    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
+        """On the model's device: ``uint8`` pixels rendered (``augment_on: gpu``) and normalised
+        into the model's floating type (float64 under ``precision=64-true``), masks made int64
+        (:func:`datamodules.episode.to_model_inputs`), so loader workers do no float work."""
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer else None
+        dtype = getattr(module, "dtype", torch.float32)
+        return to_model_inputs(batch, dtype if dtype.is_floating_point else torch.float32)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

@@ -23,7 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from backbones import Backbone, ResNet, WeightsError
 from backbones.weights import checkpoint_arch, read_checkpoint, to_native
-from datamodules.episode import Batch, to_model_inputs
+from datamodules.episode import to_model_inputs
 from datamodules.source import IGNORE
 from tasks.base import BaseTask, Optimizer, check_arguments, describe_head
 from tasks.callbacks.results import summarise
@@ -385,12 +385,6 @@ class FewShotSegmentation(BaseTask):
             [self.criterion(upsample(a, size).float(), target) for a in output.aux_logits]
         ).mean()
         return main + output.aux_weight * aux, main
-
-    def on_after_batch_transfer(self, batch: Batch, dataloader_idx: int) -> Batch:
-        """Pixels arrive as ``uint8`` and become normalised images of the model's floating type
-        here, on its device, so loader workers do no float work
-        (:func:`datamodules.episode.to_model_inputs`)."""
-        return to_model_inputs(batch, self.input_dtype)
 
     @property
     def input_dtype(self) -> torch.dtype:
