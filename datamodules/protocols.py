@@ -96,6 +96,9 @@ BackboneNorm = Literal["frozen", "batch"]
 CocoCrowd = Literal["ignore", "background"]
 TrainIgnore = Literal["ignore", "background"]
 Family = Literal["pascal", "coco", "fss"]
+#: The presets' names (the keys of :data:`PROTOCOLS`): a misspelled ``--data.protocol`` fails
+#: when the command line is parsed, naming the allowed values.
+ProtocolName = Literal["clean", "pfenet", "asgnet", "hsnet", "bam"]
 
 # --- the "fss" family: datasets of one class per folder (datamodules.folders) ----------------
 #: HSNet's FSS-1000 test (``data/fss.py``): every image of the 240 test classes once as the

@@ -144,6 +144,9 @@ CASES = [
                  r"tensors .*--model\.backbone\.init_args\.weights_trusted true", None,
                  id="weights-file-needing-unpickling"),
     # Segmentation data
+    pytest.param(SEGMENT, ("fit", *SHAPES, "--data.protocol", "pfnet"),
+                 2, r"Parser key \"protocol\".*Literal\['clean', 'pfenet', 'asgnet', 'hsnet', "
+                 r"'bam'\].*Given value: pfnet", None, id="misspelled-protocol"),
     pytest.param(SEGMENT, ("fit", *PASCAL, "--data.root", "{tmp}/nowhere"),
                  FileNotFoundError, r"dataset root not found: .*nowhere$", None,
                  id="data-root-missing"),

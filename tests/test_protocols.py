@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import get_args
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from fixtures_data import pascal
 from test_segment import tiny_args
 
 from datamodules import CocoFewShot
-from datamodules.protocols import resolve_protocol
+from datamodules.protocols import PROTOCOLS, ProtocolName, resolve_protocol
 from tasks.report import main as report_main
 from tasks.segment import main
 
@@ -133,3 +134,8 @@ def test_results_folder_that_cannot_be_written_fails_before_testing(tmp_path: Pa
     blocker.write_text("")
     with pytest.raises(PermissionError, match=r"cannot write test results to .*--results"):
         main(["test", *tiny_args(tmp_path), "--results.output_dir", str(blocker / "sub")])
+
+
+def test_protocol_names_type_lists_every_preset() -> None:
+    """``--data.protocol`` is checked by its type when the command line is parsed."""
+    assert get_args(ProtocolName) == tuple(PROTOCOLS)
