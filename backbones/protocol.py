@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 from torch import Tensor, nn
 
+from .arguments import CapturesArguments
+
 #: Suffix naming a block's output before its last activation (``layer3.2.pre_relu``), the block
 #: output HSNet correlates (its ``extract_feat_res`` keeps the residual sum before the ReLU).
 PRE_RELU = ".pre_relu"
@@ -30,7 +32,7 @@ class FeatureInfo:
     stride: int
 
 
-class Backbone(nn.Module, metaclass=ABCMeta):
+class Backbone(CapturesArguments, nn.Module, metaclass=ABCMeta):
     """A feature-pyramid encoder with named outputs.
 
     Outputs are the pyramid's levels (``stem``, ``layer1``..``layer4`` for ResNets) and every
@@ -88,10 +90,11 @@ class Backbone(nn.Module, metaclass=ABCMeta):
             "support_mask_at (PFENet) need"
         )
 
-    @abstractmethod
     def describe(self) -> dict[str, Any]:
-        """``{"class_path": ..., "init_args": ...}`` rebuilding this encoder's architecture
-        (weights files cleared: a checkpoint holds the tensors)."""
+        """``{"class_path": ..., "init_args": ...}`` rebuilding this encoder's architecture:
+        its constructor's arguments as recorded (:class:`backbones.arguments.CapturesArguments`);
+        an encoder that reads a weights file clears it here (a checkpoint holds the tensors)."""
+        return {"class_path": class_path(self), "init_args": self.init_args}
 
     @abstractmethod
     def summary(self) -> tuple[dict[str, Any], str]:

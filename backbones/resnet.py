@@ -231,21 +231,6 @@ class ResNet(Backbone):
         weights_trusted: bool = False,
     ) -> None:
         super().__init__()
-        self.init_args = {
-            "arch": arch,
-            "output_stride": output_stride,
-            "dilation_scheme": dilation_scheme,
-            "multi_grid": _plain(multi_grid),
-            "stem": stem,
-            "out_layers": list(out_layers),
-            "weights": weights,
-            "frozen_stages": frozen_stages,
-            "norm_eval": norm_eval,
-            "norm_layer": norm_layer,
-            "zero_init_residual": zero_init_residual,
-            "grad_checkpointing": grad_checkpointing,
-            "weights_trusted": weights_trusted,
-        }
         if arch not in ARCHS:
             raise ValueError(f"unknown backbone arch {arch!r}; expected one of {list(ARCHS)}")
         if output_stride not in OUTPUT_STRIDES:
@@ -544,13 +529,6 @@ class ResNet(Backbone):
             "dilations": dilations,
         }
         return config, label
-
-
-def _plain(multi_grid: Sequence[int] | Mapping[str, Sequence[int]] | None) -> Any:
-    """``multi_grid`` as lists, as a config file writes it."""
-    if isinstance(multi_grid, Mapping):
-        return {stage: [int(g) for g in grid] for stage, grid in multi_grid.items()}
-    return None if multi_grid is None else [int(g) for g in multi_grid]
 
 
 def build_backbone(name: str, **options: object) -> ResNet:

@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import Tensor, nn
 
+from backbones.arguments import missing_options
 from backbones.protocol import Backbone, class_path
 from backbones.weights import state_mismatches
 
@@ -32,8 +33,17 @@ def check_arguments(checks: Iterable[tuple[str, object, bool, str]]) -> None:
 
 def describe_head(head: nn.Module) -> dict[str, Any]:
     """A head's ``class_path`` and ``init_args`` (its options but ``in_channels``, which come
-    from the backbone), as a config file names it."""
-    return {"class_path": class_path(head), "init_args": dict(getattr(head, "init_args", {}))}
+    from the backbone), as a config file names it; a head whose ``init_args`` lack an option of
+    its constructor is refused, since its checkpoint would reload that option's default."""
+    init_args = dict(getattr(head, "init_args", {}))
+    missing = missing_options(head, init_args)
+    if missing:
+        raise ValueError(
+            f"head {class_path(head)} does not record its options {missing} in init_args, so a "
+            "checkpoint would rebuild it with their defaults; derive it from "
+            "backbones.arguments.CapturesArguments (tasks.heads' heads do), which records them"
+        )
+    return {"class_path": class_path(head), "init_args": init_args}
 
 
 def build_scheduler(

@@ -22,7 +22,9 @@ Every head follows one interface::
   sets ``"layer3"``: its prior reads the support's layer4 of the masked layer3. The task runs
   this through :meth:`backbones.Backbone.forward_from`.
 * ``head.init_args``: the head's own options (not ``in_channels``), which checkpoints store so
-  that they rebuild the head.
+  that they rebuild the head; :class:`backbones.arguments.CapturesArguments` records them from
+  the constructor's signature (a head whose ``init_args`` miss one of its options is refused by
+  :func:`tasks.base.describe_head`).
 * ``query_feats``: ``dict[str, Tensor]`` of [B, C, h, w]; ``support_feats``: ``dict[str, Tensor]``
   of [B, K, C, h, w]; features may be detached, channels_last, and the call may run under
   autocast.

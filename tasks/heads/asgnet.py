@@ -247,16 +247,6 @@ class ASGNetHead(FeatureEnrichment):
         dropout: float = 0.5,
     ) -> None:
         super().__init__(reduce_dim, bins)
-        self.init_args = {
-            "reduce_dim": reduce_dim,
-            "bins": list(bins),
-            "max_superpixels": max_superpixels,
-            "superpixel_area": superpixel_area,
-            "train_iterations": train_iterations,
-            "eval_iterations": eval_iterations,
-            "aux_weight": aux_weight,
-            "dropout": dropout,
-        }
         self.in_features = MID_LEVEL_LAYERS  # layer4 is not used (Li et al., Sec. 4.1)
         self.max_superpixels = max_superpixels
         self.superpixel_area = superpixel_area

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from backbones.arguments import CapturesArguments
+
 #: Backbone stages the heads read, in the order they are concatenated. PFENet and ASGNet
 #: (``model/asgnet.py``: ``torch.cat([query_feat_3, query_feat_2], 1)``) put layer3 first; the
 #: order matters for loading their weights.
@@ -147,7 +149,7 @@ def cosine_similarity_map(query: Tensor, prototypes: Tensor) -> Tensor:
         return torch.einsum("bmc,bchw->bmhw", prototypes, query)
 
 
-class OfficialCheckpoint(nn.Module):
+class OfficialCheckpoint(CapturesArguments, nn.Module):
     """Base class of the heads whose authors' released checkpoints load into them.
 
     Subclasses name their paper (``official_paper``), a head key only their official checkpoints

@@ -199,7 +199,6 @@ class HSNetHead(OfficialCheckpoint):
 
     def __init__(self, in_channels: Mapping[str, int], mask_support: bool = True) -> None:
         super().__init__()
-        self.init_args: dict[str, Any] = {"mask_support": mask_support}
         self.mask_support = mask_support
         self.stage_blocks = {
             stage: [f"{name}{PRE_RELU}" for name in in_channels if name.rpartition(".")[0] == stage]

@@ -128,12 +128,6 @@ class PFENetHead(FeatureEnrichment):
         super().__init__(reduce_dim, bins)
         if PRIOR_LAYER not in in_channels:
             raise ValueError(f"in_channels lacks {PRIOR_LAYER!r}; got {sorted(in_channels)}")
-        self.init_args = {
-            "reduce_dim": reduce_dim,
-            "bins": list(bins),
-            "aux_weight": aux_weight,
-            "dropout": dropout,
-        }
         self.in_features = ("layer2", MASK_LAYER, PRIOR_LAYER)
         self.support_mask_at = MASK_LAYER
         self.aux_weight = aux_weight

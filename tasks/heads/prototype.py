@@ -7,6 +7,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from backbones.arguments import CapturesArguments
+
 from .common import (
     MID_LEVEL_LAYERS,
     HeadOutput,
@@ -19,7 +21,7 @@ from .common import (
 )
 
 
-class PrototypeHead(nn.Module):
+class PrototypeHead(CapturesArguments, nn.Module):
     """One foreground prototype per episode compared with every query pixel.
 
     The mid-level feature is PFENet's (Tian et al., TPAMI 2020): layer3 and layer2
@@ -43,11 +45,6 @@ class PrototypeHead(nn.Module):
         decoder_dropout: float = 0.1,
     ) -> None:
         super().__init__()
-        self.init_args = {
-            "reduce_dim": reduce_dim,
-            "dropout": dropout,
-            "decoder_dropout": decoder_dropout,
-        }
         self.in_features = MID_LEVEL_LAYERS
         self.reduce = nn.Sequential(
             nn.Conv2d(mid_level_channels(in_channels), reduce_dim, 1, bias=False),

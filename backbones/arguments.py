@@ -1,0 +1,86 @@
+"""Constructor arguments recorded from the signature, so that a description cannot drift.
+
+A checkpoint rebuilds an encoder or a head from its class path and its arguments. A hand-kept
+copy of the arguments loses any option its author forgot to add to it, and the reload then falls
+back to that option's default without a word (issue 22: a head's ``margin=0.7`` reloaded as
+``0.0``). :class:`CapturesArguments` records, for the most derived class's ``__init__``, every
+argument bound to its signature with the defaults filled in.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+#: Where an instance keeps what its constructor was called with.
+_RECORD = "_captured_init_args"
+
+
+def plain(value: Any) -> Any:
+    """``value`` as a config file writes it: tuples and sequences as lists, mappings as dicts."""
+    if isinstance(value, Mapping):
+        return {key: plain(item) for key, item in value.items()}
+    if isinstance(value, tuple | list):
+        return [plain(item) for item in value]
+    return value
+
+
+def _capturing(init: Callable[..., None]) -> Callable[..., None]:
+    signature = inspect.signature(init)
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+
+    @functools.wraps(init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        if _RECORD not in self.__dict__:  # the most derived class's call comes first
+            bound = signature.bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            skipped = type(self).uncaptured_arguments
+            recorded: dict[str, Any] = {}
+            for name, value in list(bound.arguments.items())[1:]:
+                kind = signature.parameters[name].kind
+                if kind == inspect.Parameter.VAR_KEYWORD:  # options passed on to a parent
+                    recorded.update({key: plain(item) for key, item in value.items()})
+                elif name not in skipped and kind not in variadic:
+                    recorded[name] = plain(value)
+            object.__setattr__(self, _RECORD, recorded)
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+class CapturesArguments:
+    """``init_args``: the options the object was built with, read from its ``__init__``'s
+    signature (every parameter but :attr:`uncaptured_arguments`, and what ``**kwargs`` passed
+    on), never a hand-kept copy.
+
+    A subclass that adds an option needs nothing more: its own ``__init__`` is the one recorded.
+    """
+
+    #: Constructor parameters that are not options: a head's ``in_channels`` come from the
+    #: backbone it is built on.
+    uncaptured_arguments: ClassVar[tuple[str, ...]] = ("in_channels",)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _capturing(cls.__dict__["__init__"])  # type: ignore[method-assign]
+
+    @property
+    def init_args(self) -> dict[str, Any]:
+        """The recorded options (a copy)."""
+        return dict(self.__dict__.get(_RECORD, {}))
+
+
+def missing_options(obj: object, init_args: Mapping[str, Any]) -> list[str]:
+    """The options of ``type(obj).__init__`` that ``init_args`` does not hold (``self``,
+    ``in_channels`` and ``*args``/``**kwargs`` are not options)."""
+    parameters = inspect.signature(type(obj).__init__).parameters.values()
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    skipped = getattr(obj, "uncaptured_arguments", ("in_channels",))
+    return [
+        p.name
+        for p in list(parameters)[1:]
+        if p.kind not in variadic and p.name not in skipped and p.name not in init_args
+    ]
