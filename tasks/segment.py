@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, get_args
 import torch
 from jsonargparse import lazy_instance
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from backbones import Backbone, ResNet, WeightsError
 from backbones.weights import checkpoint_arch, read_checkpoint, to_native
@@ -268,8 +268,9 @@ class FewShotSegmentation(BaseTask):
         self.backbone.select_outputs(in_features)
         for stage in [*self.backbone.idle_stages(), *frozen]:
             stage.requires_grad_(False)
-        if self.hparams.freeze_backbone:
+        if self.hparams.freeze_backbone:  # the task's guarantee, whatever the encoder's freeze
             self.backbone.freeze("all", norm_eval=True)
+            self.backbone.requires_grad_(False)
         if self.hparams.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
             self.head.to(memory_format=torch.channels_last)
@@ -355,13 +356,16 @@ class FewShotSegmentation(BaseTask):
         self.train(self.training)
 
     def train(self, mode: bool = True) -> FewShotSegmentation:
-        """As :meth:`nn.Module.train`; the backbone's BatchNorm layers follow ``mode`` under
-        :attr:`backbone_batch_statistics` (the backbone keeps them in eval mode otherwise)."""
+        """As :meth:`nn.Module.train`; a frozen backbone's normalisation layers with running
+        statistics stay in eval mode whatever the encoder's own ``train()`` does (so any encoder
+        stays bit-identical), except its BatchNorm under :attr:`backbone_batch_statistics`,
+        which follows ``mode`` (PFENet's ``model.train()``)."""
         super().train(mode)
-        if mode and self.backbone_batch_statistics:
+        if mode and self.hparams.freeze_backbone:
+            batch_statistics = self.backbone_batch_statistics
             for module in self.backbone.modules():
-                if isinstance(module, _BatchNorm):  # SyncBatchNorm under DDP too
-                    module.train()
+                if isinstance(module, _NormBase):  # BatchNorm, SyncBatchNorm, InstanceNorm
+                    module.train(batch_statistics and isinstance(module, _BatchNorm))
         return self
 
     def on_fit_start(self) -> None:

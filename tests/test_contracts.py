@@ -460,3 +460,37 @@ def test_a_hand_kept_copy_missing_an_option_is_refused() -> None:
 
     with pytest.raises(ValueError, match=r"does not record its options \['margin'\]"):
         FewShotSegmentation(ResNet("resnet18"), head=ForgetfulHead)
+
+
+class NormalisedTinyEncoder(TinyEncoder):
+    """TinyEncoder with BatchNorm whose ``freeze`` does nothing and which has no ``train()`` of
+    its own: keeping it frozen is the task's job."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__(width)
+        self.layer2 = nn.Sequential(
+            nn.Conv2d(3, width, 3, stride=4, padding=1), nn.BatchNorm2d(width), nn.ReLU()
+        )
+
+    def freeze(self, frozen_stages: int | str, norm_eval: bool = False) -> None:
+        pass
+
+
+def test_the_task_keeps_a_frozen_encoder_of_another_family_bit_identical() -> None:
+    model = FewShotSegmentation(NormalisedTinyEncoder(), head=partial(PrototypeHead, reduce_dim=8),
+                                freeze_backbone=True)  # fmt: skip
+    before = {k: v.clone() for k, v in model.backbone.state_dict().items()}
+    assert not any(p.requires_grad for p in model.backbone.parameters())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=0.1)
+    model.train()
+    assert not any(m.training for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d))
+    for _ in range(3):
+        query, support, masks = episode()
+        loss, _ = model.loss(model(query, support, masks), masks[:, 0])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for key, value in model.backbone.state_dict().items():
+        assert torch.equal(value, before[key]), key  # running statistics included
+    assert "num_batches_tracked" in str(list(before))  # the statistics were there to change
