@@ -222,6 +222,14 @@ def test_cli_predict_writes_masks_at_original_size(tmp_path: Path) -> None:
         assert set(np.unique(np.array(mask))) <= {0, 1}
         overlay = Image.open(output / f"{image.stem}_overlay.jpg")
         assert overlay.size == mask.size
+    before = sorted(shapes.iterdir())
+    with pytest.raises(ValueError, match=r"holds predict queries; choose a folder apart"):
+        main(["predict", *tiny_args(tmp_path), "--ckpt_path", str(last),
+              "--data.predict_support", f"[{images[0]}]",
+              "--data.predict_support_masks", f"[{support_mask}]",
+              "--data.predict_queries", f"[{images[1]}]",
+              "--prediction_writer.output_dir", str(shapes)])  # fmt: skip
+    assert sorted(shapes.iterdir()) == before
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,39 @@ OVERLAY_COLOUR = np.array([255, 40, 40], dtype=np.float32)
 PALETTE = [0, 0, 0, 255, 40, 40] + [0, 0, 0] * 254  # 0 background, 1 foreground
 
 
+def output_names(queries: Sequence[Path]) -> dict[str, str]:
+    """Each query's output name (by its path): its file stem, or, when two queries share a stem
+    (``a/1.jpg``, ``b/1.jpg``), its path from the queries' common folder without the suffix
+    (``a/1``, ``b/1``), so that no prediction overwrites another."""
+    stems = [query.stem for query in queries]
+    if len(set(stems)) == len(stems):
+        return {str(query): query.stem for query in queries}
+    resolved = [query.resolve() for query in queries]
+    root = Path(os.path.commonpath([query.parent for query in resolved]))
+    return {
+        str(query): str(path.relative_to(root).with_suffix(""))
+        for query, path in zip(queries, resolved, strict=True)
+    }
+
+
+def check_apart(output_dir: Path, queries: Sequence[Path], names: dict[str, str]) -> None:
+    """Refuse to write predictions into a folder holding queries (a mask ``<stem>.png`` would
+    replace a query of that name, and the inputs would mix with the outputs)."""
+    inputs = {query.resolve().parent for query in queries}
+    targets = {(output_dir / name).resolve().parent for name in names.values()}
+    shared = sorted(str(folder) for folder in inputs & targets)
+    if shared:
+        raise ValueError(
+            f"--prediction_writer.output_dir {str(output_dir)!r} would write predictions into "
+            f"{shared[0]}, which holds predict queries; choose a folder apart from the inputs"
+        )
+
+
 class MaskWriter(BasePredictionWriter):
-    """Saves ``<output_dir>/<query_id>.png`` (palette PNG, 0 background, 1 foreground) and
-    ``<query_id>_overlay.jpg`` (the query with the foreground tinted) for every query.
+    """Saves ``<output_dir>/<name>.png`` (palette PNG, 0 background, 1 foreground) and
+    ``<name>_overlay.jpg`` (the query with the foreground tinted) for every query, ``name``
+    its file stem, or its relative path where stems repeat (:func:`output_names`); a folder
+    holding queries is refused before predicting.
 
     Args:
         output_dir: folder for the outputs; created if missing, checked writable before predicting.
@@ -30,8 +61,14 @@ class MaskWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
         self.alpha = alpha
+        self.names: dict[str, str] = {}
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        loaders = trainer.predict_dataloaders
+        loaders = loaders if isinstance(loaders, Sequence) else [loaders]
+        queries = [q for loader in loaders for q in getattr(loader.dataset, "queries", [])]
+        self.names = output_names(queries)
+        check_apart(self.output_dir, queries, self.names)
         writable_folder(self.output_dir, "--prediction_writer.output_dir", "predictions")
 
     def write_on_batch_end(
@@ -50,10 +87,12 @@ class MaskWriter(BasePredictionWriter):
             mask = mask.numpy().astype(np.uint8)
             png = Image.fromarray(mask, mode="P")
             png.putpalette(PALETTE)
-            png.save(self.output_dir / f"{query_id}.png")
+            name = self.output_dir / self.names.get(str(path), query_id)
+            name.parent.mkdir(parents=True, exist_ok=True)
+            png.save(name.with_name(f"{name.name}.png"))
             image = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
             tint = mask[..., None].astype(np.float32) * self.alpha
             overlay = image * (1 - tint) + OVERLAY_COLOUR * tint
             Image.fromarray(overlay.round().astype(np.uint8)).save(
-                self.output_dir / f"{query_id}_overlay.jpg", quality=95
+                name.with_name(f"{name.name}_overlay.jpg"), quality=95
             )
