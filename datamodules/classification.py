@@ -25,7 +25,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from .datamodule import data_dir, require, write_once
-from .files import IMAGE_EXTENSIONS
+from .files import IMAGE_EXTENSIONS, visible
 from .sampler import ShardedSampler, rank_and_world_size
 from .shapes import GENERATOR_VERSION, SHAPE_CLASSES, render_scene
 from .source import missing_path_error, open_image
@@ -125,7 +125,9 @@ class ShardSampler(ShardedSampler):
 def image_files(folder: Path) -> list[Path]:
     """The images directly inside ``folder``, sorted by name."""
     return sorted(
-        p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        p
+        for p in folder.iterdir()
+        if visible(p) and p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
     )
 
 
@@ -136,7 +138,7 @@ def scan_image_folder(
     folder = root / split
     if not folder.is_dir():
         raise missing_path_error(folder, f"{split} folder", IMAGEFOLDER_LAYOUT)
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    classes = sorted(p.name for p in folder.iterdir() if visible(p) and p.is_dir())
     unknown = [name for name in classes if name not in class_names]
     if unknown:
         raise ValueError(
@@ -296,7 +298,7 @@ class ImageFolderData(ClassificationDataModule):
         for split in ("train", "val"):
             if not (self.root / split).is_dir():
                 raise missing_path_error(self.root / split, f"{split} folder", IMAGEFOLDER_LAYOUT)
-        names = sorted(p.name for p in (self.root / "train").iterdir() if p.is_dir())
+        names = sorted(p.name for p in (self.root / "train").iterdir() if visible(p) and p.is_dir())
         if len(names) < 2:
             raise ValueError(
                 f"{self.root / 'train'} has {len(names)} class folder(s); classification needs "

@@ -14,6 +14,12 @@ from typing import IO, Any
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".ppm", ".tif", ".tiff", ".webp")
 
 
+def visible(path: Path) -> bool:
+    """Whether a folder entry is data: hidden names (``.ipynb_checkpoints``, macOS's ``._*``
+    companions, ``.DS_Store``) are not classes or images."""
+    return not path.name.startswith(".")
+
+
 @contextlib.contextmanager
 def atomic_file(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
     """A file that replaces ``path`` only once fully written and synced to disk.

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .datamodule import FewShotDataModule, Split, data_dir
-from .files import IMAGE_EXTENSIONS
+from .files import IMAGE_EXTENSIONS, visible
 from .index import ClassCounts
 from .lists import FSS_SPLITS, shipped
 from .source import IGNORE, PngLabelSource, missing_path_error
@@ -78,7 +78,7 @@ def scan_class_folder(folder: Path, layout: str) -> dict[str, tuple[Path, Path]]
     files = sorted(
         p
         for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+        if visible(p) and p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
     )
     pairs: dict[str, tuple[Path, Path]] = {}
     if mask_dir.is_dir():
@@ -287,7 +287,7 @@ class FolderFewShot(ClassFolderFewShot):
         folder = Path(root).expanduser() if root is not None else self.default_root()
         if not folder.is_dir():
             raise missing_path_error(folder, "dataset root", FOLDER_LAYOUT)
-        found = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name[0] != ".")
+        found = sorted(p.name for p in folder.iterdir() if visible(p) and p.is_dir())
         if not found:
             raise missing_path_error(folder / "<class>", "class folders", FOLDER_LAYOUT)
         self.test_class_names = self._names(folder, test_classes, found, "test_classes")

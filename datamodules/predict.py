@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .episode import Batch, JointTransform, image_tensor
-from .files import IMAGE_EXTENSIONS
+from .files import IMAGE_EXTENSIONS, visible
 from .source import IGNORE, open_image, open_label_png
 from .transforms import resized_size
 
@@ -27,7 +27,9 @@ def expand_images(paths: Sequence[str]) -> list[Path]:
     files: list[Path] = []
     for entry in map(Path, paths):
         if entry.is_dir():
-            found = sorted(p for p in entry.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            found = sorted(
+                p for p in entry.iterdir() if visible(p) and p.suffix.lower() in IMAGE_EXTENSIONS
+            )
             if not found:
                 raise FileNotFoundError(f"predict query folder {str(entry)!r} holds no images")
             files += found

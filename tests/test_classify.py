@@ -44,6 +44,19 @@ def image_folder(tmp_path: Path) -> Path:
     return root
 
 
+def test_hidden_entries_are_not_classes_or_images(image_folder: Path) -> None:
+    """Jupyter's ``.ipynb_checkpoints`` beside the classes and macOS's ``._0.png`` beside the
+    images are not data."""
+    for split in ("train", "val"):
+        write_image(image_folder / split / ".ipynb_checkpoints" / "0-checkpoint.png", (0, 0, 0))
+        (image_folder / split / CLASSES[0] / "._0.png").write_bytes(b"\x00\x05\x16\x07")
+    dm = ImageFolderData(str(image_folder), image_size=16, batch_size=5, num_workers=0)
+    assert dm.class_names == list(CLASSES)
+    dm.setup("fit")
+    labels = torch.cat([b["label"] for b in dm.val_dataloader()]).tolist()
+    assert labels == [0, 0, 1, 1, 2, 2]
+
+
 def write_pickle(path: Path, content: dict) -> None:
     with path.open("wb") as file:
         pickle.dump(content, file)
