@@ -234,8 +234,10 @@ class FewShotDataModule(LightningDataModule):
             "None or an integer >= 1",
         )
         require("val_episodes", val_episodes, val_episodes >= 1, "an integer >= 1")
-        for name, value in (("test_episodes", test_episodes), ("eval_size", eval_size)):
-            require(name, value, value is None or value >= 1, "None or an integer >= 1")
+        require("test_episodes", test_episodes, test_episodes is None or test_episodes >= 1,
+                "None or an integer >= 1")  # fmt: skip
+        require("eval_size", eval_size, eval_size is None or eval_size >= 8,
+                "None or an integer >= 8 (as image_size)")  # fmt: skip
         require("min_pixels", min_pixels, min_pixels >= 1, "an integer >= 1")
         require("val_fraction", val_fraction, 0 < val_fraction < 1, "in the open interval (0, 1)")
         self.save_hyperparameters()

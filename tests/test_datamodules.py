@@ -413,6 +413,7 @@ def test_too_few_images_for_the_shots(make_dm) -> None:
         ("val_fraction", 1.0, r"in the open interval \(0, 1\)"),
         ("min_pixels", 0, "an integer >= 1"),
         ("test_episodes", 0, "None or an integer >= 1"),
+        ("eval_size", 2, r"None or an integer >= 8 \(as image_size\)"),
     ],
 )
 def test_bad_arguments(make_dm, field: str, value: object, allowed: str) -> None:

@@ -244,3 +244,16 @@ def test_official_checkpoint_mismatch_lists_keys():
     del state["module.cls.3.bias"]
     with pytest.raises(RuntimeError, match=r"missing keys \['cls.3.bias'\].*\['extra.weight'\]"):
         ASGNetHead(RESNET50).load_official_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    ("head", "option"),
+    [(PrototypeHead, "dropout"), (PrototypeHead, "decoder_dropout"), (PFENetHead, "dropout"),
+     (ASGNetHead, "dropout")],
+)  # fmt: skip
+@pytest.mark.parametrize("value", [1.0, -0.1])
+def test_dropout_outside_0_1_is_refused(head: type, option: str, value: float) -> None:
+    """A dropout of 1 zeroes every feature: refused when the head is built, as classify does."""
+    channels = {"layer2": 128, "layer3": 256, "layer4": 512}
+    with pytest.raises(ValueError, match=rf"{head.__name__} {option}={value}: expected a probab"):
+        head(channels, **{option: value})

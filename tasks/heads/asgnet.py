@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from .common import (
     MID_LEVEL_LAYERS,
     HeadOutput,
+    check_dropout,
     check_inputs,
     cosine_similarity_map,
     foreground_masks,
@@ -246,6 +247,7 @@ class ASGNetHead(FeatureEnrichment):
         aux_weight: float = 1.0,
         dropout: float = 0.5,
     ) -> None:
+        check_dropout("ASGNetHead", dropout=dropout)
         super().__init__(reduce_dim, bins)
         self.in_features = MID_LEVEL_LAYERS  # layer4 is not used (Li et al., Sec. 4.1)
         self.max_superpixels = max_superpixels

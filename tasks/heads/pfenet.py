@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from .common import (
     COSINE_EPS,
     HeadOutput,
+    check_dropout,
     check_inputs,
     foreground_masks,
     masked_average_pooling,
@@ -125,6 +126,7 @@ class PFENetHead(FeatureEnrichment):
         aux_weight: float = 1.0,
         dropout: float = 0.5,
     ) -> None:
+        check_dropout("PFENetHead", dropout=dropout)
         super().__init__(reduce_dim, bins)
         if PRIOR_LAYER not in in_channels:
             raise ValueError(f"in_channels lacks {PRIOR_LAYER!r}; got {sorted(in_channels)}")

@@ -12,6 +12,7 @@ from backbones.arguments import CapturesArguments
 from .common import (
     MID_LEVEL_LAYERS,
     HeadOutput,
+    check_dropout,
     check_inputs,
     cosine_similarity_map,
     foreground_masks,
@@ -45,6 +46,7 @@ class PrototypeHead(CapturesArguments, nn.Module):
         decoder_dropout: float = 0.1,
     ) -> None:
         super().__init__()
+        check_dropout("PrototypeHead", dropout=dropout, decoder_dropout=decoder_dropout)
         self.in_features = MID_LEVEL_LAYERS
         self.reduce = nn.Sequential(
             nn.Conv2d(mid_level_channels(in_channels), reduce_dim, 1, bias=False),
