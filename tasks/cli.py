@@ -7,11 +7,13 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
-from collections.abc import Iterator
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import ClassVar, NoReturn
 
 import torch
+import yaml
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
@@ -66,9 +68,17 @@ class TaskCLI(LightningCLI):
         raise cause
 
     def parse_arguments(self, parser: LightningArgumentParser, args: object) -> None:
-        """Check ``--ckpt_path`` before LightningCLI reads its hyper-parameters into the config
-        (the checkpoint's model description overrides the config's): an unreadable file, or one
-        of another task, is named here rather than failing inside the config merge."""
+        """Refuse a ``--config`` file with a key written twice (YAML keeps the second value
+        silently), then check ``--ckpt_path`` before LightningCLI reads its hyper-parameters
+        into the config (the checkpoint's model description overrides the config's): an
+        unreadable file, or one of another task, is named here rather than failing inside the
+        config merge."""
+        argv = sys.argv[1:] if args is None else args
+        if isinstance(argv, list | tuple):
+            for path in config_files([str(arg) for arg in argv]):
+                problem = duplicate_key(Path(path))
+                if problem:
+                    parser.error(problem)
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
@@ -143,6 +153,49 @@ def run_cli(
             },
             args=args,
         )
+
+
+def config_files(argv: Sequence[str]) -> list[str]:
+    """The files given to ``--config`` / ``-c`` on a command line."""
+    files = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in ("--config", "-c")]
+    return files + [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
+
+
+class _DuplicateKeyError(yaml.constructor.ConstructorError):
+    pass
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader refusing a mapping key written twice."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first: dict[object, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str):
+                continue
+            if key in first:
+                raise _DuplicateKeyError(
+                    None, None, f"{key!r} (first at line {first[key] + 1})", key_node.start_mark
+                )
+            first[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def duplicate_key(path: Path) -> str | None:
+    """``<file>:<line>: duplicate key ...`` for a YAML file with a key written twice in one
+    mapping, else ``None`` (an unreadable or invalid file is jsonargparse's to report)."""
+    try:
+        yaml.load(path.read_text(encoding="utf-8-sig"), Loader=_UniqueKeyLoader)
+    except _DuplicateKeyError as error:
+        line = error.problem_mark.line + 1 if error.problem_mark else "?"
+        return (
+            f"{path}:{line}: duplicate key {error.problem}; YAML would keep the second value "
+            "silently, so the config is refused"
+        )
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return None
 
 
 def is_wandb_logger(logger: object) -> bool:

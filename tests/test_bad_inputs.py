@@ -458,6 +458,18 @@ def test_non_finite_loss_stops_with_the_step_and_a_hint(
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+def test_config_with_a_key_written_twice_is_refused_with_file_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """YAML keeps a repeated key's second value without a word; the CLI refuses the file."""
+    config = tmp_path / "twice.yaml"
+    config.write_text("data:\n  init_args:\n    shots: 1\n    fold: 0\n    shots: 5\n")
+    check_exit(SEGMENT, ["fit", "--config", str(config)], 2,
+               rf"{re.escape(str(config))}:5: duplicate key 'shots' \(first at line 3\)",
+               capsys)  # fmt: skip
+    assert [p.name for p in tmp_path.iterdir()] == ["twice.yaml"]
+
+
 def test_deferred_non_finite_check_names_the_step_it_happened(
     shared: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
