@@ -64,12 +64,12 @@ class MaskWriter(BasePredictionWriter):
         self.names: dict[str, str] = {}
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        writable_folder(self.output_dir, "--prediction_writer.output_dir", "predictions")
         loaders = trainer.predict_dataloaders
         loaders = loaders if isinstance(loaders, Sequence) else [loaders]
         queries = [q for loader in loaders for q in getattr(loader.dataset, "queries", [])]
         self.names = output_names(queries)
         check_apart(self.output_dir, queries, self.names)
-        writable_folder(self.output_dir, "--prediction_writer.output_dir", "predictions")
 
     def write_on_batch_end(
         self,
