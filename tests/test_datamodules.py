@@ -465,3 +465,17 @@ def test_predict_support_masks_read_255_as_object_only_alone(
     Image.fromarray(label).save(path)
     binary = support_mask(path, (8, 9), tmp_path / "image.jpg")
     assert [int(binary[0, 3 * column]) for column in range(len(values))] == list(expected)
+
+
+def test_16_bit_images_read_as_their_8_bit_values(tmp_path: Path) -> None:
+    """A 16-bit PNG decodes to its high bytes (Pillow's RGB conversion made it pure white)."""
+    import cv2
+
+    from datamodules.source import open_image
+
+    pixels = np.zeros((4, 5, 3), dtype=np.uint16)
+    pixels[..., 0], pixels[..., 1], pixels[..., 2] = 1000, 30000, 65535  # B, G, R for OpenCV
+    cv2.imwrite(str(tmp_path / "deep.png"), pixels)
+    image = open_image(tmp_path / "deep.png")
+    assert image.dtype == np.uint8 and image.shape == (4, 5, 3)
+    assert image[0, 0].tolist() == [255, 30000 >> 8, 1000 >> 8]  # RGB
