@@ -32,6 +32,7 @@ from pycocotools import mask as mask_utils
 
 from benchmarks.common import episodes_per_second
 from datamodules import CocoFewShot, ShapesFewShot
+from datamodules.coco import COCO_CLASSES
 from datamodules.prepare import prepare_coco
 
 
@@ -82,8 +83,9 @@ def synthetic_coco(root: Path, images: int, seed: int = 0) -> Path:
                      "category_id": categories[0], "segmentation": encoded,
                      "area": float(crowd.sum())}
                 )  # fmt: skip
+        names = zip(categories, COCO_CLASSES, strict=True)
         content = {"images": infos, "annotations": annotations,
-                   "categories": [{"id": i, "name": str(i)} for i in categories]}  # fmt: skip
+                   "categories": [{"id": i, "name": name} for i, name in names]}  # fmt: skip
         (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(content))
     return root
 

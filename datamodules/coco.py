@@ -72,6 +72,18 @@ class CocoInstancesSource(SegmentationSource):
                 f"{annotation_file} has {len(category_ids)} categories; COCO-20i needs "
                 f"{len(COCO_CLASSES)}"
             )
+        names = [self.coco.cats[category].get("name") for category in category_ids]
+        wrong = [
+            f"id {category}: {name!r} (expected {expected!r})"
+            for category, name, expected in zip(category_ids, names, COCO_CLASSES, strict=True)
+            if name != expected
+        ]
+        if wrong:
+            raise ValueError(
+                f"{annotation_file}: categories in id order are not COCO's 80 (the class indices "
+                f"and folds would shift): {'; '.join(wrong[:5])}"
+                + (f"; and {len(wrong) - 5} more" if len(wrong) > 5 else "")
+            )
         self._class_of = {category: index for index, category in enumerate(category_ids)}
         images = sorted(self.coco.imgs.values(), key=lambda image: image["id"])
         self._images: dict[str, dict[str, Any]] = {Path(i["file_name"]).stem: i for i in images}

@@ -15,6 +15,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from datamodules import PascalFewShot
+from datamodules.coco import COCO_CLASSES
 from datamodules.pascal import save_label_png
 
 HEIGHT, WIDTH = 80, 96
@@ -117,7 +118,9 @@ def write_coco_tree(root: Path, num_images: int = 80) -> Path:
             {"id": 10_000, "image_id": 1, "iscrowd": 1, "area": float(crowd.sum()),
              "category_id": COCO_CATEGORY_IDS[0], "segmentation": encoded}
         )  # fmt: skip
-        categories = [{"id": i, "name": f"category {i}"} for i in COCO_CATEGORY_IDS]
+        categories = [
+            {"id": i, "name": name} for i, name in zip(COCO_CATEGORY_IDS, COCO_CLASSES, strict=True)
+        ]
         (root / "annotations").mkdir(exist_ok=True)
         content = {"images": images, "annotations": annotations, "categories": categories}
         (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(content))

@@ -97,13 +97,27 @@ def test_bad_annotations_name_the_file(coco_root: Path, tmp_path: Path) -> None:
     assert str(path) in str(error.value)
 
     def unknown_category(content: dict) -> None:
-        content["categories"].append({"id": 12, "name": "street sign"})  # back to 80
+        content["categories"].append({"id": 90, "name": "toothbrush"})  # back to COCO's 80
         content["annotations"][3]["category_id"] = 999
 
     path = _rewrite_json(root, unknown_category)
-    with pytest.raises(ValueError, match="category") as error:
+    with pytest.raises(ValueError, match="has category 999, not one of") as error:
         make_dm(root, tmp_path / "cache").setup("test")
     assert str(path) in str(error.value)
+
+
+def test_categories_other_than_cocos_80_are_named(coco_root: Path, tmp_path: Path) -> None:
+    """80 categories, but not COCO's: every class index and fold would shift silently."""
+    root = Path(shutil.copytree(coco_root, tmp_path / "coco"))
+
+    def renumbered(content: dict) -> None:
+        first, second = content["categories"][:2]
+        first["name"], second["name"] = second["name"], first["name"]
+
+    path = _rewrite_json(root, renumbered)
+    with pytest.raises(ValueError, match=r"not COCO's 80 .*id 1: 'bicycle' \(expected 'person'\)"):
+        make_dm(root, tmp_path / "cache").setup("test")
+    assert path.is_file()
     path.write_text("{not json")
     with pytest.raises(ValueError, match="cannot read COCO annotations"):
         make_dm(root, tmp_path / "cache").setup("test")
