@@ -13,6 +13,7 @@ import numpy as np
 from pycocotools.coco import COCO
 
 from .datamodule import FewShotDataModule, Split, data_dir
+from .files import visible
 from .protocols import CocoCrowd
 from .source import IGNORE, PngLabelSource, SegmentationSource, missing_path_error
 from .splits import CocoSplit, coco_novel_classes
@@ -132,8 +133,12 @@ class CocoInstancesSource(SegmentationSource):
         return hashlib.sha256(f"{key}{self.image_dir.resolve()}".encode()).hexdigest()
 
 
-def coco_mask_source(name: str, image_dir: Path, mask_dir: Path) -> PngLabelSource:
-    """A COCO split with pre-rendered label PNGs; the images are those with a mask."""
+def coco_mask_source(
+    name: str, image_dir: Path, mask_dir: Path, partial: bool = False
+) -> PngLabelSource:
+    """A COCO split with pre-rendered label PNGs. Every image needs its mask: a folder with
+    masks for only some images (an interrupted rendering) is refused, counted, unless
+    ``partial``, which uses the images that have one."""
     for path, what in ((image_dir, "image folder"), (mask_dir, "mask folder")):
         if not path.is_dir():
             raise missing_path_error(path, what, COCO_LAYOUT)
@@ -142,6 +147,15 @@ def coco_mask_source(name: str, image_dir: Path, mask_dir: Path) -> PngLabelSour
     }
     if not files:
         raise missing_path_error(mask_dir / "<image id>.png", "mask files", COCO_LAYOUT)
+    images = sorted(image.stem for image in image_dir.glob("*.jpg") if visible(image))
+    unmasked = [image for image in images if image not in files]
+    if unmasked and not partial:
+        raise ValueError(
+            f"{mask_dir} has masks for {len(images) - len(unmasked)} of the {len(images)} "
+            f"images in {image_dir} (no mask for {unmasked[0]}.jpg and {len(unmasked) - 1} "
+            "more): render the rest with `python -m datamodules.prepare coco`, or pass "
+            "--data.masks_partial true to use only the images that have one"
+        )
     return PngLabelSource(name, len(COCO_CLASSES), files)
 
 
@@ -152,6 +166,7 @@ class CocoFewShot(FewShotDataModule):
         split: ``"interleaved"`` (PFENet ``use_split_coco``, HSNet, ASGNet: fold ``i`` novel
             classes ``i+1, i+5, ..., i+77``) or ``"contiguous"`` (PANet: ``20i+1 .. 20i+20``).
         masks: folder (relative to ``root``) of pre-rendered masks; ``None`` reads the JSON.
+        masks_partial: use only the images that have a mask (else a partial folder is refused).
         coco_crowd: crowd (255) pixels ``ignore``d or made ``background`` (HSNet); ``None``: the
             protocol's (:mod:`datamodules.protocols`).
         **kwargs: see :class:`FewShotDataModule`; ``root`` defaults to ``data_dir()/coco``,
@@ -173,13 +188,14 @@ class CocoFewShot(FewShotDataModule):
         root: str | None = None,
         split: CocoSplit = "interleaved",
         masks: str | None = None,
+        masks_partial: bool = False,
         coco_crowd: CocoCrowd | None = None,
         **kwargs: Any,
     ) -> None:
         if split not in ("interleaved", "contiguous"):
             raise ValueError(f"split must be one of 'interleaved', 'contiguous', got {split!r}")
         self.split = split
-        self.masks = masks
+        self.masks, self.masks_partial = masks, masks_partial
         self.coco_crowd = coco_crowd
         super().__init__(root=root, **kwargs)
 
@@ -197,8 +213,9 @@ class CocoFewShot(FewShotDataModule):
             raise missing_path_error(self.root, "dataset root", COCO_LAYOUT)
         folder = {"train": "train2014", "test": "val2014"}[split]
         if self.masks is not None:
+            masks = self.root / self.masks / folder
             return coco_mask_source(
-                f"coco-masks-{split}", self.root / folder, self.root / self.masks / folder
+                f"coco-masks-{split}", self.root / folder, masks, self.masks_partial
             )
         annotations = self.root / "annotations" / f"instances_{folder}.json"
         return CocoInstancesSource(f"coco-{split}", self.root / folder, annotations)

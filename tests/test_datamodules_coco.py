@@ -69,6 +69,15 @@ def test_pre_rendered_masks_match_the_json(coco_root: Path, tmp_path: Path) -> N
     from_json.setup("test")
     assert from_masks.pools("test") == from_json.pools("test")
 
+    missing = sorted((root / "masks/val2014").glob("*.png"))[-3:]
+    for mask in missing:
+        mask.unlink()
+    with pytest.raises(ValueError, match=r"has masks for 77 of the 80 images .* and 2 more"):
+        make_dm(root, tmp_path / "cache2", masks="masks").setup("test")
+    partial = make_dm(root, tmp_path / "cache3", masks="masks", masks_partial=True)
+    partial.setup("test")
+    assert sorted(partial.source("test").ids) == sorted(set(source.ids) - {m.stem for m in missing})
+
 
 def test_eval_batch(coco_root: Path, tmp_path: Path) -> None:
     dm = make_dm(coco_root, tmp_path, test_episodes=20, batch_size=6, image_size=48)
