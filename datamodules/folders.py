@@ -177,7 +177,9 @@ def read_class_list(path: Path) -> list[str]:
     """Class names, one a line (CRLF or LF; blank lines skipped)."""
     if not path.is_file():
         raise FileNotFoundError(f"class list not found: {path}")
-    names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    names = [
+        line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()
+    ]
     if not names:
         raise ValueError(f"class list {path} is empty")
     return names

@@ -77,7 +77,7 @@ def pascal_source(
     if not list_path.is_file():
         raise missing_path_error(list_path, "list file", PASCAL_LAYOUT)
     files: dict[str, tuple[Path, Path]] = {}
-    for number, line in enumerate(list_path.read_text().splitlines(), start=1):
+    for number, line in enumerate(list_path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         fields = line.split()
         if len(fields) == 1:
             image_id = fields[0]

@@ -479,3 +479,13 @@ def test_16_bit_images_read_as_their_8_bit_values(tmp_path: Path) -> None:
     image = open_image(tmp_path / "deep.png")
     assert image.dtype == np.uint8 and image.shape == (4, 5, 3)
     assert image[0, 0].tolist() == [255, 30000 >> 8, 1000 >> 8]  # RGB
+
+
+def test_list_files_written_with_a_byte_order_mark_read_the_same(own_tree: Path) -> None:
+    """Windows editors save UTF-8 with a BOM: the first id must not become '\\ufeff2008_...'."""
+    from datamodules.pascal import pascal_source
+
+    val = own_tree / "ImageSets/Segmentation/val.txt"
+    plain = pascal_source(own_tree, "ImageSets/Segmentation/val.txt", "pascal-test").ids
+    val.write_bytes(b"\xef\xbb\xbf" + val.read_bytes())
+    assert pascal_source(own_tree, "ImageSets/Segmentation/val.txt", "pascal-test").ids == plain
