@@ -25,6 +25,15 @@ IGNORE = 255
 cv2.setNumThreads(1)
 
 
+def _has_values_above(label: np.ndarray, num_classes: int) -> bool:
+    """Whether ``label`` holds a value above ``num_classes`` other than 255: one ``cv2.inRange``
+    pass for ``uint8`` maps (several times faster than ``np.unique`` in the loaders' hot path),
+    NumPy for wider ones (FolderFewShot's ``int32`` maps of over 254 classes)."""
+    if label.dtype == np.uint8:
+        return bool(cv2.countNonZero(cv2.inRange(label, num_classes + 1, IGNORE - 1)))
+    return bool(np.any((label > num_classes) & (label != IGNORE)))
+
+
 def missing_path_error(path: Path, what: str, layout: str) -> FileNotFoundError:
     """An error naming the missing path and showing the layout the loader expects."""
     return FileNotFoundError(f"{what} not found: {path}\nExpected layout:\n{layout}")
@@ -106,7 +115,7 @@ class SegmentationSource(ABC):
     def read_label(self, image_id: str) -> np.ndarray:
         """The validated label map: only values ``0..num_classes`` and ``255``."""
         label = self._decode_label(image_id)
-        if cv2.countNonZero(cv2.inRange(label, self.num_classes + 1, IGNORE - 1)):
+        if _has_values_above(label, self.num_classes):
             values = np.unique(label)
             bad = values[(values > self.num_classes) & (values != IGNORE)]
             raise ValueError(

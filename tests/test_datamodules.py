@@ -489,3 +489,39 @@ def test_list_files_written_with_a_byte_order_mark_read_the_same(own_tree: Path)
     plain = pascal_source(own_tree, "ImageSets/Segmentation/val.txt", "pascal-test").ids
     val.write_bytes(b"\xef\xbb\xbf" + val.read_bytes())
     assert pascal_source(own_tree, "ImageSets/Segmentation/val.txt", "pascal-test").ids == plain
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int32])
+def test_label_values_above_the_classes_are_refused_in_any_width(dtype: type) -> None:
+    """uint8 maps go through OpenCV's range check, wider ones (over 254 classes) through NumPy;
+    both refuse a value above the classes and accept 255."""
+    from datamodules.source import IGNORE, SegmentationSource
+
+    class Fixed(SegmentationSource):
+        def __init__(self, label: np.ndarray, num_classes: int) -> None:
+            super().__init__("fixed", num_classes)
+            self.label = label
+
+        @property
+        def ids(self) -> list[str]:
+            return ["only"]
+
+        def image_path(self, image_id: str) -> Path:
+            return Path("only.jpg")
+
+        def label_origin(self, image_id: str) -> str:
+            return "fixed.png"
+
+        def _decode_label(self, image_id: str) -> np.ndarray:
+            return self.label
+
+        def fingerprint(self) -> str:
+            return "fixed"
+
+    classes = 20 if dtype is np.uint8 else 1000
+    label = np.zeros((4, 5), dtype=dtype)
+    label[0, :2] = classes, IGNORE
+    assert Fixed(label, classes).read_label("only") is label
+    label[1, 1] = classes + 1
+    with pytest.raises(ValueError, match=rf"fixed\.png has values \[{classes + 1}\]"):
+        Fixed(label, classes).read_label("only")
