@@ -26,7 +26,14 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
-from .episode import Batch, EpisodeDataset, Evaluation, collate_episodes, to_model_inputs
+from .episode import (
+    Batch,
+    EpisodeDataset,
+    Evaluation,
+    collate_episodes,
+    input_dtype,
+    to_model_inputs,
+)
 from .index import ClassCounts, class_counts
 from .predict import PredictEpisodes
 from .protocols import (
@@ -517,8 +524,7 @@ class FewShotDataModule(LightningDataModule):
         into the model's floating type (float64 under ``precision=64-true``), masks made int64
         (:func:`datamodules.episode.to_model_inputs`), so loader workers do no float work."""
         module = getattr(self.trainer, "lightning_module", None) if self.trainer else None
-        dtype = getattr(module, "dtype", torch.float32)
-        return to_model_inputs(batch, dtype if dtype.is_floating_point else torch.float32)
+        return to_model_inputs(batch, input_dtype(module))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

@@ -14,10 +14,11 @@ key                type / shape                meaning
 ``class_id``       int64 ``[B]``               0-based index into ``class_names`` (VOC k -> k-1)
 =================  ==========================  ==================================================
 
-On the model's device, :func:`to_model_inputs` (the tasks' ``on_after_batch_transfer``) turns
-the images into float32 normalised with the ImageNet mean/std and the masks and labels into
-int64; what the models, losses and metrics see is that. ``S`` is the datamodule's
-``image_size`` (in test, the protocol's ``eval_size``). Validation and test batches add:
+On the model's device, :func:`to_model_inputs` (the datamodule's ``on_after_batch_transfer``)
+turns the images into the model's floating type (float32), normalised with the ImageNet
+mean/std, and the masks and labels into int64; what the models, losses and metrics see is that.
+``S`` is the datamodule's ``image_size`` (in test, the protocol's ``eval_size``). Validation and
+test batches add:
 
 =================  ==========================  ==================================================
 ``query_label``    uint8 ``[B, Hmax, Wmax]``   the query's binary label (0/1/255) at its original
@@ -267,6 +268,13 @@ def collate_episodes(items: Sequence[Batch]) -> Batch:
         else:
             batch[key] = torch.stack(values)
     return batch
+
+
+def input_dtype(module: torch.nn.Module | None) -> torch.dtype:
+    """The floating type a model's inputs take: its own (float64 under ``precision=64-true``),
+    float32 for a model without one or with integer parameters."""
+    dtype = getattr(module, "dtype", torch.float32)
+    return dtype if dtype.is_floating_point else torch.float32
 
 
 def to_model_inputs(batch: Batch, dtype: torch.dtype = torch.float32) -> Batch:

@@ -23,7 +23,7 @@ from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from backbones import Backbone, ResNet, WeightsError
 from backbones.weights import checkpoint_arch, read_checkpoint, to_native
-from datamodules.episode import to_model_inputs
+from datamodules.episode import input_dtype, to_model_inputs
 from datamodules.source import IGNORE
 from tasks.base import BaseTask, Optimizer, check_arguments, describe_head
 from tasks.callbacks.results import summarise
@@ -390,16 +390,11 @@ class FewShotSegmentation(BaseTask):
         ).mean()
         return main + output.aux_weight * aux, main
 
-    @property
-    def input_dtype(self) -> torch.dtype:
-        """The model's floating type (float64 under ``precision=64-true``), else float32."""
-        return self.dtype if self.dtype.is_floating_point else torch.float32
-
     def segment(self, batch: Mapping[str, Any]) -> HeadOutput:
         """The head's output for a batch in the :mod:`datamodules.episode` format, as a loader
         gives it (``uint8``) or converted (:func:`~datamodules.episode.to_model_inputs`)."""
         keys = ("query_image", "support_images", "support_masks")
-        inputs = to_model_inputs({key: batch[key] for key in keys}, self.input_dtype)
+        inputs = to_model_inputs({key: batch[key] for key in keys}, input_dtype(self))
         return self(inputs["query_image"], inputs["support_images"], inputs["support_masks"])
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:

@@ -247,7 +247,7 @@ class ASGNetHead(FeatureEnrichment):
         aux_weight: float = 1.0,
         dropout: float = 0.5,
     ) -> None:
-        check_dropout("ASGNetHead", dropout=dropout)
+        check_dropout(self, dropout=dropout)
         super().__init__(reduce_dim, bins)
         self.in_features = MID_LEVEL_LAYERS  # layer4 is not used (Li et al., Sec. 4.1)
         self.max_superpixels = max_superpixels

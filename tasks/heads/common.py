@@ -34,12 +34,14 @@ def resize(x: Tensor, size: Sequence[int]) -> Tensor:
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
 
 
-def check_dropout(head: str, **probabilities: float) -> None:
+def check_dropout(head: nn.Module, **probabilities: float) -> None:
     """Refuse a dropout probability outside ``[0, 1)`` (1 zeroes every feature), naming the
-    head's option."""
+    head's class (a subclass's own) and option."""
     for name, value in probabilities.items():
         if not 0 <= value < 1:
-            raise ValueError(f"{head} {name}={value!r}: expected a probability in [0, 1)")
+            raise ValueError(
+                f"{type(head).__name__} {name}={value!r}: expected a probability in [0, 1)"
+            )
 
 
 class HeadOutput(NamedTuple):

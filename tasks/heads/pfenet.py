@@ -126,7 +126,7 @@ class PFENetHead(FeatureEnrichment):
         aux_weight: float = 1.0,
         dropout: float = 0.5,
     ) -> None:
-        check_dropout("PFENetHead", dropout=dropout)
+        check_dropout(self, dropout=dropout)
         super().__init__(reduce_dim, bins)
         if PRIOR_LAYER not in in_channels:
             raise ValueError(f"in_channels lacks {PRIOR_LAYER!r}; got {sorted(in_channels)}")

@@ -46,7 +46,7 @@ class PrototypeHead(CapturesArguments, nn.Module):
         decoder_dropout: float = 0.1,
     ) -> None:
         super().__init__()
-        check_dropout("PrototypeHead", dropout=dropout, decoder_dropout=decoder_dropout)
+        check_dropout(self, dropout=dropout, decoder_dropout=decoder_dropout)
         self.in_features = MID_LEVEL_LAYERS
         self.reduce = nn.Sequential(
             nn.Conv2d(mid_level_channels(in_channels), reduce_dim, 1, bias=False),
