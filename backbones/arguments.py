@@ -27,23 +27,29 @@ def plain(value: Any) -> Any:
     return value
 
 
+def _option_names(signature: inspect.Signature, skipped: tuple[str, ...]) -> list[str]:
+    """The named options of an ``__init__`` signature: not ``self``, not ``skipped``, not
+    ``*args``/``**kwargs``."""
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    parameters = list(signature.parameters.values())[1:]
+    return [p.name for p in parameters if p.kind not in variadic and p.name not in skipped]
+
+
 def _capturing(init: Callable[..., None]) -> Callable[..., None]:
     signature = inspect.signature(init)
-    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    passed_on = [
+        p.name for p in signature.parameters.values() if p.kind == inspect.Parameter.VAR_KEYWORD
+    ]
 
     @functools.wraps(init)
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         if _RECORD not in self.__dict__:  # the most derived class's call comes first
             bound = signature.bind(self, *args, **kwargs)
             bound.apply_defaults()
-            skipped = type(self).uncaptured_arguments
-            recorded: dict[str, Any] = {}
-            for name, value in list(bound.arguments.items())[1:]:
-                kind = signature.parameters[name].kind
-                if kind == inspect.Parameter.VAR_KEYWORD:  # options passed on to a parent
-                    recorded.update({key: plain(item) for key, item in value.items()})
-                elif name not in skipped and kind not in variadic:
-                    recorded[name] = plain(value)
+            names = _option_names(signature, type(self).uncaptured_arguments)
+            recorded = {name: plain(bound.arguments[name]) for name in names}
+            for name in passed_on:  # options passed on to a parent through **kwargs
+                recorded.update({key: plain(item) for key, item in bound.arguments[name].items()})
             object.__setattr__(self, _RECORD, recorded)
         init(self, *args, **kwargs)
 
@@ -76,11 +82,6 @@ class CapturesArguments:
 def missing_options(obj: object, init_args: Mapping[str, Any]) -> list[str]:
     """The options of ``type(obj).__init__`` that ``init_args`` does not hold (``self``,
     ``in_channels`` and ``*args``/``**kwargs`` are not options)."""
-    parameters = inspect.signature(type(obj).__init__).parameters.values()
-    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
     skipped = getattr(obj, "uncaptured_arguments", ("in_channels",))
-    return [
-        p.name
-        for p in list(parameters)[1:]
-        if p.kind not in variadic and p.name not in skipped and p.name not in init_args
-    ]
+    names = _option_names(inspect.signature(type(obj).__init__), skipped)
+    return [name for name in names if name not in init_args]
