@@ -57,13 +57,18 @@ DATASETS = {
 }
 
 
-def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
-    """What Lightning does with a batch: the copy (from pinned memory, asynchronous on a GPU),
-    then the task's ``on_after_batch_transfer`` (normalisation on the device)."""
-    moved = {
-        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+def moved(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """The batch's tensors copied to ``device`` (from pinned memory, asynchronously on a GPU)."""
+    return {
+        key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+        for key, value in batch.items()
     }
-    return to_model_inputs(moved)
+
+
+def to_device(batch: Mapping[str, Any], device: torch.device) -> dict[str, Any]:
+    """What Lightning does with a batch: the copy, then the datamodule's
+    ``on_after_batch_transfer`` (rendering and normalisation on the device)."""
+    return to_model_inputs(moved(batch, device))
 
 
 def build_model(args: argparse.Namespace) -> FewShotSegmentation:
@@ -152,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     model = build_model(args).to(device)
     optimizer = sgd(model)
     loaded = itertools.islice(probe.train_dataloader(), 4)
-    batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in loaded]
+    batches = [moved(batch, device) for batch in loaded]
     print(
         f"# {args.dataset} ({type(probe).__name__}), {probe.image_size} px, batch "
         f"{args.batch_size}, {probe.shots}-shot; model "
