@@ -292,6 +292,11 @@ class FolderFewShot(ClassFolderFewShot):
         found = sorted(p.name for p in folder.iterdir() if visible(p) and p.is_dir())
         if not found:
             raise missing_path_error(folder / "<class>", "class folders", FOLDER_LAYOUT)
+        if len(found) < 2:
+            raise ValueError(
+                f"{folder} holds one class folder ({found[0]!r}); few-shot episodes need at least "
+                f"2 classes, one to train on and one to test on\nExpected layout:\n{FOLDER_LAYOUT}"
+            )
         self.test_class_names = self._names(folder, test_classes, found, "test_classes")
         self.train_class_names = self._names(folder, train_classes, found, "train_classes")
         if self.test_class_names is None:

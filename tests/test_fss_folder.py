@@ -297,6 +297,15 @@ def test_bad_folder_layout_fails_before_training(tmp_path: Path, damage) -> None
     assert not list(tmp_path.rglob("*.ckpt"))
 
 
+def test_a_single_class_folder_is_named_before_training(tmp_path: Path) -> None:
+    """One class cannot give both training and test classes: said so, not as a fold range."""
+    root = write_class_folders(tmp_path / "own", ["apple"])
+    with pytest.raises(ValueError, match=r"own holds one class folder \('apple'\); few-shot"):
+        main(["fit", "--data", "datamodules.FolderFewShot", "--data.root", str(root),
+              *SMALL, *runs(tmp_path)])  # fmt: skip
+    assert not list(tmp_path.rglob("*.ckpt"))
+
+
 def test_fss1000_missing_class_folder_fails_before_training(
     fss: tuple[Path, Path], tmp_path: Path
 ) -> None:
