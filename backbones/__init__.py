@@ -1,6 +1,7 @@
-"""Dilated ResNet feature-pyramid encoders and strict checkpoint loading."""
+"""Feature-pyramid encoders (dilated ResNets, VGG-16) and strict checkpoint loading."""
 
-from backbones.protocol import Backbone, FeatureInfo
+from backbones.features import FeatureInfo, FeaturePyramid
+from backbones.protocol import Backbone
 from backbones.resnet import ARCHS, ResNet, build_backbone
 from backbones.weights import LoadReport, WeightsError, load_weights
 
@@ -8,6 +9,7 @@ __all__ = [
     "ARCHS",
     "Backbone",
     "FeatureInfo",
+    "FeaturePyramid",
     "LoadReport",
     "ResNet",
     "WeightsError",

@@ -64,9 +64,9 @@ class CapturesArguments:
     A subclass that adds an option needs nothing more: its own ``__init__`` is the one recorded.
     """
 
-    #: Constructor parameters that are not options: a head's ``in_channels`` come from the
+    #: Constructor parameters that are not options: a head's ``features`` come from the
     #: backbone it is built on.
-    uncaptured_arguments: ClassVar[tuple[str, ...]] = ("in_channels",)
+    uncaptured_arguments: ClassVar[tuple[str, ...]] = ("features",)
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -81,7 +81,7 @@ class CapturesArguments:
 
 def missing_options(obj: object, init_args: Mapping[str, Any]) -> list[str]:
     """The options of ``type(obj).__init__`` that ``init_args`` does not hold (``self``,
-    ``in_channels`` and ``*args``/``**kwargs`` are not options)."""
-    skipped = getattr(obj, "uncaptured_arguments", ("in_channels",))
+    ``features`` and ``*args``/``**kwargs`` are not options)."""
+    skipped = getattr(obj, "uncaptured_arguments", CapturesArguments.uncaptured_arguments)
     names = _option_names(inspect.signature(type(obj).__init__), skipped)
     return [name for name in names if name not in init_args]

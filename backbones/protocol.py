@@ -11,32 +11,30 @@ from __future__ import annotations
 
 from abc import ABCMeta, abstractmethod
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from torch import Tensor, nn
 
 from .arguments import CapturesArguments
+from .features import FeaturePyramid
 
 #: Suffix naming a block's output before its last activation (``layer3.2.pre_relu``), the block
 #: output HSNet correlates (its ``extract_feat_res`` keeps the residual sum before the ReLU).
 PRE_RELU = ".pre_relu"
 
 
-@dataclass(frozen=True)
-class FeatureInfo:
-    """One output of the encoder: its name, channels and true stride relative to the input."""
-
-    name: str
-    channels: int
-    stride: int
-
-
 class Backbone(CapturesArguments, nn.Module, metaclass=ABCMeta):
-    """A feature-pyramid encoder with named outputs.
+    """A feature-pyramid encoder with named outputs, described by meaning.
 
-    Outputs are the pyramid's levels (``stem``, ``layer1``..``layer4`` for ResNets) and every
-    block's output (``layer3.2``), so that a head can ask for exactly what it reads.
+    Outputs are the pyramid's stages (``stem``, ``layer1``..``layer4`` for ResNets) and every
+    block's output (``layer3.2``), each with a :class:`~backbones.features.FeatureInfo` saying
+    its stage, block, stride and channels, so that a head selects what it reads by meaning
+    (:class:`~backbones.features.FeaturePyramid`), whatever the encoder calls it.
+
+    Keeping a frozen encoder frozen is the task's job (no gradients, every normalisation layer
+    in eval mode), so an encoder needs no freezing logic of its own; what it must guarantee is
+    that a forward in eval mode changes no parameter or buffer
+    (:func:`backbones.testing.check_backbone` checks it).
     """
 
     @abstractmethod
@@ -45,13 +43,8 @@ class Backbone(CapturesArguments, nn.Module, metaclass=ABCMeta):
 
     @property
     @abstractmethod
-    def output_info(self) -> dict[str, FeatureInfo]:
+    def output_info(self) -> FeaturePyramid:
         """Every output the encoder can give (selected or not), by name, in network order."""
-
-    @property
-    @abstractmethod
-    def block_info(self) -> list[FeatureInfo]:
-        """The blocks' outputs in network order: what :meth:`forward_intermediates` indexes."""
 
     @abstractmethod
     def select_outputs(self, names: Sequence[str]) -> None:
@@ -60,18 +53,6 @@ class Backbone(CapturesArguments, nn.Module, metaclass=ABCMeta):
     @abstractmethod
     def idle_stages(self) -> Iterator[nn.Module]:
         """Modules after the last selected output: kept in checkpoints, never run."""
-
-    @abstractmethod
-    def freeze(self, frozen_stages: int | Literal["all"], norm_eval: bool = False) -> None:
-        """No gradients up to stage ``frozen_stages`` (``-1`` none, ``"all"`` everything);
-        ``norm_eval`` keeps normalisation statistics fixed across ``.train()``."""
-
-    @abstractmethod
-    def forward_intermediates(
-        self, x: Tensor, indices: int | Sequence[int] | None = None
-    ) -> list[Tensor]:
-        """Block outputs by index into :attr:`block_info` (an int ``n``: the last ``n``;
-        ``None``: all), as timm's ``forward_intermediates``."""
 
     def forward_from(
         self, name: str | None, x: Tensor, until: str | None = None

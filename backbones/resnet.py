@@ -22,7 +22,8 @@ from torch.utils.checkpoint import checkpoint
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from backbones.blocks import BasicBlock, Bottleneck, NormLayer, conv3x3
-from backbones.protocol import PRE_RELU, Backbone, FeatureInfo, class_path
+from backbones.features import FeatureInfo, FeaturePyramid
+from backbones.protocol import PRE_RELU, Backbone, class_path
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 FEATURES = ("stem", *STAGES)
@@ -254,19 +255,21 @@ class ResNet(Backbone):
 
         self.stem = self._make_stem(stem, norm)
         inplanes = 128 if stem == "deep" else 64
-        outputs = [FeatureInfo("stem", inplanes, STEM_STRIDE)]
+        outputs = [FeatureInfo("stem", inplanes, STEM_STRIDE, stage=0)]
         self.stage_plans = plan_stages(spec.depths, output_stride, dilation_scheme, grids)
         for index, plan in enumerate(self.stage_plans):
             planes = 64 * 2**index
             stage = self._make_stage(spec, inplanes, planes, plan, norm)
             self.add_module(plan.name, stage)
             inplanes = planes * spec.block.expansion
-            info = FeatureInfo(plan.name, inplanes, plan.output_stride)
+            tap = partial(
+                FeatureInfo, channels=inplanes, stride=plan.output_stride, stage=index + 1
+            )
             for i in range(len(stage)):
-                for name in (f"{plan.name}.{i}{PRE_RELU}", f"{plan.name}.{i}"):
-                    outputs.append(FeatureInfo(name, inplanes, info.stride))
-            outputs.append(info)
-        self.outputs = {info.name: info for info in outputs}
+                outputs.append(tap(f"{plan.name}.{i}{PRE_RELU}", block=i, pre_activation=True))
+                outputs.append(tap(f"{plan.name}.{i}", block=i))
+            outputs.append(tap(plan.name))
+        self.outputs = FeaturePyramid(outputs)
         self.select_outputs(out_layers)
 
         self._init_weights(zero_init_residual)
@@ -363,10 +366,8 @@ class ResNet(Backbone):
         """Stages after the last requested output: built (checkpoints stay whole), never run."""
         return (getattr(self, name) for name in STAGES[self.last_stage :])
 
-    def freeze(self, frozen_stages: int | Literal["all"], norm_eval: bool = False) -> None:
+    def freeze(self, frozen_stages: int, norm_eval: bool = False) -> None:
         """Stop gradients in the stem and layer1..layer``frozen_stages`` (-1: none)."""
-        if frozen_stages == "all":
-            frozen_stages = len(STAGES)
         if not -1 <= frozen_stages <= len(STAGES):
             raise ValueError(f"frozen_stages={frozen_stages}; expected an integer in [-1, 4]")
         self.frozen_stages, self.norm_eval = frozen_stages, norm_eval
@@ -380,12 +381,8 @@ class ResNet(Backbone):
         return [self.outputs[name] for name in self.out_layers]
 
     @property
-    def output_info(self) -> dict[str, FeatureInfo]:
-        return dict(self.outputs)
-
-    @property
-    def block_info(self) -> list[FeatureInfo]:
-        return [info for name, info in self.outputs.items() if name.count(".") == 1]
+    def output_info(self) -> FeaturePyramid:
+        return self.outputs
 
     def train(self, mode: bool = True) -> ResNet:
         """Frozen stages, and every BatchNorm under ``norm_eval``, stay in eval mode."""
@@ -398,14 +395,6 @@ class ResNet(Backbone):
                     if isinstance(m, BATCH_NORMS):
                         m.eval()
         return self
-
-    @property
-    def out_channels(self) -> dict[str, int]:
-        return {info.name: info.channels for info in self.feature_info}
-
-    @property
-    def out_strides(self) -> dict[str, int]:
-        return {info.name: info.stride for info in self.feature_info}
 
     def _run_block(self, block: nn.Module, x: Tensor, pre_relu: bool = False) -> Tensor:
         """The block's output (``pre_relu``: its residual sum before the last ReLU)."""
@@ -470,31 +459,6 @@ class ResNet(Backbone):
             if last == len(stage) and stage_name in self.out_layers:
                 features[stage_name] = x
         return features
-
-    def forward_intermediates(
-        self, x: Tensor, indices: int | Sequence[int] | None = None
-    ) -> list[Tensor]:
-        """Outputs of the blocks ``indices`` index in :attr:`block_info` (negative from the end;
-        an int ``n``: the last ``n``; ``None``: all), in the order asked; blocks after the last
-        one asked are not run. HSNet's hypercorrelation reads every bottleneck this way."""
-        count = len(self.block_info)
-        if indices is None:
-            wanted = list(range(count))
-        elif isinstance(indices, int):
-            wanted = list(range(count - indices, count))
-        else:
-            wanted = list(indices)
-        if not wanted or any(not -count <= i < count for i in wanted):
-            raise ValueError(f"indices={indices!r}: expected block indices in [-{count}, {count})")
-        wanted = [i % count for i in wanted]
-        kept: dict[int, Tensor] = {}
-        x = self.stem(x)
-        blocks = (block for name in STAGES for block in getattr(self, name))
-        for index, block in zip(range(max(wanted) + 1), blocks, strict=False):
-            x = self._run_block(block, x)
-            if index in wanted:
-                kept[index] = x
-        return [kept[i] for i in wanted]
 
     def describe(self) -> dict[str, Any]:
         """This encoder's ``class_path`` and ``init_args`` with ``weights`` cleared (a

@@ -32,7 +32,7 @@ def check_arguments(checks: Iterable[tuple[str, object, bool, str]]) -> None:
 
 
 def describe_head(head: nn.Module) -> dict[str, Any]:
-    """A head's ``class_path`` and ``init_args`` (its options but ``in_channels``, which come
+    """A head's ``class_path`` and ``init_args`` (its options but ``features``, which come
     from the backbone), as a config file names it; a head whose ``init_args`` lack an option of
     its constructor is refused, since its checkpoint would reload that option's default."""
     init_args = dict(getattr(head, "init_args", {}))

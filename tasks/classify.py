@@ -33,7 +33,8 @@ DEFAULT_BACKBONE = lazy_instance(ResNet, arch="resnet18")
 
 
 class ImageClassification(BaseTask):
-    """Classify images with an encoder: global average pooling of ``layer4``, dropout, linear.
+    """Classify images with an encoder: global average pooling of its deepest stage, dropout,
+    linear.
 
     The defaults are the default experiment's model (``python -m tasks.classify fit``); a
     checkpoint stores the backbone's class path and arguments, so it alone rebuilds the model.
@@ -91,13 +92,16 @@ class ImageClassification(BaseTask):
         self.configure_metrics()
 
     def configure_models(self, backbone: Backbone) -> None:
+        """The classifier reads the deepest stage's output, whatever the encoder names it."""
         self.backbone = backbone
-        self.backbone.select_outputs(["layer4"])
+        deepest = backbone.output_info.stage(-1)
+        self.feature = deepest.name
+        self.backbone.select_outputs([deepest.name])
         self.head = nn.Sequential(
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
             nn.Dropout(self.hparams.dropout),
-            nn.Linear(self.backbone.output_info["layer4"].channels, self.hparams.num_classes),
+            nn.Linear(deepest.channels, self.hparams.num_classes),
         )
 
     def configure_losses(self) -> None:
@@ -116,7 +120,7 @@ class ImageClassification(BaseTask):
 
     def forward(self, images: Tensor) -> Tensor:
         """Logits ``[B, num_classes]``."""
-        return self.head(self.backbone(images)["layer4"])
+        return self.head(self.backbone(images)[self.feature])
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         logits = self(batch["image"])

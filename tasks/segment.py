@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any, get_args
 import torch
 from jsonargparse import lazy_instance
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from backbones import Backbone, ResNet, WeightsError
+from backbones import Backbone, FeaturePyramid, ResNet, WeightsError
 from backbones.weights import checkpoint_arch, read_checkpoint, to_native
 from datamodules.episode import input_dtype, to_model_inputs
 from datamodules.source import IGNORE
@@ -40,7 +40,7 @@ from tasks.metrics import FewShotIoU
 if TYPE_CHECKING:
     from tasks.cli import TaskCLI
 
-HeadFactory = Callable[[Mapping[str, int]], nn.Module]
+HeadFactory = Callable[[FeaturePyramid], nn.Module]
 
 
 #: The default experiment's encoder: ResNet-18 at output stride 8 (torchvision dilation).
@@ -89,17 +89,12 @@ def official_model(
     backbone = ResNet(
         archs[0], **head_class.official_encoder, weights=path, weights_trusted=trusted
     )
-    channels = backbone_channels(backbone)
-    built = head if head is None or isinstance(head, nn.Module) else head(channels)
-    model_head = built if isinstance(built, head_class) else head_class(channels)
+    features = backbone.output_info
+    built = head if head is None or isinstance(head, nn.Module) else head(features)
+    model_head = built if isinstance(built, head_class) else head_class(features)
     assert isinstance(model_head, OfficialCheckpoint)
     model_head.load_official_state_dict(checkpoint)
     return backbone, model_head
-
-
-def backbone_channels(backbone: Backbone) -> dict[str, int]:
-    """Channels of every output the backbone can give, the heads' ``in_channels``."""
-    return {name: info.channels for name, info in backbone.output_info.items()}
 
 
 def upsample(logits: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
@@ -241,11 +236,11 @@ class FewShotSegmentation(BaseTask):
         self.configure_metrics()
 
     def configure_models(self, backbone: Backbone, head: HeadFactory | nn.Module) -> None:
-        """The head is built on all the backbone's outputs' channels (or given built); the
-        backbone then computes only the head's ``in_features``, the modules after them idle and
-        without gradient (DDP would flag them unused)."""
+        """The head is built on the description of all the backbone's outputs (or given built);
+        the backbone then computes only the head's ``in_features``, the modules after them idle
+        and without gradient (DDP would flag them unused)."""
         self.backbone = backbone
-        self.head = head if isinstance(head, nn.Module) else head(backbone_channels(backbone))
+        self.head = head if isinstance(head, nn.Module) else head(backbone.output_info)
         in_features = getattr(self.head, "in_features", None)
         if not in_features:
             raise ValueError(
@@ -268,8 +263,7 @@ class FewShotSegmentation(BaseTask):
         self.backbone.select_outputs(in_features)
         for stage in [*self.backbone.idle_stages(), *frozen]:
             stage.requires_grad_(False)
-        if self.hparams.freeze_backbone:  # the task's guarantee, whatever the encoder's freeze
-            self.backbone.freeze("all", norm_eval=True)
+        if self.hparams.freeze_backbone:  # the task's guarantee, with :meth:`train`
             self.backbone.requires_grad_(False)
         if self.hparams.channels_last:
             self.backbone.to(memory_format=torch.channels_last)
@@ -356,16 +350,17 @@ class FewShotSegmentation(BaseTask):
         self.train(self.training)
 
     def train(self, mode: bool = True) -> FewShotSegmentation:
-        """As :meth:`nn.Module.train`; a frozen backbone's normalisation layers with running
-        statistics stay in eval mode whatever the encoder's own ``train()`` does (so any encoder
-        stays bit-identical), except its BatchNorm under :attr:`backbone_batch_statistics`,
-        which follows ``mode`` (PFENet's ``model.train()``)."""
+        """As :meth:`nn.Module.train`; a frozen backbone stays wholly in eval mode whatever the
+        encoder's own ``train()`` does (normalisation statistics and dropout fixed, so any
+        encoder stays bit-identical), except its BatchNorm under
+        :attr:`backbone_batch_statistics`, which follows ``mode`` (PFENet's ``model.train()``)."""
         super().train(mode)
         if mode and self.hparams.freeze_backbone:
-            batch_statistics = self.backbone_batch_statistics
-            for module in self.backbone.modules():
-                if isinstance(module, _NormBase):  # BatchNorm, SyncBatchNorm, InstanceNorm
-                    module.train(batch_statistics and isinstance(module, _BatchNorm))
+            self.backbone.eval()
+            if self.backbone_batch_statistics:
+                for module in self.backbone.modules():
+                    if isinstance(module, _BatchNorm):
+                        module.train()
         return self
 
     def on_fit_start(self) -> None:

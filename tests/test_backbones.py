@@ -79,7 +79,7 @@ def test_basic_block_dilation_matches_strided_network(arch: str, image: torch.Te
             features = dilated(image)
         for info in dilated.feature_info:
             step = steps.get(info.name, 1)
-            assert info.stride == strided.out_strides[info.name] // step
+            assert info.stride == strided.output_info[info.name].stride // step
             assert features[info.name].shape[-1] == image.shape[-1] // info.stride
             sub = features[info.name][..., ::step, ::step]
             want = reference[info.name]

@@ -4,6 +4,7 @@ import torch
 from fixtures_models import channels_last_features
 from scipy.ndimage import distance_transform_edt
 
+from backbones import ResNet
 from tasks.heads import ASGNetHead, HeadOutput, PFENetHead, PrototypeHead
 from tasks.heads.asgnet import (
     guided_prototype_allocation,
@@ -12,8 +13,8 @@ from tasks.heads.asgnet import (
 )
 from tasks.heads.fem import pyramid_bin_size
 
-RESNET18 = {"layer1": 64, "layer2": 128, "layer3": 256, "layer4": 512}
-RESNET50 = {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
+RESNET18 = ResNet("resnet18").output_info
+RESNET50 = ResNet("resnet50").output_info
 IMAGE = 65
 
 # name: (channels, layer2 size, layer3 size)
@@ -35,7 +36,7 @@ def episode(channels, size2, size3, batch=2, shots=1, seed=0):
 
     def feats(*lead):
         return {
-            name: torch.randn(*lead, channels[name], size, size, generator=generator)
+            name: torch.randn(*lead, channels[name].channels, size, size, generator=generator)
             for name, size in (("layer2", size2), ("layer3", size3), ("layer4", size3))
         }
 
@@ -230,7 +231,8 @@ def official_state_dict(bins: int = 4, reduce_dim: int = 256) -> dict[str, torch
 
 def test_official_checkpoint_round_trip():
     state = official_state_dict()
-    head, backbone = ASGNetHead.from_official_state_dict({"state_dict": state})
+    head = ASGNetHead(RESNET50)
+    backbone = head.load_official_state_dict({"state_dict": state})
     assert set(backbone) == {"layer0.0.weight", "layer4.2.bn3.running_mean"}
     loaded = head.state_dict()
     assert len(loaded) == len(state) - 2

@@ -17,13 +17,13 @@ import torchvision
 from fixtures_models import channels_last_features, randomise_norms
 from torch import Tensor, nn
 
-from backbones import ResNet, WeightsError
+from backbones import FeatureInfo, FeaturePyramid, ResNet, WeightsError
 from backbones.weights import to_native
 from tasks.callbacks.visualise import predicted_masks
 from tasks.heads import HSNetHead
 from tasks.heads.common import vote
 from tasks.heads.hsnet import CenterPivotConv4d
-from tasks.segment import FewShotSegmentation, backbone_channels, original_size_predictions
+from tasks.segment import FewShotSegmentation, original_size_predictions
 
 IMAGE = 160  # at output stride 32 the three squeezed support grids meet at 1x1, as at 400
 
@@ -331,7 +331,7 @@ def test_official_checkpoint_mismatch_lists_keys_as_the_file_names_them(
     state = {f"module.{k}": v for k, v in reference.state_dict().items()}
     del state["module.hpn_learner.decoder2.2.bias"]
     state["module.hpn_learner.extra.weight"] = torch.zeros(1)
-    head = HSNetHead(backbone_channels(ResNet("resnet50")))
+    head = HSNetHead(ResNet("resnet50").output_info)
     with pytest.raises(
         RuntimeError,
         match=r"HSNet.*missing keys \['hpn_learner.decoder2.2.bias'\].*"
@@ -360,11 +360,11 @@ def test_validation_images_show_the_vote() -> None:
     assert torch.equal(predicted_masks(shot_logits, torch.Size([32, 32])), expected.long())
 
 
-def block_features(channels: dict[str, int], head: HSNetHead, *lead: int, size: int = 8):
+def block_features(channels: FeaturePyramid, head: HSNetHead, *lead: int, size: int = 8):
     """Random features for every block the head reads (output stride 8: one size)."""
     generator = torch.Generator().manual_seed(len(lead))
     return {
-        name: torch.randn(*lead, channels[name], size, size, generator=generator)
+        name: torch.randn(*lead, channels[name].channels, size, size, generator=generator)
         for name in head.in_features
     }
 
@@ -372,7 +372,7 @@ def block_features(channels: dict[str, int], head: HSNetHead, *lead: int, size: 
 @pytest.mark.parametrize("shots", [1, 3])
 @pytest.mark.parametrize("batch", [1, 2])
 def test_any_batch_and_shots_in_train_and_eval(batch: int, shots: int) -> None:
-    channels = backbone_channels(ResNet("resnet18", output_stride=8))
+    channels = ResNet("resnet18", output_stride=8).output_info
     head = HSNetHead(channels)
     query = block_features(channels, head, batch)
     support = block_features(channels, head, batch, shots)
@@ -391,7 +391,7 @@ def test_any_batch_and_shots_in_train_and_eval(batch: int, shots: int) -> None:
 
 
 def test_bf16_autocast_channels_last_and_ignore_label() -> None:
-    channels = backbone_channels(ResNet("resnet18", output_stride=8))
+    channels = ResNet("resnet18", output_stride=8).output_info
     head = HSNetHead(channels).eval()
     query = block_features(channels, head, 2)
     support = block_features(channels, head, 2, 2)
@@ -411,7 +411,7 @@ def test_bf16_autocast_channels_last_and_ignore_label() -> None:
 def test_unmasked_support_is_the_papers_table_1_setting() -> None:
     """``mask_support=False`` correlates the whole support (the README's evaluation without
     support feature masking): the mask no longer matters, the support's background does."""
-    channels = backbone_channels(ResNet("resnet18", output_stride=8))
+    channels = ResNet("resnet18", output_stride=8).output_info
     head = HSNetHead(channels, mask_support=False).eval()
     query = block_features(channels, head, 2)
     support = block_features(channels, head, 2, 1)
@@ -438,5 +438,8 @@ def test_unequal_squeezed_support_grids_are_resized() -> None:
 
 
 def test_head_without_blocks_is_refused() -> None:
-    with pytest.raises(ValueError, match=r"names no blocks of \['layer4', 'layer3', 'layer2'\]"):
-        HSNetHead({"layer2": 512, "layer3": 1024, "layer4": 2048})
+    stages = [FeatureInfo(name, 8, 8, stage) for stage, name in enumerate(["a", "b", "c", "d"])]
+    with pytest.raises(
+        ValueError, match=r"no pre-activation block outputs in its stages \['d', 'c', 'b'\]"
+    ):
+        HSNetHead(FeaturePyramid(stages))

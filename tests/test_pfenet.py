@@ -263,7 +263,7 @@ def test_official_checkpoint_mismatch_lists_keys_as_the_file_names_them(tmp_path
     state = {f"module.{k}": v for k, v in reference.state_dict().items()}
     del state["module.init_merge.2.0.weight"]
     state["module.extra.weight"] = torch.zeros(1)
-    head = PFENetHead({"layer2": 512, "layer3": 1024, "layer4": 2048}, bins=[9, 5, 3, 2])
+    head = PFENetHead(ResNet("resnet50").output_info, bins=[9, 5, 3, 2])
     with pytest.raises(
         RuntimeError,
         match=r"PFENet.*missing keys \['init_merge.2.0.weight'\].*\['extra.weight'\]",

@@ -22,12 +22,12 @@ BACKBONES = {
 }
 
 
-def small_asgnet(in_channels):
-    return ASGNetHead(in_channels, reduce_dim=32, bins=(1.0, 0.5))
+def small_asgnet(features):
+    return ASGNetHead(features, reduce_dim=32, bins=(1.0, 0.5))
 
 
-def small_pfenet(in_channels):
-    return PFENetHead(in_channels, reduce_dim=32, bins=(1.0, 0.5))
+def small_pfenet(features):
+    return PFENetHead(features, reduce_dim=32, bins=(1.0, 0.5))
 
 
 @pytest.mark.parametrize(

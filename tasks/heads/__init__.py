@@ -2,26 +2,27 @@
 
 Every head follows one interface::
 
-    head = Head(in_channels, **options)
+    head = Head(features, **options)
     out = head(query_feats, support_feats, support_masks)
 
-* ``in_channels``: ``dict[str, int]``, the channels of every output the backbone can give, by
-  name (``stem``, ``layer1`` .. ``layer4``, each block as ``layer3.2`` and its residual sum
-  before the last ReLU as ``layer3.2.pre_relu``; resnet50 stages:
-  256/512/1024/2048, resnet18: 64/128/256/512).
-* ``head.in_features``: the outputs the head reads, set in ``__init__`` (it may depend on
-  ``in_channels``: HSNet takes every block of layer2..layer4 before its last ReLU,
-  ``layer3.0.pre_relu``...). The task computes exactly
-  these, and the modules after the last one get no gradient and are not run. The heads here read
-  layer2 and layer3; when layer2 is larger than layer3 (output stride 16) it is resized
-  bilinearly to layer3's size. PFENet's declares ``layer4`` too.
+* ``features``: :class:`backbones.FeaturePyramid`, the description of every output the encoder
+  can give (its ``output_info``): name, channels, stride, stage, block, pre-activation. Heads
+  select by meaning, never by an encoder's names: the mid-level features are the outputs of the
+  two stages before the deepest (:func:`~tasks.heads.common.mid_level_layers`; a ResNet's
+  layer3 and layer2, VGG-16's layer3 and layer2), PFENet's prior reads the deepest stage, HSNet
+  every block of the last three stages before its last activation. So every head runs on any
+  :class:`backbones.Backbone` that declares its stages.
+* ``head.in_features``: the names of the outputs the head reads, set in ``__init__`` from
+  ``features``. The task computes exactly these, and the modules after the last one get no
+  gradient and are not run. When the shallower mid-level feature is larger than the deeper one
+  (output stride 16, VGG-16) it is resized bilinearly to the deeper one's size.
 * ``head.support_mask_at`` (optional): a backbone output in ``in_features`` at which the
   support's features are multiplied by their foreground mask (label 1, resized bilinearly with
   ``align_corners``) before the later outputs are computed from them, without gradient (the
   stages after it are frozen); the query's later outputs come from its plain features. PFENet
-  sets ``"layer3"``: its prior reads the support's layer4 of the masked layer3. The task runs
-  this through :meth:`backbones.Backbone.forward_from`.
-* ``head.init_args``: the head's own options (not ``in_channels``), which checkpoints store so
+  sets the second deepest stage: its prior reads the support's layer4 of the masked layer3.
+  The task runs this through :meth:`backbones.Backbone.forward_from`.
+* ``head.init_args``: the head's own options (not ``features``), which checkpoints store so
   that they rebuild the head; :class:`backbones.arguments.CapturesArguments` records them from
   the constructor's signature (a head whose ``init_args`` miss one of its options is refused by
   :func:`tasks.base.describe_head`).

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from backbones.features import FeaturePyramid
+
 from .common import (
-    MID_LEVEL_LAYERS,
     HeadOutput,
     check_dropout,
     check_inputs,
@@ -21,6 +22,7 @@ from .common import (
     masked_average_pooling,
     mid_level_channels,
     mid_level_features,
+    mid_level_layers,
 )
 from .fem import FeatureEnrichment
 
@@ -221,7 +223,8 @@ class ASGNetHead(FeatureEnrichment):
     official counts).
 
     Args:
-        in_channels: Backbone channels by name; needs ``layer2`` and ``layer3``.
+        features: The encoder's outputs; the head reads the mid-level ones
+            (:func:`~tasks.heads.common.mid_level_layers`).
         reduce_dim: Channels of the reduced features (official 256).
         bins: Pyramid bins, absolute sizes (> 1) or fractions of the feature size (<= 1).
         max_superpixels: Official ``max_sp``, 5.
@@ -237,7 +240,7 @@ class ASGNetHead(FeatureEnrichment):
 
     def __init__(
         self,
-        in_channels: Mapping[str, int],
+        features: FeaturePyramid,
         reduce_dim: int = 256,
         bins: Sequence[float] = (60, 30, 15, 8),
         max_superpixels: int = 5,
@@ -249,7 +252,8 @@ class ASGNetHead(FeatureEnrichment):
     ) -> None:
         check_dropout(self, dropout=dropout)
         super().__init__(reduce_dim, bins)
-        self.in_features = MID_LEVEL_LAYERS  # layer4 is not used (Li et al., Sec. 4.1)
+        # the deepest stage is not used (Li et al., Sec. 4.1)
+        self.in_features = self.mid_level = mid_level_layers(features)
         self.max_superpixels = max_superpixels
         self.superpixel_area = superpixel_area
         self.train_iterations = train_iterations
@@ -257,7 +261,7 @@ class ASGNetHead(FeatureEnrichment):
         self.aux_weight = aux_weight
 
         self.down_conv = nn.Sequential(
-            nn.Conv2d(mid_level_channels(in_channels), reduce_dim, 1, bias=False),
+            nn.Conv2d(mid_level_channels(features), reduce_dim, 1, bias=False),
             nn.Dropout2d(dropout),
         )
 
@@ -268,11 +272,11 @@ class ASGNetHead(FeatureEnrichment):
         support_masks: Tensor,
     ) -> HeadOutput:
         """Segment the query; see :mod:`tasks.heads` for shapes."""
-        check_inputs(query_feats, support_feats, support_masks)
+        check_inputs(query_feats, support_feats, support_masks, self.mid_level)
         batch = support_masks.shape[0]
-        query = self.down_conv(mid_level_features(query_feats))
+        query = self.down_conv(mid_level_features(query_feats, self.mid_level))
         with torch.no_grad():
-            support = self.down_conv(mid_level_features(support_feats))
+            support = self.down_conv(mid_level_features(support_feats, self.mid_level))
             prototypes, valid = self.support_prototypes(support, support_masks)
         prototypes = prototypes.reshape(batch, -1, prototypes.shape[-1])
         prob, allocated = guided_prototype_allocation(query, prototypes, valid.view(batch, -1))

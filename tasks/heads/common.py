@@ -10,11 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backbones.arguments import CapturesArguments
-
-#: Backbone stages the heads read, in the order they are concatenated. PFENet and ASGNet
-#: (``model/asgnet.py``: ``torch.cat([query_feat_3, query_feat_2], 1)``) put layer3 first; the
-#: order matters for loading their weights.
-MID_LEVEL_LAYERS = ("layer3", "layer2")
+from backbones.features import FeaturePyramid
 
 #: Eps added to the mask area in masked average pooling (``Weighted_GAP`` in PFENet/ASGNet).
 MAP_EPS = 5e-4
@@ -70,34 +66,40 @@ def vote(predictions: Tensor) -> Tensor:
     return (votes.float() / most >= 0.5).long()
 
 
-def mid_level_channels(in_channels: Mapping[str, int]) -> int:
-    """Channels of :func:`mid_level_features` for a backbone with ``in_channels``."""
-    missing = [name for name in MID_LEVEL_LAYERS if name not in in_channels]
-    if missing:
-        raise ValueError(f"in_channels lacks {missing}; got {sorted(in_channels)}")
-    return sum(in_channels[name] for name in MID_LEVEL_LAYERS)
+def mid_level_layers(features: FeaturePyramid) -> tuple[str, str]:
+    """PFENet's mid-level features: the outputs of the two stages before the deepest, the
+    deeper first (a ResNet's layer3 and layer2; PFENet's and BAM's VGG-16 cut the same way).
+    PFENet and ASGNet (``model/asgnet.py``: ``torch.cat([query_feat_3, query_feat_2], 1)``)
+    concatenate them in this order, which loading their weights needs."""
+    return features.stage(-2).name, features.stage(-3).name
 
 
-def mid_level_features(feats: Mapping[str, Tensor]) -> Tensor:
-    """Concatenate layer3 and layer2 at layer3's size: [N, C3 + C2, h, w].
+def mid_level_channels(features: FeaturePyramid) -> int:
+    """Channels of :func:`mid_level_features` for an encoder with ``features``."""
+    return sum(features[name].channels for name in mid_level_layers(features))
 
-    Support features [B, K, C, h, w] are flattened to [B*K, C, h, w]. At output stride 16
-    layer2 is twice layer3's size; it is resized bilinearly (align_corners, as everywhere in
-    PFENet/ASGNet). At output stride 8 both have the same size.
+
+def mid_level_features(feats: Mapping[str, Tensor], names: Sequence[str]) -> Tensor:
+    """Concatenate the outputs ``names`` (:func:`mid_level_layers`) at the first one's size:
+    [N, C3 + C2, h, w].
+
+    Support features [B, K, C, h, w] are flattened to [B*K, C, h, w]. At output stride 16 (and
+    on VGG-16) layer2 is twice layer3's size; it is resized bilinearly (align_corners, as
+    PFENet's ``if self.vgg`` branch and ASGNet). At output stride 8 both have the same size.
     """
-    layer3, layer2 = (feats[name] for name in MID_LEVEL_LAYERS)
-    if layer3.ndim == 5:
-        layer3, layer2 = layer3.flatten(0, 1), layer2.flatten(0, 1)
-    if layer2.shape[-2:] != layer3.shape[-2:]:
-        layer2 = resize(layer2, layer3.shape[-2:])
-    return torch.cat([layer3, layer2], 1)
+    deeper, shallower = (feats[name] for name in names)
+    if deeper.ndim == 5:
+        deeper, shallower = deeper.flatten(0, 1), shallower.flatten(0, 1)
+    if shallower.shape[-2:] != deeper.shape[-2:]:
+        shallower = resize(shallower, deeper.shape[-2:])
+    return torch.cat([deeper, shallower], 1)
 
 
 def check_inputs(
     query_feats: Mapping[str, Tensor],
     support_feats: Mapping[str, Tensor],
     support_masks: Tensor,
-    names: Sequence[str] = MID_LEVEL_LAYERS,
+    names: Sequence[str],
 ) -> None:
     """Raise ``ValueError`` naming the argument when the head's inputs (the outputs ``names``)
     are missing or inconsistent."""

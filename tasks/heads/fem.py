@@ -16,9 +16,6 @@ from torch import Tensor, nn
 
 from .common import OfficialCheckpoint, resize
 
-#: Channels of ResNet-50/101 stages, the official checkpoints' backbones.
-RESNET50_CHANNELS = {"layer1": 256, "layer2": 512, "layer3": 1024, "layer4": 2048}
-
 
 def pyramid_bin_size(bin: float, size: tuple[int, int]) -> tuple[int, int]:
     """Pooled size of one pyramid level for a feature map of ``size``.
@@ -118,15 +115,3 @@ class FeatureEnrichment(OfficialCheckpoint):
         feat = self.res1(torch.cat(levels, 1))
         feat = self.res2(feat) + feat
         return self.cls(feat), aux_logits
-
-    @classmethod
-    def from_official_state_dict(
-        cls,
-        checkpoint: Mapping[str, Any],
-        in_channels: Mapping[str, int] = RESNET50_CHANNELS,
-        **options: Any,
-    ) -> tuple[FeatureEnrichment, dict[str, Tensor]]:
-        """Build a head for an official checkpoint (ResNet-50/101 channels by default) and load
-        it; returns the head and the checkpoint's backbone entries."""
-        head = cls(in_channels, **options)
-        return head, head.load_official_state_dict(checkpoint)

@@ -12,12 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from backbones.protocol import PRE_RELU
+from backbones.features import FeaturePyramid
 
 from .common import HeadOutput, OfficialCheckpoint, check_inputs, foreground_masks, resize
 
-#: The stages whose blocks are correlated, in the learner's order (coarsest first).
-CORRELATED_STAGES = ("layer4", "layer3", "layer2")
+#: The learner's levels (the official module names, coarsest first) and the encoder stage whose
+#: blocks each correlates, counted from the deepest (a ResNet's layer4, layer3, layer2).
+CORRELATED_STAGES = {"layer4": -1, "layer3": -2, "layer2": -3}
 
 #: Eps added to the feature norms before the cosine correlation (``correlation.py``).
 NORM_EPS = 1e-5
@@ -149,7 +150,8 @@ class HSNetHead(OfficialCheckpoint):
 
     * Features: every block of layer2..layer4 before its last ReLU (``extract_feat_res``
       appends ``feat`` after the residual sum; ResNet-50: 4 + 6 + 3 = 13 blocks), which the head
-      reads as the backbone outputs ``layerS.i.pre_relu``. HSNet's backbone is torchvision's
+      selects as the pre-activation block taps of the encoder's last three stages
+      (``layerS.i.pre_relu`` of a ResNet). HSNet's backbone is torchvision's
       ResNet (output stride 32) in ``eval()`` under ``torch.no_grad``; see
       ``configs/segment/hsnet_pascal.yaml``.
     * Correlation (:func:`correlation`): per block, the masked support against the query,
@@ -181,12 +183,14 @@ class HSNetHead(OfficialCheckpoint):
     ``k // 2`` and is left out; the loss is the task's cross-entropy (HSNet's ``compute_objective``
     is a 2-class cross-entropy too; the ``hsnet`` preset's ``train_ignore: background`` gives its
     targets, where the query's 255 pixels count as background); logits are returned at 1/4 of the
-    input (the task upsamples, bilinear with align_corners, as the official forward). The VGG
-    variant is not implemented.
+    input (the task upsamples, bilinear with align_corners, as the official forward). HSNet's VGG
+    variant is not reproduced: it correlates conv4_1..conv5_3 and pool5 in groups of 2/2/3 that
+    cross its stages; on :class:`backbones.VGG` this head correlates the convs of its last three
+    stages, a variant of its own.
 
     Args:
-        in_channels: Backbone outputs by name; the blocks of layer2..layer4 (``layer3.0``...)
-            are read from it, at least one per stage.
+        features: The encoder's outputs; the pre-activation taps of every block of its last
+            three stages are read, at least one per stage.
         mask_support: multiply the support features by the mask before correlating. ``False``
             is the paper's Tab. 1 setting (the README's "evaluation without support feature
             masking", line 51 of ``hsnet.py`` commented out): the support mask is then unused.
@@ -197,21 +201,25 @@ class HSNetHead(OfficialCheckpoint):
     official_renames = (("hpn_learner.", ""),)
     official_encoder: ClassVar[Mapping[str, Any]] = {"stem": "standard", "output_stride": 32}
 
-    def __init__(self, in_channels: Mapping[str, int], mask_support: bool = True) -> None:
+    def __init__(self, features: FeaturePyramid, mask_support: bool = True) -> None:
         super().__init__()
         self.mask_support = mask_support
         self.stage_blocks = {
-            stage: [f"{name}{PRE_RELU}" for name in in_channels if name.rpartition(".")[0] == stage]
-            for stage in CORRELATED_STAGES
+            level: [info.name for info in features.blocks(stage, pre_activation=True)]
+            for level, stage in CORRELATED_STAGES.items()
         }
-        empty = [stage for stage, blocks in self.stage_blocks.items() if not blocks]
+        empty = [
+            features.stage(CORRELATED_STAGES[lv]).name
+            for lv, b in self.stage_blocks.items()
+            if not b
+        ]
         if empty:
             raise ValueError(
-                f"in_channels names no blocks of {empty} (outputs such as 'layer3.0'); HSNet "
-                f"correlates every block of {list(CORRELATED_STAGES)}; got {sorted(in_channels)}"
+                f"the encoder declares no pre-activation block outputs in its stages {empty}; "
+                "HSNet correlates every block of the last three stages before its last activation"
             )
         self.in_features = tuple(
-            name for stage in reversed(CORRELATED_STAGES) for name in self.stage_blocks[stage]
+            name for level in reversed(CORRELATED_STAGES) for name in self.stage_blocks[level]
         )
         _, out2, out3 = SQUEEZE_CHANNELS
         for stage, (kernels, strides) in SQUEEZE_LAYOUT.items():

@@ -10,6 +10,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from backbones.features import FeaturePyramid
+
 from .common import (
     COSINE_EPS,
     HeadOutput,
@@ -19,13 +21,10 @@ from .common import (
     masked_average_pooling,
     mid_level_channels,
     mid_level_features,
+    mid_level_layers,
     resize,
 )
 from .fem import FeatureEnrichment
-
-#: The backbone output the prior reads, and the one at which the support is masked before it.
-PRIOR_LAYER = "layer4"
-MASK_LAYER = "layer3"
 
 
 def prior_mask(
@@ -106,7 +105,8 @@ class PFENetHead(FeatureEnrichment):
     logits are returned at feature size and upsampled by the task, as every head here.
 
     Args:
-        in_channels: Backbone channels by name; needs ``layer2``, ``layer3`` and ``layer4``.
+        features: The encoder's outputs; the head reads the mid-level ones
+            (:func:`~tasks.heads.common.mid_level_layers`) and the deepest stage's.
         reduce_dim: Channels of the reduced features (official 256).
         bins: Pyramid bins, absolute (> 1) or fractions (<= 1): official PASCAL 60/30/15/8,
             COCO 1.0/0.5/0.25/0.125.
@@ -120,7 +120,7 @@ class PFENetHead(FeatureEnrichment):
 
     def __init__(
         self,
-        in_channels: Mapping[str, int],
+        features: FeaturePyramid,
         reduce_dim: int = 256,
         bins: Sequence[float] = (60, 30, 15, 8),
         aux_weight: float = 1.0,
@@ -128,12 +128,13 @@ class PFENetHead(FeatureEnrichment):
     ) -> None:
         check_dropout(self, dropout=dropout)
         super().__init__(reduce_dim, bins)
-        if PRIOR_LAYER not in in_channels:
-            raise ValueError(f"in_channels lacks {PRIOR_LAYER!r}; got {sorted(in_channels)}")
-        self.in_features = ("layer2", MASK_LAYER, PRIOR_LAYER)
-        self.support_mask_at = MASK_LAYER
+        self.mid_level = mid_level_layers(features)
+        # the prior reads the deepest stage, computed for the support on its masked input
+        self.prior_layer = features.stage(-1).name
+        self.support_mask_at = features.stage(-2).name
+        self.in_features = (*self.mid_level, self.prior_layer)
         self.aux_weight = aux_weight
-        channels = mid_level_channels(in_channels)
+        channels = mid_level_channels(features)
         self.down_query = _reduce(channels, reduce_dim, dropout)
         self.down_supp = _reduce(channels, reduce_dim, dropout)
 
@@ -143,19 +144,19 @@ class PFENetHead(FeatureEnrichment):
         support_feats: Mapping[str, Tensor],
         support_masks: Tensor,
     ) -> HeadOutput:
-        """Segment the query; see :mod:`tasks.heads` for shapes. ``support_feats["layer4"]``
-        must come from the masked layer3 (the task does this for ``support_mask_at``)."""
+        """Segment the query; see :mod:`tasks.heads` for shapes. The support's deepest
+        stage must come from its masked ``support_mask_at`` output (the task computes it so)."""
         check_inputs(query_feats, support_feats, support_masks, self.in_features)
         batch, shots = support_masks.shape[:2]
-        query = self.down_query(mid_level_features(query_feats))
-        support = self.down_supp(mid_level_features(support_feats))
+        query = self.down_query(mid_level_features(query_feats, self.mid_level))
+        support = self.down_supp(mid_level_features(support_feats, self.mid_level))
         size = query.shape[-2:]
         masks = foreground_masks(support_masks, size)
         prototype = masked_average_pooling(support, masks).view(batch, shots, -1).mean(1)
         prototype = prototype.to(query.dtype)[:, :, None, None].expand_as(query)
         with torch.no_grad():
             prior = prior_mask(
-                query_feats[PRIOR_LAYER], support_feats[PRIOR_LAYER], support_masks, size
+                query_feats[self.prior_layer], support_feats[self.prior_layer], support_masks, size
             )
         logits, aux_logits = self.decode(torch.cat([query, prototype], 1), prior.to(query.dtype))
         return HeadOutput(logits=logits, aux_logits=aux_logits, aux_weight=self.aux_weight)

@@ -8,9 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from backbones.arguments import CapturesArguments
+from backbones.features import FeaturePyramid
 
 from .common import (
-    MID_LEVEL_LAYERS,
     HeadOutput,
     check_dropout,
     check_inputs,
@@ -19,20 +19,22 @@ from .common import (
     masked_average_pooling,
     mid_level_channels,
     mid_level_features,
+    mid_level_layers,
 )
 
 
 class PrototypeHead(CapturesArguments, nn.Module):
     """One foreground prototype per episode compared with every query pixel.
 
-    The mid-level feature is PFENet's (Tian et al., TPAMI 2020): layer3 and layer2
+    The mid-level feature is PFENet's (Tian et al., TPAMI 2020): the two stages before the
+    deepest (a ResNet's layer3 and layer2, :func:`~tasks.heads.common.mid_level_layers`)
     concatenated, reduced by a 1x1 convolution without bias, ReLU and Dropout2d, shared by query
     and support. The support's foreground prototype is the masked average of its features
     (PANet/PFENet), averaged over the K shots. The decoder sees the query feature, the tiled
     prototype and the cosine similarity map and predicts two classes.
 
     Args:
-        in_channels: Channels of the backbone features by name; needs ``layer2`` and ``layer3``.
+        features: The encoder's outputs (:attr:`backbones.Backbone.output_info`).
         reduce_dim: Channels of the reduced mid-level feature and of the decoder.
         dropout: Dropout2d probability after the reduction (PFENet: 0.5).
         decoder_dropout: Dropout2d probability before the decoder's classifier.
@@ -40,16 +42,16 @@ class PrototypeHead(CapturesArguments, nn.Module):
 
     def __init__(
         self,
-        in_channels: Mapping[str, int],
+        features: FeaturePyramid,
         reduce_dim: int = 256,
         dropout: float = 0.5,
         decoder_dropout: float = 0.1,
     ) -> None:
         super().__init__()
         check_dropout(self, dropout=dropout, decoder_dropout=decoder_dropout)
-        self.in_features = MID_LEVEL_LAYERS
+        self.in_features = self.mid_level = mid_level_layers(features)
         self.reduce = nn.Sequential(
-            nn.Conv2d(mid_level_channels(in_channels), reduce_dim, 1, bias=False),
+            nn.Conv2d(mid_level_channels(features), reduce_dim, 1, bias=False),
             nn.ReLU(inplace=True),
             nn.Dropout2d(dropout),
         )
@@ -69,10 +71,10 @@ class PrototypeHead(CapturesArguments, nn.Module):
         support_masks: Tensor,
     ) -> HeadOutput:
         """Segment the query; see :mod:`tasks.heads` for shapes."""
-        check_inputs(query_feats, support_feats, support_masks)
+        check_inputs(query_feats, support_feats, support_masks, self.mid_level)
         batch, shots = support_masks.shape[:2]
-        query = self.reduce(mid_level_features(query_feats))
-        support = self.reduce(mid_level_features(support_feats))
+        query = self.reduce(mid_level_features(query_feats, self.mid_level))
+        support = self.reduce(mid_level_features(support_feats, self.mid_level))
         masks = foreground_masks(support_masks, support.shape[-2:])
         prototype = masked_average_pooling(support, masks).view(batch, shots, -1).mean(1)
         similarity = cosine_similarity_map(query, prototype[:, None])  # [B, 1, h, w]
