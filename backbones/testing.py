@@ -50,7 +50,9 @@ def check_backbone(encoder: Backbone, size: Sequence[int] = (64, 72)) -> None:
         assert list(full) == names, f"forward returned {list(full)}; output_info says {names}"
         for name, value in full.items():
             expected = [(s + info[name].stride - 1) // info[name].stride for s in size]
-            close = all(abs(got - want) <= 1 for got, want in zip(value.shape[-2:], expected, strict=True))
+            close = all(
+                abs(got - want) <= 1 for got, want in zip(value.shape[-2:], expected, strict=True)
+            )
             assert value.shape[:2] == (2, info[name].channels) and close, (
                 f"output {name!r} is {tuple(value.shape)}; {info[name]} declares "
                 f"[2, {info[name].channels}, ~{expected[0]}, ~{expected[1]}]"
