@@ -156,7 +156,8 @@ class SemanticDataModule(LightningDataModule):
         scoring: ``original`` (crop the padding, resize to the label), ``square`` (PFENet's
             ``ori_resize``) or ``input`` (at the canvas against the resized label: BAM's base
             validation, ``ori_resize: False``).
-        train_scale: random scale range (PSPNet/BAM base learner: 0.5-2.0).
+        train_scale: random scale range; ``None``: the dataset's (PSPNet/BAM base learner:
+            0.5-2.0).
         rotate_p: probability of the +-10 degree rotation (BAM's ``RandRotate``: 0.5).
         train_resize_longer: resize the longer side to ``image_size`` before augmenting; BAM
             augments at the native resolution (``False``).
@@ -172,9 +173,12 @@ class SemanticDataModule(LightningDataModule):
 
     #: the source's classes (without background), in label order
     source_class_names: ClassVar[list[str]]
-    dataset_defaults: ClassVar[dict[str, int | None]] = {
+    #: the values of the options left ``None`` (BAM's base learner; a config that switches
+    #: ``data.class_path`` so never inherits another dataset's sizes)
+    dataset_defaults: ClassVar[dict[str, Any]] = {
         "image_size": 417,
         "eval_size": None,
+        "train_scale": (0.5, 2.0),
         "batch_size": 4,
         "num_workers": 4,
     }
@@ -189,7 +193,7 @@ class SemanticDataModule(LightningDataModule):
         eval_resize: EvalResize = "longer_pad",
         eval_pad: EvalPad = "mean",
         scoring: Scoring = "original",
-        train_scale: tuple[float, float] = (0.5, 2.0),
+        train_scale: tuple[float, float] | None = None,
         rotate_p: float = 0.5,
         train_resize_longer: bool = False,
         batch_size: int | None = None,
@@ -203,6 +207,7 @@ class SemanticDataModule(LightningDataModule):
         default = self.dataset_defaults
         image_size = default["image_size"] if image_size is None else image_size
         eval_size = default["eval_size"] if eval_size is None else eval_size
+        train_scale = default["train_scale"] if train_scale is None else tuple(train_scale)
         batch_size = default["batch_size"] if batch_size is None else batch_size
         num_workers = default["num_workers"] if num_workers is None else num_workers
         low, high = train_scale
@@ -224,7 +229,7 @@ class SemanticDataModule(LightningDataModule):
         self.root = Path(root).expanduser() if root is not None else self.default_root()
         self.fold = fold
         self.exclude_novel_from_train = exclude_novel_from_train
-        self.image_size = image_size
+        self.image_size, self.train_scale = image_size, train_scale
         self.evaluation = Evaluation(eval_size or image_size, eval_resize, scoring, eval_pad)
         self.batch_size, self.global_batch_size = batch_size, global_batch_size
         self.num_workers = num_workers
@@ -352,7 +357,7 @@ class SemanticDataModule(LightningDataModule):
         if stage == "train":
             transform = train_transform(
                 self.image_size,
-                tuple(self.hparams.train_scale),
+                self.train_scale,
                 self.hparams.rotate_p,
                 self.hparams.train_resize_longer,
             )
@@ -449,7 +454,7 @@ class CocoSemantic(SemanticDataModule):
     """
 
     source_class_names = COCO_CLASSES
-    dataset_defaults: ClassVar[dict[str, int | None]] = {
+    dataset_defaults: ClassVar[dict[str, Any]] = {
         **SemanticDataModule.dataset_defaults,
         "batch_size": 8,
     }
@@ -485,7 +490,8 @@ class CocoSemantic(SemanticDataModule):
 class ShapesSemantic(SemanticDataModule):
     """The generated ``shapes`` set (:mod:`datamodules.shapes`, 20 classes in 4 folds of 5) as
     semantic segmentation: by default fold 0's 15 base classes and background. Sized for a CPU:
-    96 px crops, evaluation at the images' own 128 px, batch 8, 2 workers.
+    96 px crops at scale 0.75-1.5 (BAM's 0.5 leaves small images mostly padding), evaluation
+    at the images' own 128 px, batch 8, 2 workers.
 
     Args:
         root: cache folder of generated sets; ``None``: ``data_dir()/shapes`` (shared with
@@ -497,9 +503,10 @@ class ShapesSemantic(SemanticDataModule):
     """
 
     source_class_names = SHAPE_CLASS_NAMES
-    dataset_defaults: ClassVar[dict[str, int | None]] = {
+    dataset_defaults: ClassVar[dict[str, Any]] = {
         "image_size": 96,
         "eval_size": 128,
+        "train_scale": (0.75, 1.5),
         "batch_size": 8,
         "num_workers": 2,
     }
