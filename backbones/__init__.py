@@ -3,10 +3,12 @@
 from backbones.features import FeatureInfo, FeaturePyramid
 from backbones.protocol import Backbone
 from backbones.resnet import ARCHS, ResNet, build_backbone
+from backbones.vgg import VGG
 from backbones.weights import LoadReport, WeightsError, load_weights
 
 __all__ = [
     "ARCHS",
+    "VGG",
     "Backbone",
     "FeatureInfo",
     "FeaturePyramid",

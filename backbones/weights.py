@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torchvision
-from torch import Tensor
+from torch import Tensor, nn
 
 if TYPE_CHECKING:
     from backbones.resnet import ResNet
@@ -204,8 +204,11 @@ def state_mismatches(
     ]
 
 
-def load_state(model: ResNet, state: dict[str, Tensor], layout: str, source: str) -> LoadReport:
-    """Load native-named tensors strictly; every mismatch is listed in one error."""
+def load_strict(
+    model: nn.Module, state: dict[str, Tensor], layout: str, source: str, hints: list[str] = ()
+) -> LoadReport:
+    """Load tensors named as ``model`` names them, strictly; every mismatch is listed in one
+    error (after ``hints``, such as the network the tensors do fit)."""
     expected = model.state_dict()
     given = {k for k in state if not k.endswith(COUNTER)}
     problems = state_mismatches(
@@ -213,12 +216,10 @@ def load_state(model: ResNet, state: dict[str, Tensor], layout: str, source: str
         {k: state[k] for k in given},
     )
     if problems:
-        depths, archs = checkpoint_arch(state)
-        if archs and model.arch not in archs:
-            problems.insert(0, f"they hold a {' or '.join(archs)} (blocks per stage {depths})")
+        _, label = model.summary()
         raise WeightsError(
-            f"weights {source!r} ({layout} layout) do not fit backbone {model.arch} "
-            f"(stem={model.stem_type}): " + "; ".join(problems)
+            f"weights {source!r} ({layout} layout) do not fit backbone {label}: "
+            + "; ".join([*hints, *problems])
         )
     full = {k: state.get(k, v) for k, v in expected.items()}
     model.load_state_dict(full, strict=True)
@@ -258,40 +259,59 @@ def is_weight_name(weights: str) -> bool:
     return weights in TORCHVISION_WEIGHT_NAMES
 
 
-def load_weights(model: ResNet, weights: str | os.PathLike, trusted: bool = False) -> LoadReport:
-    """Load a torchvision weight name or a checkpoint file into ``model``, strictly
-    (``trusted``: see :func:`read_checkpoint`)."""
+def read_weights(
+    weights: str | os.PathLike, arch: str, trusted: bool = False
+) -> tuple[dict[str, Tensor], bool, str]:
+    """The tensors of a torchvision weight name for ``arch`` or of a checkpoint file: (state
+    dict, whether Lightning wrote it, the source to name in messages)."""
     if isinstance(weights, str) and is_weight_name(weights):
-        if model.stem_type != "standard":
-            raise WeightsError(
-                f"torchvision weights {weights!r} are for the standard 7x7 stem, but the backbone "
-                "has stem='deep'; use a PSPNet-layout checkpoint (e.g. resnet50_v2.pth) as weights"
-            )
-        state, is_lightning = _unwrap(fetch_torchvision_state(model.arch, weights))
-        source = f"torchvision:{model.arch}.{weights}"
-    else:
-        path = Path(weights)
-        if not path.is_file() and not str(weights).endswith((".pth", ".pt", ".ckpt", ".bin")):
-            raise WeightsError(
-                f"weights={str(weights)!r} is neither an existing checkpoint file nor a "
-                f"torchvision weight name (expected one of {list(TORCHVISION_WEIGHT_NAMES)})"
-            )
-        state, is_lightning = _unwrap(read_checkpoint(path, trusted))
-        source = str(path)
-    native, skipped, layout = to_native(state, is_lightning)
-    if not native:
+        state, is_lightning = _unwrap(fetch_torchvision_state(arch, weights))
+        return state, is_lightning, f"torchvision:{arch}.{weights}"
+    path = Path(weights)
+    if not path.is_file() and not str(weights).endswith((".pth", ".pt", ".ckpt", ".bin")):
         raise WeightsError(
-            f"checkpoint {source!r} ({layout} layout) holds no backbone tensors; "
-            f"its keys start with {_listing(sorted({k.split('.')[0] for k in state}))}"
+            f"weights={str(weights)!r} is neither an existing checkpoint file nor a "
+            f"torchvision weight name (expected one of {list(TORCHVISION_WEIGHT_NAMES)})"
         )
-    report = load_state(model, native, layout, source)
+    state, is_lightning = _unwrap(read_checkpoint(path, trusted))
+    return state, is_lightning, str(path)
+
+
+def report_skipped(report: LoadReport, skipped: list[str]) -> LoadReport:
+    """Record and log the tensors of the file that were not the encoder's."""
     report.skipped = skipped
     log.info(
         "loaded %d tensors from %s (%s layout); skipped %d: %s",
         len(report.loaded),
-        source,
-        layout,
+        report.source,
+        report.layout,
         len(skipped),
         _listing(skipped),
     )
     return report
+
+
+def no_backbone_tensors(source: str, layout: str, state: Mapping[str, Tensor]) -> WeightsError:
+    return WeightsError(
+        f"checkpoint {source!r} ({layout} layout) holds no backbone tensors; "
+        f"its keys start with {_listing(sorted({k.split('.')[0] for k in state}))}"
+    )
+
+
+def load_weights(model: ResNet, weights: str | os.PathLike, trusted: bool = False) -> LoadReport:
+    """Load a torchvision weight name or a checkpoint file into ``model``, strictly
+    (``trusted``: see :func:`read_checkpoint`)."""
+    if isinstance(weights, str) and is_weight_name(weights) and model.stem_type != "standard":
+        raise WeightsError(
+            f"torchvision weights {weights!r} are for the standard 7x7 stem, but the backbone "
+            "has stem='deep'; use a PSPNet-layout checkpoint (e.g. resnet50_v2.pth) as weights"
+        )
+    state, is_lightning, source = read_weights(weights, model.arch, trusted)
+    native, skipped, layout = to_native(state, is_lightning)
+    if not native:
+        raise no_backbone_tensors(source, layout, state)
+    depths, archs = checkpoint_arch(native)
+    hints = []
+    if archs and model.arch not in archs:
+        hints.append(f"they hold a {' or '.join(archs)} (blocks per stage {depths})")
+    return report_skipped(load_strict(model, native, layout, source, hints), skipped)

@@ -21,7 +21,8 @@ from jsonargparse import lazy_instance
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from backbones import Backbone, FeaturePyramid, ResNet, WeightsError
+from backbones import VGG, Backbone, FeaturePyramid, ResNet, WeightsError
+from backbones.vgg import is_vgg_state, vgg_arch
 from backbones.weights import checkpoint_arch, read_checkpoint, to_native
 from datamodules.episode import input_dtype, to_model_inputs
 from datamodules.source import IGNORE
@@ -58,14 +59,15 @@ OFFICIAL_HEADS: tuple[type[OfficialCheckpoint], ...] = (ASGNetHead, PFENetHead, 
 
 def official_model(
     path: str, trusted: bool = False, head: HeadFactory | nn.Module | None = None
-) -> tuple[ResNet, nn.Module]:
+) -> tuple[Backbone, nn.Module]:
     """The encoder and head of a released PFENet, ASGNet or HSNet model (``model/PFENet.py``'s
     ``train_epoch_*.pth``, ``model/asgnet.py``'s checkpoint, HSNet's ``best_model.pt``): the
-    encoder of the depth the file holds in its paper's layout (PSPNet's deep stem, uniform
-    dilation and output stride 8; HSNet's torchvision ResNet at output stride 32), and the head
-    of the model the file holds, both loaded strictly from the one file. The head takes the
-    paper's options, or those of ``head`` when it builds that same head class (the bins are not
-    in the file: PFENet's COCO models use 1.0/0.5/0.25/0.125, set in
+    encoder the file holds in its paper's layout (PSPNet's deep stem, uniform dilation and
+    output stride 8, of the file's depth; HSNet's torchvision ResNet at output stride 32;
+    PFENet's VGG-16 cut, :class:`backbones.VGG`, for its COCO models), and the head of the
+    model the file holds, both loaded strictly from the one file. The head takes the paper's
+    options, or those of ``head`` when it builds that same head class (the bins are not in the
+    file: PFENet's COCO models use 1.0/0.5/0.25/0.125, set in
     ``configs/segment/pfenet_coco.yaml``).
     """
     checkpoint = read_checkpoint(path, trusted, option="--model.official_trusted true")
@@ -79,16 +81,20 @@ def official_model(
             f"{sorted(head_state)[:10]}"
         )
     head_class = matches[0]
-    depths, archs = checkpoint_arch(to_native(encoder, is_lightning=False)[0])
-    if not archs:
-        raise WeightsError(
-            f"official_checkpoint={path!r} holds no ResNet encoder this project builds (blocks "
-            f"per stage {depths}); expected a released {head_class.official_paper} "
-            "ResNet-50/101 model"
+    backbone: Backbone
+    if is_vgg_state(encoder):
+        backbone = VGG(vgg_arch(encoder), weights=path, weights_trusted=trusted)
+    else:
+        depths, archs = checkpoint_arch(to_native(encoder, is_lightning=False)[0])
+        if not archs:
+            raise WeightsError(
+                f"official_checkpoint={path!r} holds no encoder this project builds (ResNet "
+                f"blocks per stage {depths}); expected a released {head_class.official_paper} "
+                "ResNet-50/101 or VGG-16 model"
+            )
+        backbone = ResNet(
+            archs[0], **head_class.official_encoder, weights=path, weights_trusted=trusted
         )
-    backbone = ResNet(
-        archs[0], **head_class.official_encoder, weights=path, weights_trusted=trusted
-    )
     features = backbone.output_info
     built = head if head is None or isinstance(head, nn.Module) else head(features)
     model_head = built if isinstance(built, head_class) else head_class(features)

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import torchvision
 from fixtures_models import randomise_norms
 from torch import Tensor, nn
 from torchvision.models.resnet import Bottleneck
 
-from backbones import ResNet, WeightsError
+from backbones import VGG, ResNet, WeightsError
 from tasks.heads import PFENetHead
 from tasks.heads.pfenet import prior_mask
 from tasks.segment import FewShotSegmentation, upsample
@@ -45,13 +46,24 @@ def weighted_gap(feat: Tensor, mask: Tensor) -> Tensor:
     return F.avg_pool2d(feat, (h, w)) * h * w / area
 
 
-class ReferencePFENet(nn.Module):
-    """``model/PFENet.py``'s ResNet-50 model, written from its definitions (eval-mode output and
-    the inner classifiers' outputs)."""
+def official_vgg16_bn_layers() -> list[nn.Sequential]:
+    """``get_vgg16_layer`` of ``model/PFENet.py`` on its ``model/vgg.py`` ``vgg16_bn``
+    (torchvision's, with ``ceil_mode=True`` max-pools)."""
+    features = torchvision.models.vgg16_bn().features
+    for i, module in enumerate(features):
+        if isinstance(module, nn.MaxPool2d):
+            features[i] = nn.MaxPool2d(kernel_size=2, stride=2, ceil_mode=True)
+    cuts = [(0, 7), (7, 14), (14, 24), (24, 34), (34, 43)]
+    return [nn.Sequential(*(features[i] for i in range(a, b))) for a, b in cuts]
 
-    def __init__(self, bins: list[float], shot: int) -> None:
+
+class ReferencePFENet(nn.Module):
+    """``model/PFENet.py``'s ResNet-50 model (or its ``vgg=True`` VGG-16 model), written from
+    its definitions (eval-mode output and the inner classifiers' outputs)."""
+
+    def __init__(self, bins: list[float], shot: int, vgg: bool = False) -> None:
         super().__init__()
-        self.shot, self.bins = shot, bins
+        self.shot, self.bins, self.vgg = shot, bins, vgg
         self.layer0 = nn.Sequential(
             nn.Conv2d(3, 64, 3, stride=2, padding=1, bias=False),
             nn.BatchNorm2d(64),
@@ -75,6 +87,11 @@ class ReferencePFENet(nn.Module):
                     module.stride = (1, 1)
                 elif "downsample.0" in name:
                     module.stride = (1, 1)
+        if vgg:
+            self.layer0, self.layer1, self.layer2, self.layer3, self.layer4 = (
+                official_vgg16_bn_layers()
+            )
+        fea_dim = 512 + 256 if vgg else 1024 + 512
         r = 256
 
         def classifier() -> nn.Sequential:
@@ -86,7 +103,7 @@ class ReferencePFENet(nn.Module):
             )
 
         def reduce() -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(1536, r, 1, bias=False), nn.ReLU(), nn.Dropout2d(0.5))
+            return nn.Sequential(nn.Conv2d(fea_dim, r, 1, bias=False), nn.ReLU(), nn.Dropout2d(0.5))
 
         def double() -> nn.Sequential:
             return nn.Sequential(
@@ -113,6 +130,8 @@ class ReferencePFENet(nn.Module):
         q2 = self.layer2(self.layer1(self.layer0(x)))
         q3 = self.layer3(q2)
         q4 = self.layer4(q3)
+        if self.vgg:
+            q2 = interp(q2, q3.shape[-2:])
         query_feat = self.down_query(torch.cat([q3, q2], 1))
         supp_feats, finals, masks = [], [], []
         for i in range(self.shot):
@@ -122,6 +141,8 @@ class ReferencePFENet(nn.Module):
             s3 = self.layer3(s2)
             mask = interp(mask, s3.shape[-2:])
             finals.append(self.layer4(s3 * mask))
+            if self.vgg:
+                s2 = interp(s2, s3.shape[-2:])
             supp = self.down_supp(torch.cat([s3, s2], 1))
             supp_feats.append(weighted_gap(supp, mask))
         priors = []
@@ -200,6 +221,33 @@ def test_official_checkpoint_matches_official_forward(
     assert model.backbone.summary()[1] == "resnet50-deep-os8-uniform"
     assert model.hparams.freeze_backbone and model.head.init_args["bins"] == bins
     query, support, masks = episode(2, shots)
+    with torch.no_grad():
+        expected, expected_aux = reference(query, support, masks)
+        output = model(query, support, masks)
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(
+        upsample(output.logits, (IMAGE, IMAGE)), expected, rtol=1e-5, atol=1e-5 * scale
+    )
+    for aux, ref in zip(output.aux_logits, expected_aux, strict=True):
+        torch.testing.assert_close(aux, ref, rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_official_vgg_checkpoint_matches_official_forward(tmp_path: Path) -> None:
+    """A released-layout PFENet VGG-16 model (its COCO models) loads through
+    ``official_checkpoint`` into :class:`backbones.VGG` and the same head class, no renaming,
+    and gives the official forward's logits."""
+    torch.manual_seed(0)
+    bins = [1.0, 0.5, 0.25]  # the COCO bins but 0.125, which 5x5 features make 0 officially
+    reference = ReferencePFENet(bins, 2, vgg=True)
+    randomise_norms(reference)
+    reference.eval()
+    path = write_official(reference, tmp_path / "coco_split0_vgg.pth")
+    model = FewShotSegmentation(
+        official_checkpoint=str(path), head=partial(PFENetHead, bins=bins)
+    ).eval()
+    assert isinstance(model.backbone, VGG) and model.backbone.summary()[1] == "vgg16_bn"
+    assert model.head.in_features == ("layer3", "layer2", "layer4")
+    query, support, masks = episode(2, 2)
     with torch.no_grad():
         expected, expected_aux = reference(query, support, masks)
         output = model(query, support, masks)
