@@ -239,6 +239,8 @@ def load_vgg_weights(model: VGG, weights: str | os.PathLike, trusted: bool = Fal
     if not native:
         raise no_backbone_tensors(source, layout, state)
     hints = []
-    if layout != "torchvision" and vgg_arch(native) != model.arch:
+    if any(".conv1." in key for key in native):
+        hints.append("they hold a ResNet's stages (use backbones.ResNet)")
+    elif is_vgg_state(native) and vgg_arch(native) != model.arch:
         hints.append(f"they hold a {vgg_arch(native)}")
     return report_skipped(load_strict(model, native, layout, source, hints), skipped)

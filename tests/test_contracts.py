@@ -81,7 +81,7 @@ def real_data_args(config: str, tmp_path: Path) -> tuple[list[str], list[str]]:
     dataset's real format and a random weights file of its encoder's layout; the test arguments
     name the data only (the config's evaluation settings included: data is not in a model
     checkpoint)."""
-    protocol, dataset = config.split("_") if "_" in config else ("asgnet", config)
+    protocol, dataset, *encoder_name = config.split("_") if "_" in config else ("asgnet", config)
     if dataset == "pascal":
         root, data = write_pascal_tree(tmp_path / "VOC2012"), "datamodules.PascalFewShot"
         # the tree has no PFENet list file, the asgnet and pfenet protocols' training list
@@ -91,12 +91,16 @@ def real_data_args(config: str, tmp_path: Path) -> tuple[list[str], list[str]]:
         lists = []
     arch = "resnet101" if config in ("pfenet_coco", "hsnet_coco") else "resnet50"
     weights = tmp_path / f"{arch}.pth"
-    if protocol == "hsnet":  # torchvision's ResNet and layout
-        encoder, head = ResNet(arch), []
-    else:  # the PSPNet encoder and semseg's layout
-        encoder = ResNet(arch, stem="deep", output_stride=8, dilation_scheme="uniform")
-        head = ["--model.head.init_args.bins", "[1.0, 0.5]"]
-    torch.save({k.removeprefix("stem."): v for k, v in encoder.state_dict().items()}, weights)
+    head = [] if protocol == "hsnet" else ["--model.head.init_args.bins", "[1.0, 0.5]"]
+    if encoder_name == ["vgg"]:  # torchvision's vgg16_bn file
+        torch.save(torchvision.models.vgg16_bn().state_dict(), weights)
+    else:  # HSNet: torchvision's ResNet and layout; else the PSPNet encoder in semseg's layout
+        encoder = (
+            ResNet(arch)
+            if protocol == "hsnet"
+            else ResNet(arch, stem="deep", output_stride=8, dilation_scheme="uniform")
+        )
+        torch.save({k.removeprefix("stem."): v for k, v in encoder.state_dict().items()}, weights)
     common = ["--data.root", str(root), "--data.cache_dir", str(tmp_path / "cache"),
               "--data.image_size", "64", "--data.num_workers", "0", "--data.batch_size", "2",
               "--data.val_episodes", "4", "--data.test_episodes", "4",
@@ -110,8 +114,10 @@ def real_data_args(config: str, tmp_path: Path) -> tuple[list[str], list[str]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "config", ["pascal", "coco", "pfenet_pascal", "pfenet_coco", "hsnet_pascal", "hsnet_coco"]
-)
+    "config",
+    ["pascal", "coco", "pfenet_pascal", "pfenet_coco", "pfenet_coco_vgg", "hsnet_pascal",
+     "hsnet_coco"],
+)  # fmt: skip
 def test_paper_config_checkpoint_reloads_without_config_or_weights(
     config: str, tmp_path: Path
 ) -> None:
