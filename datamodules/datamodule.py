@@ -10,9 +10,10 @@ in :mod:`datamodules.sampler`):
 * ``test`` -- episodes over the **novel** classes of the test list (VOC val / COCO val2014),
   one loader per test seed, drawn and evaluated as the chosen protocol says
   (:mod:`datamodules.protocols`, :mod:`datamodules.sampling`).
-"""
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: the ranges must reach jsonargparse
+(:mod:`datamodules.bounds`).
+"""
 
 import os
 import shutil
@@ -26,6 +27,7 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
+from .bounds import AtLeast8, NonNegativeInt, OpenFraction, PositiveInt, Probability, check_bounds
 from .episode import (
     Batch,
     EpisodeDataset,
@@ -37,6 +39,7 @@ from .episode import (
 from .index import ClassCounts, class_counts
 from .predict import PredictEpisodes
 from .protocols import (
+    OPTIONS,
     BackboneNorm,
     EvalPad,
     EvalResize,
@@ -179,42 +182,44 @@ class FewShotDataModule(LightningDataModule):
         self,
         root: str | None = None,
         fold: int = 0,
-        shots: int = 1,
-        image_size: int | None = None,
-        batch_size: int | None = None,
-        global_batch_size: int | None = None,
-        num_workers: int | None = None,
-        train_episodes: int | None = None,
-        val_episodes: int | None = None,
+        shots: PositiveInt = 1,
+        image_size: AtLeast8 | None = None,
+        batch_size: PositiveInt | None = None,
+        global_batch_size: PositiveInt | None = None,
+        num_workers: NonNegativeInt | None = None,
+        train_episodes: PositiveInt | None = None,
+        val_episodes: PositiveInt | None = None,
         seed: int = 321,
         protocol: ProtocolName | None = None,
-        test_episodes: int | None = None,
+        test_episodes: PositiveInt | None = None,
         extra_test_episode: bool | None = None,
-        max_test_passes: int | None = None,
-        test_seeds: int | list[int] | None = None,
+        max_test_passes: PositiveInt | None = None,
+        test_seeds: PositiveInt | list[int] | None = None,
         test_sampling: TestSampling | None = None,
         query_classes: QueryClasses | None = None,
         support_repeats: bool | None = None,
         eval_resize: EvalResize | None = None,
-        eval_size: int | None = None,
+        eval_size: AtLeast8 | None = None,
         eval_pad: EvalPad | None = None,
         scoring: Scoring | None = None,
         train_sampling: TrainSampling | None = None,
         exclude_novel_from_train: bool | None = None,
         train_scale: tuple[float, float] | None = None,
-        rotate_p: float | None = None,
+        rotate_p: Probability | None = None,
         train_resize_longer: bool | None = None,
         train_augment: bool | None = None,
         train_ignore: TrainIgnore | None = None,
         backbone_norm: BackboneNorm | None = None,
-        min_pixels: int | None = None,
-        val_fraction: float = 0.1,
+        min_pixels: PositiveInt | None = None,
+        val_fraction: OpenFraction = 0.1,
         cache_dir: str | None = None,
         augment_on: AugmentOn = "cpu",
         predict_support: list[str] | None = None,
         predict_support_masks: list[str] | None = None,
         predict_queries: list[str] | None = None,
     ) -> None:
+        arguments = dict(locals())
+        check_bounds(FewShotDataModule.__init__, arguments)
         super().__init__()
         default = self.dataset_defaults
         image_size = default["image_size"] if image_size is None else image_size
@@ -224,29 +229,6 @@ class FewShotDataModule(LightningDataModule):
         min_pixels = default["min_pixels"] if min_pixels is None else min_pixels
         folds = range(self.num_folds)
         require("fold", fold, fold in folds, f"one of {list(folds)}")
-        require("shots", shots, shots >= 1, "an integer >= 1")
-        require("image_size", image_size, image_size >= 8, "an integer >= 8")
-        require("batch_size", batch_size, batch_size >= 1, "an integer >= 1")
-        require(
-            "global_batch_size",
-            global_batch_size,
-            global_batch_size is None or global_batch_size >= 1,
-            "None or an integer >= 1",
-        )
-        require("num_workers", num_workers, num_workers >= 0, "an integer >= 0")
-        require(
-            "train_episodes",
-            train_episodes,
-            train_episodes is None or train_episodes >= 1,
-            "None or an integer >= 1",
-        )
-        require("val_episodes", val_episodes, val_episodes >= 1, "an integer >= 1")
-        require("test_episodes", test_episodes, test_episodes is None or test_episodes >= 1,
-                "None or an integer >= 1")  # fmt: skip
-        require("eval_size", eval_size, eval_size is None or eval_size >= 8,
-                "None or an integer >= 8 (as image_size)")  # fmt: skip
-        require("min_pixels", min_pixels, min_pixels >= 1, "an integer >= 1")
-        require("val_fraction", val_fraction, 0 < val_fraction < 1, "in the open interval (0, 1)")
         self.save_hyperparameters()
         self.root = Path(root).expanduser() if root is not None else self.default_root()
         self.fold = fold
@@ -258,27 +240,7 @@ class FewShotDataModule(LightningDataModule):
         self.train_episodes = train_episodes
         self.val_episodes = val_episodes
         self.seed = seed
-        explicit = {
-            "test_episodes": test_episodes,
-            "extra_test_episode": extra_test_episode,
-            "max_test_passes": max_test_passes,
-            "test_seeds": test_seeds,
-            "test_sampling": test_sampling,
-            "query_classes": query_classes,
-            "support_repeats": support_repeats,
-            "eval_resize": eval_resize,
-            "eval_size": eval_size,
-            "eval_pad": eval_pad,
-            "scoring": scoring,
-            "train_sampling": train_sampling,
-            "exclude_novel_from_train": exclude_novel_from_train,
-            "train_scale": train_scale,
-            "rotate_p": rotate_p,
-            "train_resize_longer": train_resize_longer,
-            "train_augment": train_augment,
-            "train_ignore": train_ignore,
-            "backbone_norm": backbone_norm,
-        }
+        explicit = {name: arguments[name] for name in OPTIONS if name in arguments}
         explicit |= self.dataset_protocol_options()
         resolved = resolve_protocol(protocol, self.protocol_family, explicit, image_size)
         self.protocol = {k: v for k, v in resolved.items() if k not in self.protocol_unused}

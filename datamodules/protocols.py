@@ -83,8 +83,10 @@ the 2400 test images once, in list order); the other presets name the families t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
+
+from .bounds import AtLeast8, PositiveInt, Probability, check_bounds
 
 EvalResize = Literal["longer_pad", "floor8", "squash"]
 EvalPad = Literal["mean", "black"]
@@ -122,23 +124,23 @@ class Protocol:
     PASCAL-5i only.
     """
 
-    test_episodes: dict[str, int]
+    test_episodes: dict[str, PositiveInt]
     test_seeds: tuple[int, ...]
     source: str
     extra_test_episode: bool = False
-    max_test_passes: int | None = None
+    max_test_passes: PositiveInt | None = None
     test_sampling: TestSampling | dict[str, TestSampling] = "balanced"
     query_classes: QueryClasses = "eligible"
     support_repeats: bool = False
     eval_resize: EvalResize = "longer_pad"
-    eval_size: int | None = None
+    eval_size: AtLeast8 | None = None
     eval_pad: EvalPad = "mean"
     scoring: Scoring = "original"
     train_list: str = TRAIN_AUG_LIST
     train_sampling: TrainSampling = "pairs"
     exclude_novel_from_train: bool = False
     train_scale: tuple[float, float] | dict[str, tuple[float, float]] = (0.9, 1.1)
-    rotate_p: float = 1.0
+    rotate_p: Probability = 1.0
     train_resize_longer: bool = True
     train_augment: bool = True
     train_ignore: TrainIgnore = "ignore"
@@ -211,30 +213,9 @@ PROTOCOLS: dict[str, Protocol] = {
     ),
 }
 
-#: The options a user can set one by one (``--data.<option>``), in the order of the table above.
-OPTIONS = (
-    "test_episodes",
-    "extra_test_episode",
-    "max_test_passes",
-    "test_seeds",
-    "test_sampling",
-    "query_classes",
-    "support_repeats",
-    "eval_resize",
-    "eval_size",
-    "eval_pad",
-    "scoring",
-    "train_list",
-    "train_sampling",
-    "exclude_novel_from_train",
-    "train_scale",
-    "rotate_p",
-    "train_resize_longer",
-    "train_augment",
-    "train_ignore",
-    "backbone_norm",
-    "coco_crowd",
-)
+#: The options a user can set one by one (``--data.<option>``): every field of
+#: :class:`Protocol` but its ``source``.
+OPTIONS = tuple(f.name for f in fields(Protocol) if f.name != "source")
 
 
 def _for_family(value: Any, family: str) -> Any:
@@ -297,8 +278,7 @@ def resolve_protocol(
     low, high = resolved["train_scale"]
     if not 0 < low <= high:
         raise ValueError(f"data.train_scale={[low, high]}: expected 0 < min <= max")
-    if not 0 <= resolved["rotate_p"] <= 1:
-        raise ValueError(f"data.rotate_p={resolved['rotate_p']}: expected a probability in [0, 1]")
+    check_bounds(Protocol, {k: v for k, v in given.items() if k != "test_episodes"})
     return resolved
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import re
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -236,10 +237,15 @@ def unwrap_union_error(error: BaseException) -> BaseException:
     return error
 
 
+#: pydantic's pointers to its error catalogue, in the reports of ranges (datamodules.bounds)
+PYDANTIC_NOISE = re.compile(r"\s*\[type=[^\]]*\]|\s*For further information visit \S+")
+
+
 def condense_union_report(message: str) -> str:
     """``Parser key "data": datamodules.ShapesFewShot: Parser key "shots": Expected ...`` from
     jsonargparse's multi-line report of a value no alternative of an optional class accepts;
     another nested report (a ``class_path`` option) on one line."""
+    message = PYDANTIC_NOISE.sub("", message)
     if UNION_REPORT not in message:
         return " ".join(line.strip() for line in message.splitlines() if line.strip())
     lines = message.splitlines()

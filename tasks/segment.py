@@ -7,8 +7,8 @@ A task in torchgeo's style: a LightningModule with ``configure_models``, ``confi
 (``ori_resize``), with :class:`tasks.metrics.FewShotIoU`.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: the ranges must reach jsonargparse
+# (datamodules.bounds).
 import os
 import shutil
 import sys
@@ -24,6 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from backbones import VGG, Backbone, FeaturePyramid, ResNet, WeightsError
 from backbones.vgg import is_vgg_state, vgg_arch
 from backbones.weights import checkpoint_arch, read_checkpoint, to_native
+from datamodules.bounds import BelowOne, NonNegativeFloat, PositiveFloat, check_bounds
 from datamodules.episode import input_dtype, to_model_inputs
 from datamodules.source import IGNORE
 from tasks.base import BaseTask, Optimizer, check_arguments, describe_head
@@ -203,26 +204,20 @@ class FewShotSegmentation(BaseTask):
         num_classes: int = 20,
         freeze_backbone: bool | None = None,
         optimizer: Optimizer = "sgd",
-        lr: float = 0.01,
-        momentum: float = 0.9,
-        weight_decay: float = 1e-4,
-        poly_power: float = 0.9,
-        backbone_lr_mult: float = 1.0,
+        lr: PositiveFloat = 0.01,
+        momentum: BelowOne = 0.9,
+        weight_decay: NonNegativeFloat = 1e-4,
+        poly_power: NonNegativeFloat = 0.9,
+        backbone_lr_mult: PositiveFloat = 1.0,
         official_checkpoint: str | None = None,
         official_trusted: bool = False,
         channels_last: bool = False,
         compile: bool = False,
     ) -> None:
         super().__init__()
+        check_bounds(FewShotSegmentation.__init__, locals())
         check_arguments(
-            (
-                ("optimizer", optimizer, optimizer in get_args(Optimizer), get_args(Optimizer)),
-                ("lr", lr, lr > 0, "a positive number"),
-                ("backbone_lr_mult", backbone_lr_mult, backbone_lr_mult > 0, "a positive number"),
-                ("momentum", momentum, 0 <= momentum < 1, "in [0, 1)"),
-                ("weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
-                ("poly_power", poly_power, poly_power >= 0, ">= 0"),
-            )
+            (("optimizer", optimizer, optimizer in get_args(Optimizer), get_args(Optimizer)),)
         )
         self.save_hyperparameters(ignore=["backbone", "head"])
         self.backbone_norm = "frozen"
@@ -355,7 +350,7 @@ class FewShotSegmentation(BaseTask):
         self.backbone_norm = protocol.get("backbone_norm", "frozen")
         self.train(self.training)
 
-    def train(self, mode: bool = True) -> FewShotSegmentation:
+    def train(self, mode: bool = True) -> "FewShotSegmentation":
         """As :meth:`nn.Module.train`; a frozen backbone stays wholly in eval mode whatever the
         encoder's own ``train()`` does (normalisation statistics and dropout fixed, so any
         encoder stays bit-identical), except its BatchNorm under
@@ -498,7 +493,7 @@ class FewShotSegmentation(BaseTask):
         return self.optimization(groups, "poly")
 
 
-def main(args: list[str] | None = None) -> TaskCLI:
+def main(args: list[str] | None = None) -> "TaskCLI":
     """The command line; ``args`` lets tests run it in-process and read the CLI's trainer."""
     from datamodules import FewShotDataModule
     from tasks.callbacks.predictions import MaskWriter

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 from pathlib import Path
-from typing import get_args
+from types import UnionType
+from typing import Union, get_args, get_origin, get_type_hints
 
 import pytest
 import torch
 from fixtures_data import pascal
 from test_segment import tiny_args
 
-from datamodules import CocoFewShot
-from datamodules.protocols import PROTOCOLS, ProtocolName, resolve_protocol
+from datamodules import CocoFewShot, PascalFewShot
+from datamodules.bounds import PositiveInt
+from datamodules.datamodule import FewShotDataModule
+from datamodules.protocols import OPTIONS, PROTOCOLS, Protocol, ProtocolName, resolve_protocol
 from tasks.report import main as report_main
 from tasks.segment import main
 
@@ -139,3 +144,34 @@ def test_results_folder_that_cannot_be_written_fails_before_testing(tmp_path: Pa
 def test_protocol_names_type_lists_every_preset() -> None:
     """``--data.protocol`` is checked by its type when the command line is parsed."""
     assert get_args(ProtocolName) == tuple(PROTOCOLS)
+
+
+def _members(annotation: object) -> set:
+    """A union's alternatives; a per-family ``dict[str, X]`` stands for ``X``."""
+    members = (
+        set(get_args(annotation)) if get_origin(annotation) in (Union, UnionType) else {annotation}
+    )
+    return {get_args(m)[1] if get_origin(m) is dict else m for m in members} - {type(None)}
+
+
+def test_each_protocol_option_is_defined_once_and_exposed_with_its_type_and_doc() -> None:
+    """A :class:`Protocol` field is the option: ``OPTIONS`` is derived from the fields, and the
+    datamodule that takes the option (the shared one, or PASCAL's ``train_list`` and COCO's
+    ``coco_crowd``) has it as an argument of the field's type (``None``: the preset's value) and
+    documents it; nothing else lists the options."""
+    fields = {f.name: f for f in dataclasses.fields(Protocol)}
+    assert set(OPTIONS) == set(fields) - {"source"}
+    for option in OPTIONS:
+        owner = next(
+            cls for cls in (FewShotDataModule, PascalFewShot, CocoFewShot)
+            if option in inspect.signature(cls.__init__).parameters
+        )  # fmt: skip
+        hints = get_type_hints(owner.__init__, include_extras=True)
+        given = _members(hints[option])
+        expected = _members(get_type_hints(Protocol, include_extras=True)[option])
+        if option == "test_seeds":  # a list of seeds, or their count
+            expected = {list[int], PositiveInt}
+        assert given == expected, (option, given, expected)
+        assert f"        {option}: " in owner.__doc__, (
+            f"{owner.__name__} does not document {option}"
+        )

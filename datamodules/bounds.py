@@ -1,0 +1,54 @@
+"""Numeric options' ranges as types, so that one annotation says the range everywhere.
+
+jsonargparse validates ``Annotated`` constraints (``annotated_types``, through pydantic) while it
+parses the command line and the config files, so ``--data.shots 0`` fails before any data is
+read or model built, in one line naming the option, and passes plain ``int``/``float`` values on;
+:func:`check_bounds` makes the same check for a Python caller, from the same annotations.
+
+A module whose signatures use these types must not ``from __future__ import annotations``:
+jsonargparse (4.53) drops the constraints of postponed annotations.
+"""
+
+from __future__ import annotations
+
+import typing
+from collections.abc import Callable, Mapping
+from typing import Annotated, Any
+
+from annotated_types import Ge, Gt, Le, Lt
+from pydantic import TypeAdapter, ValidationError
+
+PositiveInt = Annotated[int, Gt(0)]
+NonNegativeInt = Annotated[int, Ge(0)]
+#: An image side: at least one pixel at output stride 8.
+AtLeast8 = Annotated[int, Ge(8)]
+PositiveFloat = Annotated[float, Gt(0)]
+NonNegativeFloat = Annotated[float, Ge(0)]
+Probability = Annotated[float, Ge(0), Le(1)]
+#: A dropout probability or a momentum: 1 would zero every feature or never forget.
+BelowOne = Annotated[float, Ge(0), Lt(1)]
+#: A share strictly between none and all (a validation fraction).
+OpenFraction = Annotated[float, Gt(0), Lt(1)]
+
+
+def _is_constrained(annotation: Any) -> bool:
+    """Whether ``annotation`` is, or is a union with, an ``Annotated`` constraint."""
+    members = [annotation, *typing.get_args(annotation)]
+    return any(typing.get_origin(m) is Annotated for m in members)
+
+
+def check_bounds(function: Callable[..., Any], arguments: Mapping[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first of ``arguments`` outside the constraint of its
+    ``Annotated`` annotation in ``function``'s signature (``None`` passes: it means a
+    default)."""
+    hints = typing.get_type_hints(function, include_extras=True)
+    for name, value in arguments.items():
+        if value is None or name not in hints:
+            continue
+        if not _is_constrained(hints[name]):
+            continue
+        try:
+            TypeAdapter(hints[name]).validate_python(value)
+        except ValidationError as error:
+            reason = error.errors()[0]["msg"]
+            raise ValueError(f"{name}={value!r}: {reason[0].lower()}{reason[1:]}") from None
