@@ -241,11 +241,33 @@ def unwrap_union_error(error: BaseException) -> BaseException:
 PYDANTIC_NOISE = re.compile(r"\s*\[type=[^\]]*\]|\s*For further information visit \S+")
 
 
+#: jsonargparse's reports of a value outside a closed set (that may also be null), on one line
+LITERAL_REPORTS = (
+    re.compile(
+        UNION_REPORT + r" Subtypes: \[typing\.Literal\[(?P<values>[^\]]*)\](?P<null>, <class "
+        r"'NoneType'>)?\] Errors: .*? Given value: (?P<given>.*)$"
+    ),
+    re.compile(
+        r"Expected a typing\.Literal\[(?P<values>[^\]]*)\](?P<null>)\. Got value: (?P<given>.*)$"
+    ),
+)
+
+
+def _allowed_values(match: re.Match) -> str:
+    null = " or null" if match["null"] else ""
+    return f"expected one of [{match['values']}]{null}, got {match['given']!r}"
+
+
 def condense_union_report(message: str) -> str:
     """``Parser key "data": datamodules.ShapesFewShot: Parser key "shots": Expected ...`` from
     jsonargparse's multi-line report of a value no alternative of an optional class accepts;
-    another nested report (a ``class_path`` option) on one line."""
+    a closed set (``--data.protocol pfnet``) as its allowed values; another nested report (a
+    ``class_path`` option) on one line."""
     message = PYDANTIC_NOISE.sub("", message)
+    joined = " ".join(line.strip() for line in message.splitlines() if line.strip())
+    for report in LITERAL_REPORTS:
+        if report.search(joined):
+            return report.sub(_allowed_values, joined)
     if UNION_REPORT not in message:
         return " ".join(line.strip() for line in message.splitlines() if line.strip())
     lines = message.splitlines()

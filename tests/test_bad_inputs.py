@@ -145,8 +145,15 @@ CASES = [
                  id="weights-file-needing-unpickling"),
     # Segmentation data
     pytest.param(SEGMENT, ("fit", *SHAPES, "--data.protocol", "pfnet"),
-                 2, r"Parser key \"protocol\".*Literal\['clean', 'pfenet', 'asgnet', 'hsnet', "
-                 r"'bam'\].*Given value: pfnet", None, id="misspelled-protocol"),
+                 2, r"Parser key \"protocol\": expected one of \['clean', 'pfenet', 'asgnet', "
+                 r"'hsnet', 'bam'\] or null, got 'pfnet'$", None, id="misspelled-protocol"),
+    pytest.param(SEGMENT, ("fit", *SHAPES, "--data", "datamodules.PascalFewShott"),
+                 2, r"Parser key \"data\": 'datamodules\.PascalFewShott' module 'datamodules' "
+                 r"has no attribute 'PascalFewShott'$", None, id="misspelled-dataset"),
+    pytest.param(SEGMENT, ("fit", *SHAPES, "--model.backbone.init_args.dilation_scheme",
+                           "unifrom"),
+                 2, r"Parser key \"dilation_scheme\": expected one of \['contracted', "
+                 r"'uniform'\], got 'unifrom'$", None, id="misspelled-dilation-scheme"),
     pytest.param(SEGMENT, ("fit", *PASCAL, "--data.root", "{tmp}/nowhere"),
                  FileNotFoundError, r"dataset root not found: .*nowhere$", None,
                  id="data-root-missing"),
