@@ -37,3 +37,8 @@ run benchmarks.loader_vs_step --device cuda --dataset pascal-like --root "$pasca
 run benchmarks.loader_vs_official --root "$pascal_like" --shots 1 5
 run benchmarks.ddp --device cuda --sync-batchnorm
 run benchmarks.backbone --device cuda --arch resnet101 --output-stride 8 --size 473 --batch 8
+# issue 24: every head against its official model (OFFICIAL_ROOT: a folder holding checkouts of
+# PFENet, ASGNet and hsnet; BENCHMARKS.md "Against the official models"); skipped without it
+if [ -n "${OFFICIAL_ROOT:-}" ]; then
+    run benchmarks.vs_official --official-root "$OFFICIAL_ROOT" --device cuda --shots 1 5
+fi
