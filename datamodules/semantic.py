@@ -490,8 +490,8 @@ class CocoSemantic(SemanticDataModule):
 class ShapesSemantic(SemanticDataModule):
     """The generated ``shapes`` set (:mod:`datamodules.shapes`, 20 classes in 4 folds of 5) as
     semantic segmentation: by default fold 0's 15 base classes and background. Sized for a CPU:
-    96 px crops at scale 0.75-1.5 (BAM's 0.5 leaves small images mostly padding), evaluation
-    at the images' own 128 px, batch 8, 2 workers.
+    64 px crops of the 96-128 px images at scale 0.75-1.5 (BAM's 0.5 leaves small images mostly
+    padding), evaluation at the images' own 128 px, batch 8, 2 workers.
 
     Args:
         root: cache folder of generated sets; ``None``: ``data_dir()/shapes`` (shared with
@@ -504,7 +504,7 @@ class ShapesSemantic(SemanticDataModule):
 
     source_class_names = SHAPE_CLASS_NAMES
     dataset_defaults: ClassVar[dict[str, Any]] = {
-        "image_size": 96,
+        "image_size": 64,
         "eval_size": 128,
         "train_scale": (0.75, 1.5),
         "batch_size": 8,

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from fixtures_models import randomise_norms
 from lightning.pytorch import Trainer
 from PIL import Image
@@ -352,3 +353,28 @@ def test_bad_options_are_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="val_fraction must be"):
         ShapesSemantic(root=str(tmp_path), val_fraction=1.0)
     assert len(VOC_CLASSES) == 20
+
+
+@pytest.mark.parametrize("name", ["bam_pascal", "bam_coco"])
+def test_bam_configs_resolve_to_bam_recipes(name: str, capsys: pytest.CaptureFixture) -> None:
+    """BAM's ``config/<dataset>/<dataset>_split0_resnet50_base.yaml`` values, layered on the
+    default config: crop 417, scale 0.5-2.0, global batch 12, ``base_lr`` 2.5e-4 with the
+    decoder (PASCAL, ``index_split: 0``) or every group (COCO, ``index_split: -1``) at 10x,
+    100 / 20 epochs, the PSPNet ResNet-50 encoder, scored at 417 as BAM validates."""
+    path = Path(__file__).parents[1] / "configs" / "semantic" / f"{name}.yaml"
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", str(path), "--print_config"])
+    config = yaml.safe_load(capsys.readouterr().out)
+    model, data = config["model"], config["data"]["init_args"]
+    pascal = name == "bam_pascal"
+    assert config["trainer"]["max_epochs"] == (100 if pascal else 20)
+    assert model["lr"] == 2.5e-4 and model["decoder_lr_mult"] == 10
+    assert model["backbone_lr_mult"] == (1 if pascal else 10)
+    encoder = model["backbone"]["init_args"]
+    assert (encoder["arch"], encoder["stem"], encoder["output_stride"]) == ("resnet50", "deep", 8)
+    assert encoder["dilation_scheme"] == "uniform" and model["decoder"]["init_args"]["bins"] == [
+        1, 2, 3, 6]  # fmt: skip
+    assert (data["image_size"], data["eval_size"], data["train_scale"]) == (417, 417, [0.5, 2.0])
+    assert data["global_batch_size"] == 12 and data["fold"] == 0
+    assert (data["eval_resize"], data["eval_pad"], data["scoring"]) == ("floor8", "black", "input")
+    assert data["exclude_novel_from_train"] is False
