@@ -9,6 +9,7 @@ compares call signatures, which ``nn.Module.__call__`` does not keep).
 
 from __future__ import annotations
 
+import importlib
 from abc import ABCMeta, abstractmethod
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -80,6 +81,12 @@ class Backbone(CapturesArguments, nn.Module, metaclass=ABCMeta):
     @abstractmethod
     def summary(self) -> tuple[dict[str, Any], str]:
         """The configuration a results file records and a short label for tables."""
+
+
+def build_described(description: dict[str, Any]) -> nn.Module:
+    """The object a ``{"class_path": ..., "init_args": ...}`` description names."""
+    module_name, _, name = description["class_path"].rpartition(".")
+    return getattr(importlib.import_module(module_name), name)(**description["init_args"])
 
 
 def class_path(obj: object) -> str:

@@ -10,19 +10,12 @@ same network.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .protocol import Backbone
-
-
-def _rebuild(description: dict) -> nn.Module:
-    module_name, _, name = description["class_path"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name), name)
-    return cls(**description["init_args"])
+from .protocol import Backbone, build_described
 
 
 def _assert_equal(got: dict[str, Tensor], want: dict[str, Tensor], what: str) -> None:
@@ -89,7 +82,7 @@ def check_backbone(encoder: Backbone, size: Sequence[int] = (64, 72)) -> None:
                     assert list(rest) == list(after), f"forward_from({name!r}) gave {list(rest)}"
                     _assert_equal(rest, after, f"forward_from({name!r})")
 
-        rebuilt = _rebuild(encoder.describe())
+        rebuilt = build_described(encoder.describe())
         assert isinstance(rebuilt, Backbone), "describe() does not rebuild a Backbone"
         rebuilt.load_state_dict(encoder.state_dict(), strict=True)
         rebuilt.eval().select_outputs(names)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from backbones import VGG, Backbone, FeaturePyramid, ResNet, WeightsError
+from backbones.protocol import build_described
 from backbones.vgg import is_vgg_state, vgg_arch
 from backbones.weights import checkpoint_arch, read_checkpoint, to_native
 from datamodules.bounds import BelowOne, NonNegativeFloat, PositiveFloat, check_bounds
@@ -29,7 +30,8 @@ from datamodules.episode import input_dtype, to_model_inputs
 from datamodules.source import IGNORE
 from tasks.base import BaseTask, Optimizer, check_arguments, describe_head
 from tasks.callbacks.results import summarise
-from tasks.heads import ASGNetHead, HeadOutput, HSNetHead, PFENetHead, PrototypeHead
+from tasks.heads import ASGNetHead, BAMHead, HeadOutput, HSNetHead, PFENetHead, PrototypeHead
+from tasks.heads.bam import BaseLearner
 from tasks.heads.common import (
     OfficialCheckpoint,
     foreground_masks,
@@ -55,7 +57,7 @@ DEFAULT_BACKBONE = lazy_instance(ResNet, **DEFAULT_ENCODER)
 
 #: The heads whose authors' released checkpoints ``official_checkpoint`` loads; a file is
 #: recognised by a head key only its model holds (``official_signature``).
-OFFICIAL_HEADS: tuple[type[OfficialCheckpoint], ...] = (ASGNetHead, PFENetHead, HSNetHead)
+OFFICIAL_HEADS: tuple[type[OfficialCheckpoint], ...] = (ASGNetHead, PFENetHead, HSNetHead, BAMHead)
 
 
 def official_model(
@@ -102,6 +104,41 @@ def official_model(
     assert isinstance(model_head, OfficialCheckpoint)
     model_head.load_official_state_dict(checkpoint)
     return backbone, model_head
+
+
+def base_learner_encoder(source: BaseLearner, configured: Backbone) -> Backbone:
+    """The configured encoder rebuilt with the base learner file's encoder tensors (its
+    ``weights`` option), after checking that a file recording its encoder records this one."""
+    description = configured.describe()
+    if source.backbone is not None and source.backbone != description:
+        raise ValueError(
+            f"base_learner={source.path!r} was trained with the encoder {source.backbone}, but "
+            f"the model is configured with {description}; configure --model.backbone as the "
+            "base learner's"
+        )
+    init_args = dict(description["init_args"])
+    if "weights" not in init_args:
+        raise ValueError(
+            f"{description['class_path']} has no weights option to load the encoder of "
+            f"base_learner={source.path!r} from"
+        )
+    init_args["weights"] = source.path
+    if "weights_trusted" in init_args:
+        init_args["weights_trusted"] = source.trusted
+    return build_described({**description, "init_args": init_args})
+
+
+def base_channel_lookup(base_classes: list[int], num_classes: int, known: int) -> Tensor:
+    """[num_classes] long: a fold's base class ``c`` -> its base learner's channel (1 + its rank
+    among the base classes, BAM's ``sub_list.index(c) + 1``), 0 for every other class."""
+    if len(base_classes) != known:
+        raise ValueError(
+            f"the head's base learner knows {known} base classes but the data's fold has "
+            f"{len(base_classes)}; train the base learner on this dataset and fold"
+        )
+    lookup = torch.zeros(num_classes, dtype=torch.long)
+    lookup[torch.tensor(sorted(base_classes))] = torch.arange(1, known + 1)
+    return lookup
 
 
 def upsample(logits: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
@@ -223,9 +260,17 @@ class FewShotSegmentation(BaseTask):
         self.backbone_norm = "frozen"
         if official_checkpoint is not None:
             backbone, head = official_model(official_checkpoint, official_trusted, head)
+        needs_frozen = getattr(getattr(head, "func", head), "requires_frozen_backbone", False)
         if freeze_backbone is None:
-            freeze_backbone = official_checkpoint is not None
+            freeze_backbone = official_checkpoint is not None or needs_frozen
+        elif needs_frozen and not freeze_backbone:
+            raise ValueError(
+                "model.freeze_backbone=false: the head's base learner reads the encoder it was "
+                "trained with, which must stay frozen (BAM); leave model.freeze_backbone unset"
+            )
         self.hparams.freeze_backbone = freeze_backbone
+        #: dataset class -> the base learner's channel (0: not a base class), from ``setup``
+        self.base_channel_of: Tensor | None = None
         if backbone is DEFAULT_BACKBONE:  # the shared default object must not be shared
             backbone = ResNet(**DEFAULT_ENCODER)
         self.configure_models(backbone, head)
@@ -242,6 +287,10 @@ class FewShotSegmentation(BaseTask):
         and without gradient (DDP would flag them unused)."""
         self.backbone = backbone
         self.head = head if isinstance(head, nn.Module) else head(backbone.output_info)
+        source = getattr(self.head, "base_learner_source", None)
+        if source is not None:  # the base learner's own encoder (BAM), once
+            self.backbone = base_learner_encoder(source, backbone)
+            self.head.base_learner_source = None
         in_features = getattr(self.head, "in_features", None)
         if not in_features:
             raise ValueError(
@@ -290,10 +339,18 @@ class FewShotSegmentation(BaseTask):
     def backbone_trainable(self) -> bool:
         return any(p.requires_grad for p in self.backbone.parameters())
 
-    def forward(self, query_image: Tensor, support_images: Tensor, support_masks: Tensor) -> Any:
+    def forward(
+        self,
+        query_image: Tensor,
+        support_images: Tensor,
+        support_masks: Tensor,
+        base_channels: Tensor | None = None,
+    ) -> Any:
         """Query and support go through the backbone in one batched call; under PFENet's
         BatchNorm recipe (:attr:`backbone_batch_statistics`) in one call per group, query first,
-        then each shot, as PFENet's forward does, so batch statistics are those of each group."""
+        then each shot, as PFENet's forward does, so batch statistics are those of each group.
+        ``base_channels``: each episode's class as its base learner's channel, for a head that
+        reads it (BAM)."""
         batch, shots = support_images.shape[:2]
         per_shot = self.backbone_batch_statistics and self.training
         if per_shot:
@@ -309,6 +366,8 @@ class FewShotSegmentation(BaseTask):
             support = {name: torch.stack([o[name] for o in shot_outputs], 1) for name in query}
         else:
             support = {name: f.unflatten(0, (batch, shots)) for name, f in shot_outputs[0].items()}
+        if base_channels is not None:
+            return self.head(query, support, support_masks, base_channels=base_channels)
         return self.head(query, support, support_masks)
 
     @property
@@ -346,8 +405,14 @@ class FewShotSegmentation(BaseTask):
     def setup(self, stage: str) -> None:
         """Read the protocol's backbone BatchNorm recipe from the datamodule and apply it (the
         loops keep each module's mode as they find it)."""
-        protocol = getattr(self.trainer.datamodule, "protocol", None) or {}
+        datamodule = self.trainer.datamodule
+        protocol = getattr(datamodule, "protocol", None) or {}
         self.backbone_norm = protocol.get("backbone_norm", "frozen")
+        base_classes = getattr(datamodule, "base_classes", None)
+        if getattr(self.head, "reads_episode_class", False) and base_classes is not None:
+            self.base_channel_of = base_channel_lookup(
+                base_classes, self.hparams.num_classes, self.head.num_base_classes
+            )
         self.train(self.training)
 
     def train(self, mode: bool = True) -> "FewShotSegmentation":
@@ -391,7 +456,12 @@ class FewShotSegmentation(BaseTask):
         gives it (``uint8``) or converted (:func:`~datamodules.episode.to_model_inputs`)."""
         keys = ("query_image", "support_images", "support_masks")
         inputs = to_model_inputs({key: batch[key] for key in keys}, input_dtype(self))
-        return self(inputs["query_image"], inputs["support_images"], inputs["support_masks"])
+        channels = None
+        if self.base_channel_of is not None and "class_id" in batch:
+            channels = self.base_channel_of.to(batch["class_id"].device)[batch["class_id"]]
+        return self(
+            inputs["query_image"], inputs["support_images"], inputs["support_masks"], channels
+        )
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         output = self.segment(batch)

@@ -41,9 +41,10 @@ Any K >= 1 and batch size work, in train and eval mode.
 """
 
 from .asgnet import ASGNetHead
+from .bam import BAMHead
 from .common import HeadOutput
 from .hsnet import HSNetHead
 from .pfenet import PFENetHead
 from .prototype import PrototypeHead
 
-__all__ = ["ASGNetHead", "HSNetHead", "HeadOutput", "PFENetHead", "PrototypeHead"]
+__all__ = ["ASGNetHead", "BAMHead", "HSNetHead", "HeadOutput", "PFENetHead", "PrototypeHead"]

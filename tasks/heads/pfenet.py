@@ -28,7 +28,11 @@ from .fem import FeatureEnrichment
 
 
 def prior_mask(
-    query: Tensor, support: Tensor, support_masks: Tensor, size: Sequence[int]
+    query: Tensor,
+    support: Tensor,
+    support_masks: Tensor,
+    size: Sequence[int],
+    shot_weights: Tensor | None = None,
 ) -> Tensor:
     """PFENet's training-free prior (official ``corr_query_mask``), in fp32 with autocast off.
 
@@ -43,6 +47,8 @@ def prior_mask(
             foreground mask resized to their size (the official ``tmp_supp_feat * tmp_mask``).
         support_masks: [B, K, H, W] labels (1 foreground).
         size: the prior's size (layer3's).
+        shot_weights: [B, K] weights of the shots' priors (BAM's K-shot reweighting);
+            ``None``: their mean (PFENet).
 
     Returns:
         [B, 1, *size] float32.
@@ -58,12 +64,15 @@ def prior_mask(
         low = similarity.amin(2, keepdim=True)
         high = similarity.amax(2, keepdim=True)
         similarity = (similarity - low) / (high - low + COSINE_EPS)
-        prior = resize(similarity.view(b * k, 1, h, w), size)
-        return prior.view(b, k, *prior.shape[-2:]).mean(1, keepdim=True)
+        prior = resize(similarity.view(b * k, 1, h, w), size).view(b, k, *size)
+        if shot_weights is None:
+            return prior.mean(1, keepdim=True)
+        return (shot_weights.float()[..., None, None] * prior).sum(1, keepdim=True)
 
 
-def _reduce(in_channels: int, reduce_dim: int, dropout: float) -> nn.Sequential:
-    """1x1 conv without bias, ReLU, Dropout2d (official ``down_query``, ``down_supp``)."""
+def mid_level_reduction(in_channels: int, reduce_dim: int, dropout: float) -> nn.Sequential:
+    """1x1 conv without bias, ReLU, Dropout2d (PFENet's and BAM's ``down_query``,
+    ``down_supp``)."""
     return nn.Sequential(
         nn.Conv2d(in_channels, reduce_dim, 1, bias=False),
         nn.ReLU(inplace=True),
@@ -115,7 +124,7 @@ class PFENetHead(FeatureEnrichment):
     """
 
     official_paper = "PFENet"
-    official_signature = "down_query.0.weight"
+    official_signature = "init_merge.0.0.weight"  # BAM has a down_query too
     official_renames = (("init_merge.", "corr_conv."),)
 
     def __init__(
@@ -135,8 +144,8 @@ class PFENetHead(FeatureEnrichment):
         self.in_features = (*self.mid_level, self.prior_layer)
         self.aux_weight = aux_weight
         channels = mid_level_channels(features)
-        self.down_query = _reduce(channels, reduce_dim, dropout)
-        self.down_supp = _reduce(channels, reduce_dim, dropout)
+        self.down_query = mid_level_reduction(channels, reduce_dim, dropout)
+        self.down_supp = mid_level_reduction(channels, reduce_dim, dropout)
 
     def forward(
         self,

@@ -1,0 +1,378 @@
+"""BAM head: Lang et al., "Learning What Not to Segment: A New Perspective on Few-Shot
+Segmentation", CVPR 2022; official code github.com/chunbolang/BAM (``model/BAM.py``,
+``model/ASPP.py``, ``model/PSPNet.py``, ``config/pascal/pascal_split0_resnet50.yaml``).
+
+A meta learner (PFENet's prior and mid-level prototype, an ASPP decoder) and a frozen **base
+learner** (a PSPNet trained on the fold's base classes, :mod:`tasks.semantic`) run on the same
+frozen encoder; the base learner's foreground (every base class but the episode's own) says what
+not to segment, and a Gram-matrix estimate of how far the support's scene is from the query's
+weighs the two.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from backbones.arguments import plain
+from backbones.features import FeaturePyramid
+from backbones.protocol import class_path
+
+from .common import (
+    HeadOutput,
+    OfficialCheckpoint,
+    check_dropout,
+    check_inputs,
+    foreground_masks,
+    masked_average_pooling,
+    mid_level_channels,
+    mid_level_features,
+    mid_level_layers,
+    resize,
+)
+from .fem import FeatureEnrichment
+from .pfenet import mid_level_reduction, prior_mask
+
+#: Rates of the ASPP branches after the global one (``model/ASPP.py``: 1x1, then 6, 12, 18).
+ASPP_RATES = (6, 12, 18)
+
+
+class ASPP(nn.Module):
+    """BAM's ASPP (``model/ASPP.py``): an image-pooling branch (``layer6_0``), a 1x1 branch and
+    three 3x3 branches at rates 6/12/18, each a conv with bias and ReLU, concatenated in that
+    order (5C channels)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.layer6_0 = nn.Sequential(nn.Conv2d(channels, channels, 1), nn.ReLU())
+        self.layer6_1 = nn.Sequential(nn.Conv2d(channels, channels, 1), nn.ReLU())
+        for index, rate in enumerate(ASPP_RATES, 2):
+            conv = nn.Conv2d(channels, channels, 3, padding=rate, dilation=rate)
+            self.add_module(f"layer6_{index}", nn.Sequential(conv, nn.ReLU()))
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        pooled = self.layer6_0(x.mean((2, 3), keepdim=True)).expand(-1, -1, *x.shape[-2:])
+        branches = [self.layer6_1, self.layer6_2, self.layer6_3, self.layer6_4]
+        return torch.cat([pooled, *(branch(x) for branch in branches)], 1)
+
+
+def gram_matrix(features: Tensor) -> Tensor:
+    """[N, C, h, w] -> [N, C, C] cosine Gram matrix (``get_gram_matrix``: ``F F^T / (|F| |F|^T
+    + 1e-7)``), in fp32."""
+    flat = features.float().flatten(2)
+    norms = flat.norm(dim=2, keepdim=True)
+    return torch.bmm(flat, flat.transpose(1, 2)) / (torch.bmm(norms, norms.transpose(1, 2)) + 1e-7)
+
+
+def scene_distance(query: Tensor, support: Tensor) -> Tensor:
+    """BAM's adjustment factor per shot: ``|G_q - G_s|_F / |1|_F`` of the low-level features'
+    Gram matrices; query [B, C, h, w], support [B, K, C, h, w] -> [B, K]."""
+    batch, shots = support.shape[:2]
+    query_gram = gram_matrix(query)
+    support_gram = gram_matrix(support.flatten(0, 1)).unflatten(0, (batch, shots))
+    channels = query_gram.shape[-1]
+    return (query_gram[:, None] - support_gram).flatten(2).norm(dim=2) / channels
+
+
+class BAMHead(OfficialCheckpoint):
+    """BAM's meta learner, base learner and ensemble (ResNet or VGG-16 encoder).
+
+    From the official ``model/BAM.py`` (names and shapes kept, so its checkpoints load):
+
+    * Meta learner: PFENet's mid-level features (:func:`~tasks.heads.common.mid_level_layers`)
+      reduced by ``down_query``/``down_supp`` (1x1, ReLU, Dropout2d 0.5), the support prototype
+      by masked average pooling, PFENet's training-free prior from the deepest stage (the
+      support's computed on its masked second-deepest stage: ``support_mask_at``),
+      ``init_merge`` (2C + 1 -> C), :class:`ASPP` (``ASPP_meta``), ``res1_meta`` (5C -> C),
+      ``res2_meta`` with residual, ``cls_meta`` (2 classes).
+    * Base learner (``learner_base = Sequential(ppm, cls)``): the PSPNet decoder
+      (:class:`tasks.decoders.PSPDecoder`) of a :mod:`tasks.semantic` model trained on the
+      fold's base classes, run frozen on the query's deepest stage.
+    * Adjustment factor: :func:`scene_distance` of the low-level features (``low_fea:
+      layer2``, the shallower mid-level stage; on VGG-16 resized to layer3's size first, as
+      ``model/BAM.py`` does).
+    * K shots: the shots' distances sorted, ``kshot_rw`` (1x1 convs K -> ``kshot_trans_dim`` ->
+      K, or one K -> K conv initialised to 1/K when 0), restored to shot order, softmax: the
+      weights of the shots' priors and prototypes (1 shot: weight 1).
+    * Ensemble: ``gram_merge`` (a 2 -> 1 conv initialised to (1, 0)) merges each meta
+      probability map with the distance; ``cls_merge`` (likewise) merges the meta background
+      with the base learner's foreground, the sum of its base-class probabilities but the
+      episode's own class; the output is (merged background, adjusted meta foreground).
+      The loss is BAM's main plus ``aux_weight`` times the meta learner's (``aux_weight1``);
+      the base learner is not trained (its loss, ``aux_weight2``, does not reach the meta
+      learner's parameters and needs base-class labels the episodes do not carry).
+
+    Official checkpoint key map (``train_epoch_*.pth``/``best.pth`` of ``train.py``):
+    ``learner_base.0.*`` -> ``base_learner.ppm.*``, ``learner_base.1.*`` -> ``base_learner.cls.*``;
+    every other head key keeps its name; ``layer0.*`` .. ``layer4.*`` are the encoder.
+
+    Deviations: shots batched; the episode's own class is left out of the base learner's
+    foreground whenever the episode's class is a base class (BAM: in training only, where it
+    always is), so that validation on base-class episodes (this project's, which never sees the
+    novel classes) is meaningful; on the novel test classes both use every base class. The loss
+    is the task's cross-entropy at the label's size.
+
+    Args:
+        features: The encoder's outputs (:attr:`backbones.Backbone.output_info`).
+        base_learner: a :mod:`tasks.semantic` checkpoint (``.ckpt``) of this fold or one of
+            BAM's released base learners (``initmodel/PSPNet/<dataset>/split<k>/<arch>/best.pth``);
+            its decoder becomes the base learner and its encoder tensors the task's frozen
+            encoder (which must be configured as the one it was trained with). Cleared in the
+            checkpoints this model writes (they hold the tensors).
+        num_base_classes: the base learner's foreground classes (PASCAL-5i 15, COCO-20i 60);
+            read from ``base_learner`` when it is given.
+        shots: K, which ``kshot_rw`` is built for (``--data.shots``).
+        kshot_trans_dim: hidden channels of ``kshot_rw`` (official 2; 0: one K -> K conv).
+        reduce_dim: channels of the reduced features (official 256).
+        aux_weight: weight of the meta learner's loss (official ``aux_weight1`` 1.0).
+        dropout: Dropout2d probability of ``down_query``/``down_supp`` (official 0.5).
+        base_learner_trusted: unpickle ``base_learner`` fully (only a file you trust).
+    """
+
+    official_paper = "BAM"
+    official_signature = "gram_merge.weight"
+    official_renames = (("learner_base.0.", "base_learner.ppm."),
+                        ("learner_base.1.", "base_learner.cls."))  # fmt: skip
+    official_encoder: ClassVar[Mapping[str, Any]] = FeatureEnrichment.official_encoder
+    #: the task keeps the encoder frozen: the base learner reads its deepest stage
+    requires_frozen_backbone: ClassVar[bool] = True
+    #: the task passes each episode's base-learner channel (``base_channels``)
+    reads_episode_class: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        features: FeaturePyramid,
+        base_learner: str | None = None,
+        num_base_classes: int = 15,
+        shots: int = 1,
+        kshot_trans_dim: int = 2,
+        reduce_dim: int = 256,
+        aux_weight: float = 1.0,
+        dropout: float = 0.5,
+        base_learner_trusted: bool = False,
+    ) -> None:
+        from tasks.decoders import PSPDecoder
+
+        super().__init__()
+        check_dropout(self, dropout=dropout)
+        if shots < 1 or kshot_trans_dim < 0 or num_base_classes < 1:
+            raise ValueError(
+                f"BAMHead shots={shots} (expected >= 1), kshot_trans_dim={kshot_trans_dim} "
+                f"(expected >= 0), num_base_classes={num_base_classes} (expected >= 1)"
+            )
+        loaded = None
+        if base_learner is not None:
+            loaded = read_base_learner(base_learner, base_learner_trusted)
+            num_base_classes = loaded.decoder["cls.4.weight"].shape[0] - 1
+        self.num_base_classes, self.shots, self.aux_weight = num_base_classes, shots, aux_weight
+        self.mid_level = mid_level_layers(features)
+        self.prior_layer = features.stage(-1).name
+        self.support_mask_at = features.stage(-2).name
+        self.low_level = self.mid_level[1]  # ``low_fea: layer2``
+        self.in_features = (*self.mid_level, self.prior_layer)
+        channels = mid_level_channels(features)
+        self.down_query = mid_level_reduction(channels, reduce_dim, dropout)
+        self.down_supp = mid_level_reduction(channels, reduce_dim, dropout)
+        self.init_merge = nn.Sequential(
+            nn.Conv2d(2 * reduce_dim + 1, reduce_dim, 1, bias=False), nn.ReLU(inplace=True)
+        )
+        self.ASPP_meta = ASPP(reduce_dim)
+        self.res1_meta = nn.Sequential(
+            nn.Conv2d(5 * reduce_dim, reduce_dim, 1, bias=False), nn.ReLU(inplace=True)
+        )
+        self.res2_meta = nn.Sequential(
+            nn.Conv2d(reduce_dim, reduce_dim, 3, padding=1, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(reduce_dim, reduce_dim, 3, padding=1, bias=False),
+            nn.ReLU(inplace=True),
+        )
+        self.cls_meta = nn.Sequential(
+            nn.Conv2d(reduce_dim, reduce_dim, 3, padding=1, bias=False),
+            nn.ReLU(inplace=True),
+            nn.Dropout2d(0.1),
+            nn.Conv2d(reduce_dim, 2, 1),
+        )
+        self.gram_merge = self._merge()
+        self.cls_merge = self._merge()
+        if shots > 1:
+            if kshot_trans_dim == 0:
+                self.kshot_rw = nn.Conv2d(shots, shots, 1, bias=False)
+                nn.init.constant_(self.kshot_rw.weight, 1 / shots)
+            else:
+                self.kshot_rw = nn.Sequential(
+                    nn.Conv2d(shots, kshot_trans_dim, 1),
+                    nn.ReLU(inplace=True),
+                    nn.Conv2d(kshot_trans_dim, shots, 1),
+                )
+        self.base_learner = PSPDecoder(features, num_base_classes + 1).requires_grad_(False)
+        #: where the task loads its encoder from (once, when the model is built)
+        self.base_learner_source: BaseLearner | None = loaded
+        if loaded is not None:
+            self.base_learner.load_state_dict(loaded.decoder)
+
+    @staticmethod
+    def _merge() -> nn.Conv2d:
+        """A 2 -> 1 1x1 conv without bias initialised to pass its first input (``gram_merge``,
+        ``cls_merge``)."""
+        merge = nn.Conv2d(2, 1, 1, bias=False)
+        with torch.no_grad():
+            merge.weight.copy_(torch.tensor([1.0, 0.0]).view_as(merge.weight))
+        return merge
+
+    @property
+    def init_args(self) -> dict[str, Any]:
+        """The options with ``base_learner`` cleared and its class count recorded: a
+        checkpoint of this model holds the base learner's tensors."""
+        return {
+            **super().init_args,
+            "base_learner": None,
+            "base_learner_trusted": False,
+            "num_base_classes": self.num_base_classes,
+        }
+
+    def train(self, mode: bool = True) -> BAMHead:
+        """The base learner stays in eval mode (frozen, as BAM's ``freeze_modules``)."""
+        super().train(mode)
+        self.base_learner.eval()
+        return self
+
+    def shot_weights(self, distances: Tensor) -> Tensor:
+        """[B, K] scene distances -> [B, K] weights of the shots (``kshot_rw`` on the sorted
+        distances, back in shot order, softmax; ones for one shot)."""
+        if distances.shape[1] == 1:
+            return torch.ones_like(distances)
+        ordered, order = distances.sort(1)
+        weights = self.kshot_rw(ordered[..., None, None].to(self.down_query[0].weight.dtype))
+        return weights[..., 0, 0].float().gather(1, order.argsort(1)).softmax(1)
+
+    def forward(
+        self,
+        query_feats: Mapping[str, Tensor],
+        support_feats: Mapping[str, Tensor],
+        support_masks: Tensor,
+        base_channels: Tensor | None = None,
+    ) -> HeadOutput:
+        """Segment the query; see :mod:`tasks.heads` for shapes. ``base_channels`` [B]: each
+        episode's class as the base learner's channel (1..), 0 for a class it does not know
+        (a novel class); ``None``: every episode's class is novel."""
+        check_inputs(query_feats, support_feats, support_masks, self.in_features)
+        batch, shots = support_masks.shape[:2]
+        if shots != self.shots:
+            raise ValueError(
+                f"BAMHead was built for shots={self.shots} (its K-shot reweighting) but the "
+                f"episodes have {shots}; set --model.head.init_args.shots {shots}"
+            )
+        query = self.down_query(mid_level_features(query_feats, self.mid_level))
+        support = self.down_supp(mid_level_features(support_feats, self.mid_level))
+        size = query.shape[-2:]
+        deeper, low = self.mid_level
+        low_query, low_support = query_feats[low], support_feats[low]
+        if low_query.shape[-2:] != query_feats[deeper].shape[-2:]:  # VGG-16: at layer3's size
+            low_query = resize(low_query, size)
+            low_support = resize(low_support.flatten(0, 1), size).unflatten(0, (batch, shots))
+        distances = scene_distance(low_query, low_support)  # [B, K]
+        weights = self.shot_weights(distances)
+        distance = (weights * distances).sum(1)  # [B]
+        masks = foreground_masks(support_masks, size)
+        prototypes = masked_average_pooling(support, masks).view(batch, shots, -1)
+        prototype = (weights[..., None] * prototypes).sum(1).to(query.dtype)
+        with torch.no_grad():
+            prior = prior_mask(
+                query_feats[self.prior_layer],
+                support_feats[self.prior_layer],
+                support_masks,
+                size,
+                weights,
+            )
+            base_logits = self.base_learner.decode(query_feats[self.prior_layer])
+        merged = torch.cat(
+            [query, prototype[..., None, None].expand_as(query), prior.to(query.dtype)], 1
+        )
+        meta = self.res1_meta(self.ASPP_meta(self.init_merge(merged)))
+        meta_logits = self.cls_meta(self.res2_meta(meta) + meta)
+        logits = self.ensemble(meta_logits, base_logits, distance, base_channels)
+        return HeadOutput(logits=logits, aux_logits=[meta_logits], aux_weight=self.aux_weight)
+
+    def ensemble(
+        self,
+        meta_logits: Tensor,
+        base_logits: Tensor,
+        distance: Tensor,
+        base_channels: Tensor | None,
+    ) -> Tensor:
+        """BAM's learner ensemble: [B, 2, h, w] outputs (background, foreground), in fp32."""
+        with torch.autocast(meta_logits.device.type, enabled=False):
+            meta = meta_logits.float().softmax(1)
+            base = base_logits.float().softmax(1)
+            base_foreground = base[:, 1:].sum(1, keepdim=True)
+            if base_channels is not None:  # the episode's own class: not "what not to segment"
+                index = base_channels.view(-1, 1, 1, 1).expand_as(base_foreground)
+                known = (base_channels > 0).view(-1, 1, 1, 1)
+                base_foreground = base_foreground - base.gather(1, index) * known
+            scene = distance.float().view(-1, 1, 1, 1).expand_as(base_foreground)
+            gram, merge = self.gram_merge.weight.float(), self.cls_merge.weight.float()
+            background = F.conv2d(torch.cat([meta[:, :1], scene], 1), gram)
+            foreground = F.conv2d(torch.cat([meta[:, 1:], scene], 1), gram)
+            merged = F.conv2d(torch.cat([background, base_foreground], 1), merge)
+            return torch.cat([merged, foreground], 1)
+
+
+@dataclass(frozen=True)
+class BaseLearner:
+    """A base learner file: its decoder tensors, and what the task needs to load its encoder
+    (the file, and the encoder it was trained with when the file records it)."""
+
+    path: str
+    trusted: bool
+    decoder: dict[str, Tensor]
+    backbone: dict[str, Any] | None
+
+
+def read_base_learner(path: str, trusted: bool = False) -> BaseLearner:
+    """A :mod:`tasks.semantic` checkpoint (``decoder.*``: a :class:`~tasks.decoders.PSPDecoder`
+    with BAM's options) or one of BAM's released ``best.pth`` (``module.``-prefixed
+    ``layer0..4``, ``ppm.*``, ``cls.*``)."""
+    from backbones.weights import WeightsError, read_checkpoint
+    from tasks.decoders import PSPDecoder
+
+    option = "--model.head.init_args.base_learner_trusted true"
+    checkpoint = read_checkpoint(path, trusted, option=option)
+    state = checkpoint.get("state_dict", checkpoint)
+    state = {key.removeprefix("module."): value for key, value in state.items()}
+    backbone = None
+    if "pytorch-lightning_version" in checkpoint:
+        parameters = checkpoint.get("hyper_parameters", {})
+        description = parameters.get("decoder", {})
+        defaults = {
+            name: plain(p.default)
+            for name, p in inspect.signature(PSPDecoder.__init__).parameters.items()
+            if p.default is not inspect.Parameter.empty
+        }
+        if description.get("class_path") != class_path(PSPDecoder) or any(
+            defaults.get(key) != value for key, value in description.get("init_args", {}).items()
+        ):
+            raise WeightsError(
+                f"base_learner={path!r} is not a tasks.semantic model with BAM's PSPNet decoder "
+                f"(PSPDecoder with its defaults {defaults}); found {description}"
+            )
+        decoder = {k.removeprefix("decoder."): v for k, v in state.items() if k[:8] == "decoder."}
+        backbone = parameters.get("backbone")
+    else:
+        decoder = {k: v for k, v in state.items() if k.startswith(("ppm.", "cls."))}
+    if "cls.4.weight" not in decoder:
+        raise WeightsError(
+            f"base_learner={path!r} holds no base learner: expected a tasks.semantic checkpoint "
+            f"or BAM's initmodel/PSPNet/.../best.pth (ppm.*, cls.*, layer0..4), found keys "
+            f"{sorted(state)[:8]}"
+        )
+    return BaseLearner(str(Path(path)), trusted, decoder, backbone)
