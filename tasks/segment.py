@@ -430,7 +430,14 @@ class FewShotSegmentation(BaseTask):
         return self
 
     def on_fit_start(self) -> None:
-        """Parameter counts into every logger's hyper-parameters (the W&B run's config)."""
+        """Parameter counts into every logger's hyper-parameters (the W&B run's config); a head
+        whose base learner holds no trained tensors is refused (BAM without ``base_learner``)."""
+        if getattr(self.head, "base_learner_ready", True) is False:
+            raise ValueError(
+                f"{type(self.head).__name__} has no trained base learner to fit with: pass "
+                "--model.head.init_args.base_learner (a tasks.semantic checkpoint of this fold, "
+                "or BAM's initmodel/PSPNet/<dataset>/split<k>/<arch>/best.pth)"
+            )
         counts = {
             name: sum(p.numel() for p in module.parameters())
             for name, module in (("total", self), ("backbone", self.backbone), ("head", self.head))

@@ -194,7 +194,7 @@ def test_official_checkpoint_matches_official_forward(shots: int, tmp_path: Path
     model = FewShotSegmentation(official_checkpoint=str(path),
                                 head=partial(BAMHead, shots=shots)).eval()  # fmt: skip
     assert model.backbone.summary()[1] == "resnet50-deep-os8-uniform"
-    assert model.hparams.freeze_backbone
+    assert model.hparams.freeze_backbone and model.head.base_learner_ready
     query, support, masks = episode(2, shots)
     with torch.no_grad():
         final, meta, base = reference(query, support, masks)
@@ -271,6 +271,7 @@ def test_base_learner_from_a_semantic_checkpoint_sets_the_encoder_and_reloads(
     path.rename(tmp_path / "gone.ckpt")
     trainer.save_checkpoint(tmp_path / "fewshot.ckpt")
     reloaded = FewShotSegmentation.load_from_checkpoint(tmp_path / "fewshot.ckpt")
+    assert reloaded.head.base_learner_ready  # its tensors came with the checkpoint
     query, support, masks = episode(1, 1)
     model.eval(), reloaded.eval()
     with torch.no_grad():
@@ -287,6 +288,8 @@ def test_a_base_learner_of_another_encoder_or_an_unfrozen_encoder_is_refused(
                             head=partial(BAMHead, base_learner=str(path)))  # fmt: skip
     with pytest.raises(ValueError, match=r"freeze_backbone=false: the head's base learner"):
         FewShotSegmentation(head=partial(BAMHead, num_base_classes=15), freeze_backbone=False)
+    with pytest.raises(ValueError, match=r"BAMHead has no trained base learner to fit with"):
+        FewShotSegmentation(head=BAMHead).on_fit_start()
     with pytest.raises(ValueError, match=r"built for shots=1 .* have 2; set --model.head"):
         FewShotSegmentation(head=BAMHead)(*episode(1, 2))
 

@@ -217,8 +217,19 @@ class BAMHead(OfficialCheckpoint):
         self.base_learner = PSPDecoder(features, num_base_classes + 1).requires_grad_(False)
         #: where the task loads its encoder from (once, when the model is built)
         self.base_learner_source: BaseLearner | None = loaded
+        #: whether the base learner holds trained tensors (a file's, a checkpoint's): training
+        #: on a random one would be silently wrong, so the task refuses to fit without them
+        self.base_learner_ready = False
         if loaded is not None:
             self.base_learner.load_state_dict(loaded.decoder)
+            self.base_learner_ready = True
+
+    def _load_from_state_dict(self, state_dict: Mapping[str, Any], prefix: str, *args: Any) -> None:
+        """A state dict with the base learner's tensors (a checkpoint of this model, an official
+        one) makes the base learner ready."""
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        if f"{prefix}base_learner.cls.4.weight" in state_dict:
+            self.base_learner_ready = True
 
     @staticmethod
     def _merge() -> nn.Conv2d:
