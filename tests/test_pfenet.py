@@ -202,6 +202,36 @@ def episode(batch: int, shots: int, seed: int = 1) -> tuple[Tensor, Tensor, Tens
     return query, support, masks
 
 
+def official_model_and_reference(
+    bins: list[float], shots: int, path: Path, vgg: bool = False
+) -> tuple[FewShotSegmentation, ReferencePFENet]:
+    """A random reference (eval mode), saved in the official layout and loaded through
+    ``official_checkpoint`` with the head's bins."""
+    torch.manual_seed(0)
+    reference = ReferencePFENet(bins, shots, vgg=vgg)
+    randomise_norms(reference)
+    reference.eval()
+    model = FewShotSegmentation(
+        official_checkpoint=str(write_official(reference, path)),
+        head=partial(PFENetHead, bins=bins),
+    ).eval()
+    return model, reference
+
+
+def assert_official_outputs(model: FewShotSegmentation, reference: ReferencePFENet) -> None:
+    """The logits and inner-classifier logits of both on one episode, to float32 precision."""
+    query, support, masks = episode(2, reference.shot)
+    with torch.no_grad():
+        expected, expected_aux = reference(query, support, masks)
+        output = model(query, support, masks)
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(
+        upsample(output.logits, (IMAGE, IMAGE)), expected, rtol=1e-5, atol=1e-5 * scale
+    )
+    for aux, ref in zip(output.aux_logits, expected_aux, strict=True):
+        torch.testing.assert_close(aux, ref, rtol=1e-5, atol=1e-5 * scale)
+
+
 @pytest.mark.parametrize(
     ("bins", "shots"), [([9, 5, 3, 2], 1), ([1.0, 0.5, 0.25, 0.125], 3)], ids=["pascal", "coco"]
 )
@@ -210,53 +240,22 @@ def test_official_checkpoint_matches_official_forward(
 ) -> None:
     """A checkpoint in the official layout, loaded through ``official_checkpoint``, gives the
     official forward's logits and inner-classifier logits (eval mode) to float32 precision."""
-    torch.manual_seed(0)
-    reference = ReferencePFENet(bins, shots)
-    randomise_norms(reference)
-    reference.eval()
-    path = write_official(reference, tmp_path / "train_epoch_200_0.5.pth")
-    model = FewShotSegmentation(
-        official_checkpoint=str(path), head=partial(PFENetHead, bins=bins)
-    ).eval()
+    path = tmp_path / "train_epoch_200_0.5.pth"
+    model, reference = official_model_and_reference(bins, shots, path)
     assert model.backbone.summary()[1] == "resnet50-deep-os8-uniform"
     assert model.hparams.freeze_backbone and model.head.init_args["bins"] == bins
-    query, support, masks = episode(2, shots)
-    with torch.no_grad():
-        expected, expected_aux = reference(query, support, masks)
-        output = model(query, support, masks)
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(
-        upsample(output.logits, (IMAGE, IMAGE)), expected, rtol=1e-5, atol=1e-5 * scale
-    )
-    for aux, ref in zip(output.aux_logits, expected_aux, strict=True):
-        torch.testing.assert_close(aux, ref, rtol=1e-5, atol=1e-5 * scale)
+    assert_official_outputs(model, reference)
 
 
 def test_official_vgg_checkpoint_matches_official_forward(tmp_path: Path) -> None:
     """A released-layout PFENet VGG-16 model (its COCO models) loads through
     ``official_checkpoint`` into :class:`backbones.VGG` and the same head class, no renaming,
     and gives the official forward's logits."""
-    torch.manual_seed(0)
     bins = [1.0, 0.5, 0.25]  # the COCO bins but 0.125, which 5x5 features make 0 officially
-    reference = ReferencePFENet(bins, 2, vgg=True)
-    randomise_norms(reference)
-    reference.eval()
-    path = write_official(reference, tmp_path / "coco_split0_vgg.pth")
-    model = FewShotSegmentation(
-        official_checkpoint=str(path), head=partial(PFENetHead, bins=bins)
-    ).eval()
+    model, reference = official_model_and_reference(bins, 2, tmp_path / "vgg.pth", vgg=True)
     assert isinstance(model.backbone, VGG) and model.backbone.summary()[1] == "vgg16_bn"
     assert model.head.in_features == ("layer3", "layer2", "layer4")
-    query, support, masks = episode(2, 2)
-    with torch.no_grad():
-        expected, expected_aux = reference(query, support, masks)
-        output = model(query, support, masks)
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(
-        upsample(output.logits, (IMAGE, IMAGE)), expected, rtol=1e-5, atol=1e-5 * scale
-    )
-    for aux, ref in zip(output.aux_logits, expected_aux, strict=True):
-        torch.testing.assert_close(aux, ref, rtol=1e-5, atol=1e-5 * scale)
+    assert_official_outputs(model, reference)
 
 
 def test_prior_matches_official_formula_on_non_trivial_masks() -> None:
@@ -328,7 +327,7 @@ def test_official_checkpoint_of_no_known_model_is_named(tmp_path: Path) -> None:
     torch.save({"state_dict": state}, path)
     with pytest.raises(
         WeightsError,
-        match=r"other\.pth' is not one released model of \['ASGNet', 'PFENet', 'HSNet'\]"
+        match=r"other\.pth' is not one released model of \['ASGNet', 'PFENet', 'HSNet', 'BAM'\]"
         r".*'decoder\.weight'",
     ):
         FewShotSegmentation(official_checkpoint=str(path))
