@@ -22,6 +22,11 @@ Every head follows one interface::
   stages after it are frozen); the query's later outputs come from its plain features. PFENet
   sets the second deepest stage: its prior reads the support's layer4 of the masked layer3.
   The task runs this through :meth:`backbones.Backbone.forward_from`.
+* ``head.requires_frozen_backbone`` (optional class attribute): the task keeps the encoder frozen
+  (BAM: its base learner reads the encoder it was trained with); ``head.base_learner_source``
+  (optional): a file whose encoder tensors the task loads into its encoder once, when the model
+  is built; ``head.reads_episode_class``: the task passes ``base_channels`` [B], each episode's
+  class as the base learner's channel (0: not a base class).
 * ``head.init_args``: the head's own options (not ``features``), which checkpoints store so
   that they rebuild the head; :class:`backbones.arguments.CapturesArguments` records them from
   the constructor's signature (a head whose ``init_args`` miss one of its options is refused by
