@@ -8,6 +8,7 @@ import contextlib
 import importlib
 import inspect
 import re
+import signal
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ import yaml
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tasks.callbacks.checkpointing import SaveLastOnInterrupt
 from tasks.callbacks.sync_batchnorm import AnyDeviceSyncBatchNorm
@@ -134,7 +136,7 @@ def run_cli(
     """Run ``python -m tasks.<task>``; with no subcommand options it trains the default
     experiment of ``configs/<task>/default.yaml``."""
     cli_class = type(f"{task.title()}CLI", (TaskCLI,), {"task_callbacks": callbacks or {}})
-    with finished_wandb_run():
+    with finished_wandb_run(), sigterm_exit_code():
         return cli_class(
             model_class,
             datamodule_class,
@@ -208,9 +210,26 @@ def is_wandb_logger(logger: object) -> bool:
     return issubclass(getattr(importlib.import_module(module), name), WandbLogger)
 
 
+#: The exit code of a run stopped by SIGTERM, as a shell reports a process the signal ended.
+SIGTERM_EXIT = 128 + signal.SIGTERM
+
+
+@contextlib.contextmanager
+def sigterm_exit_code() -> Iterator[None]:
+    """Lightning stops ``fit`` on SIGTERM by raising ``SIGTERMException``, a ``SystemExit``
+    without a code: the process would exit 0 as if training had finished. Exit with
+    :data:`SIGTERM_EXIT` instead (``last.ckpt`` is saved by
+    :class:`tasks.callbacks.checkpointing.SaveLastOnInterrupt` on the way)."""
+    try:
+        yield
+    except SIGTERMException as stop:
+        raise SystemExit(SIGTERM_EXIT) from stop
+
+
 @contextlib.contextmanager
 def finished_wandb_run() -> Iterator[None]:
-    """Close the W&B run when the command ends, marked failed on an exception.
+    """Close the W&B run when the command ends, marked failed on an exception (with the
+    process's exit code for a ``SystemExit``: 143 after SIGTERM, 1 after Ctrl-C).
 
     Lightning's WandbLogger leaves the run open; a process exit closes it, but a second command in
     the same process (tests, notebooks) would otherwise log into the first one's run.
@@ -219,9 +238,10 @@ def finished_wandb_run() -> Iterator[None]:
 
     try:
         yield
-    except BaseException:
+    except BaseException as error:
+        code = error.code if isinstance(error, SystemExit) else 1
         if wandb.run is not None:
-            wandb.finish(exit_code=1)
+            wandb.finish(exit_code=code if isinstance(code, int) and code else 1)
         raise
     if wandb.run is not None:
         wandb.finish()

@@ -7,10 +7,16 @@
   the checkpoint is streamed into a temporary file *in the destination folder*, flushed to disk
   and renamed over the old one (``os.replace``, atomic on POSIX): a reader sees the old file or
   the new one, never a partial one.
-* :class:`SaveLastOnInterrupt` -- Ctrl-C (SIGINT) in a single-process run refreshes every
-  ``ModelCheckpoint``'s ``last.ckpt`` before Lightning shuts down, so ``fit --ckpt_path last``
-  resumes from the interrupted step. (Lightning's ``save_on_exception`` saves on *any* error,
-  also on one rank of a DDP job, where the collective save would wait on the other ranks.)
+* :class:`SaveLastOnInterrupt` -- Ctrl-C (SIGINT) or SIGTERM (cluster pre-emption, ``docker
+  stop``, ``timeout``) in a single-process run refreshes every ``ModelCheckpoint``'s
+  ``last.ckpt`` before Lightning shuts down, so ``fit --ckpt_path last`` resumes from the
+  interrupted step. SIGTERM goes through Lightning's own handling (``_SignalConnector`` sets
+  ``trainer.received_sigterm``; the loops raise ``SIGTERMException`` after the running batch,
+  as for SLURM's requeue), so the checkpoint is taken between steps; the W&B run is marked
+  preempting, and :func:`tasks.cli.run_cli` turns the exception (a ``SystemExit`` with no code,
+  which would exit 0) into exit code 143 (128 + SIGTERM). (Lightning's ``save_on_exception``
+  saves on *any* error, also on one rank of a DDP job, where the collective save would wait on
+  the other ranks.)
 """
 
 from __future__ import annotations
@@ -21,8 +27,10 @@ from typing import Any, BinaryIO
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from datamodules.files import atomic_file
 
@@ -55,15 +63,19 @@ def save_interruptible(checkpoint: dict[str, Any], file: BinaryIO) -> None:
 
 
 class SaveLastOnInterrupt(Callback):
-    """On Ctrl-C in a single-process run, write ``last.ckpt`` of each ``ModelCheckpoint`` that
-    keeps one (see the module docstring)."""
+    """On Ctrl-C or SIGTERM in a single-process run, write ``last.ckpt`` of each
+    ``ModelCheckpoint`` that keeps one, and mark the W&B run preempting on SIGTERM (see the
+    module docstring)."""
 
     def on_exception(
         self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
     ) -> None:
-        if not isinstance(exception, KeyboardInterrupt) or trainer.world_size > 1:
+        stop = "SIGTERM" if isinstance(exception, SIGTERMException) else "Interrupted"
+        if not isinstance(exception, KeyboardInterrupt | SIGTERMException):
             return
-        if not trainer.training or trainer.sanity_checking:
+        if isinstance(exception, SIGTERMException):
+            mark_preempting(trainer)
+        if trainer.world_size > 1 or not trainer.training or trainer.sanity_checking:
             return
         folders = {
             Path(callback.dirpath)
@@ -75,4 +87,15 @@ class SaveLastOnInterrupt(Callback):
                 folder / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
             )
             trainer.save_checkpoint(path)
-            rank_zero_info(f"Interrupted at global step {trainer.global_step}: saved {path}")
+            rank_zero_info(f"{stop} at global step {trainer.global_step}: saved {path}")
+
+
+def mark_preempting(trainer: Trainer) -> None:
+    """Tell each W&B run that it is being pre-empted (its state on the server: "preempted",
+    resumable), with a warning if W&B cannot be reached any more."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+            try:
+                logger.experiment.mark_preempting()
+            except Exception as error:  # W&B's service gone: the checkpoint matters more
+                rank_zero_warn(f"W&B: could not mark the run preempting ({error})")
