@@ -22,6 +22,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tasks.callbacks.checkpointing import SaveLastOnInterrupt
+from tasks.callbacks.data_settings import DataMismatch, RecordDataSettings, check_data_settings
 from tasks.callbacks.sync_batchnorm import AnyDeviceSyncBatchNorm
 from tasks.callbacks.tracking import SaveConfigToRun
 
@@ -46,6 +47,14 @@ class TaskCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         for key, callback in self.task_callbacks.items():
             parser.add_lightning_class_args(callback, key)
+        parser.add_argument(
+            "--data_mismatch",
+            type=DataMismatch,
+            default="error",
+            help="With --ckpt_path: a data setting that defines the experiment (dataset, fold, "
+            "class split; on fit also shots and protocol) differing from the checkpoint's is an "
+            "error; 'allow' runs anyway (tasks.callbacks.data_settings).",
+        )
 
     def instantiate_trainer(self, **kwargs: object) -> Trainer:
         """``trainer.sync_batchnorm`` (on by default) synchronises BatchNorm on every device
@@ -125,6 +134,21 @@ class TaskCLI(LightningCLI):
         config.ckpt_path = str(found[-1])
         args.id = found[-1].parent.parent.name
 
+    def after_instantiate_classes(self) -> None:
+        """Compare the data with the ``--ckpt_path`` checkpoint's before any step
+        (:func:`tasks.callbacks.data_settings.check_data_settings`); ``predict`` runs on any
+        images."""
+        if self.subcommand not in ("fit", "validate", "test"):
+            return
+        config = self.config_init[self.subcommand]
+        path = config.get("ckpt_path")
+        if not path or not Path(path).is_file():
+            return
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        check_data_settings(
+            checkpoint, self.datamodule, self.subcommand, str(path), config.get("data_mismatch")
+        )
+
 
 def run_cli(
     model_class: type[LightningModule],
@@ -146,7 +170,7 @@ def run_cli(
             trainer_defaults={
                 # Trainable BatchNorm sees the global batch under DDP, as on one device.
                 "sync_batchnorm": True,
-                "callbacks": [SaveLastOnInterrupt()],
+                "callbacks": [SaveLastOnInterrupt(), RecordDataSettings()],
                 # Atomic checkpoint writes, unless the config chooses its own plugins.
                 "plugins": [{"class_path": "tasks.callbacks.checkpointing.AtomicCheckpointIO"}],
             },

@@ -1,10 +1,14 @@
 """Faults during ``fit``: SIGKILL mid-epoch, Ctrl-C, and a kill while a checkpoint is written;
-each run then resumes with ``--ckpt_path last`` into the same W&B run."""
+each run then resumes with ``--ckpt_path last`` into the same W&B run. Resume and test compare
+the data settings with the checkpoint's (:mod:`tasks.callbacks.data_settings`)."""
 
 from __future__ import annotations
 
 import io
+import logging
+import logging.handlers
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +21,7 @@ from test_segment import tiny_args
 from wandb_records import OfflineRun
 
 from tasks.callbacks.checkpointing import atomic_file, save_interruptible
+from tasks.segment import main as segment_main
 
 TIMEOUT = 300
 CHECKPOINTS = """
@@ -160,3 +165,76 @@ def test_ctrl_c_during_a_checkpoint_write_is_an_interrupt() -> None:
     assert isinstance(error.value.__context__, KeyboardInterrupt)
     with pytest.raises(KeyboardInterrupt):
         save_interruptible(checkpoint, InterruptedFile())
+
+
+# --- data settings compared with the checkpoint's -------------------------------------------
+
+ONE_STEP = ("--trainer.max_steps", "1", "--trainer.limit_val_batches", "1",
+            "--trainer.limit_test_batches", "1", "--trainer.num_sanity_val_steps", "0")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fold0_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A one-step fold-0, 1-shot ``fit`` of the tiny shapes set: its folder and its
+    ``last.ckpt``."""
+    tmp = tmp_path_factory.mktemp("fold0")
+    segment_main(["fit", *tiny_args(tmp), *ONE_STEP])
+    return tmp, next((tmp / "runs").rglob("last.ckpt"))
+
+
+@pytest.mark.parametrize(
+    ("subcommand", "changed", "message"),
+    [
+        ("test", ("--data.fold", "1"), r"trained with fold 0 but this test has fold 1 "
+         r"\(--data\.fold\): the model would be scored on classes it may have trained on"),
+        ("validate", ("--data.fold", "2"), r"with fold 0 but this validate has fold 2"),
+        ("fit", ("--data.shots", "2"), r"trained with shots 1 but this fit has shots 2 "
+         r"\(--data\.shots\): resuming would go on training another experiment"),
+        ("fit", ("--data.protocol", "hsnet"), r"protocol 'clean' but this fit has protocol "
+         r"'hsnet'"),
+        ("test", ("pascal",), r"trained with dataset 'datamodules\.pascal\.PascalFewShot' but "
+         r"this test has dataset 'datamodules\.shapes\.ShapesFewShot' \(--data \(class_path\)\)"),
+    ],
+    ids=["test-other-fold", "validate-other-fold", "resume-other-shots",
+         "resume-other-protocol", "test-other-dataset"],
+)  # fmt: skip
+def test_a_data_setting_that_leaks_is_refused_before_any_step(
+    fold0_checkpoint: tuple[Path, Path], subcommand: str, changed: tuple[str, ...], message: str
+) -> None:
+    tmp, last = fold0_checkpoint
+    if changed == ("pascal",):  # a checkpoint of PASCAL-5i fold 0 given to the shapes set
+        checkpoint = torch.load(last, weights_only=True)
+        checkpoint["data_settings"]["dataset"] = "datamodules.pascal.PascalFewShot"
+        last = tmp / "pascal.ckpt"
+        torch.save(checkpoint, last)
+        changed = ()
+    before = last.stat().st_mtime_ns
+    data = tiny_args(tmp)
+    with pytest.raises(ValueError) as info:
+        segment_main([subcommand, *data, *changed, *ONE_STEP, "--ckpt_path", str(last)])
+    text = str(info.value)
+    assert re.search(message, text), text
+    assert text.startswith(f"--ckpt_path {str(last)!r}") and "--data_mismatch allow" in text
+    assert "training_step" not in {frame.name for frame in info.traceback}
+    assert last.stat().st_mtime_ns == before  # nothing resumed, nothing written
+
+
+def test_harmless_differences_and_forced_mismatches_run(
+    fold0_checkpoint: tuple[Path, Path],
+) -> None:
+    """More test episodes, another seed, another batch size: allowed, listed in one line; test
+    shots differ from training's (HSNet tests 1-shot models with 5 shots): allowed; another fold
+    with ``--data_mismatch allow``: runs."""
+    tmp, last = fold0_checkpoint
+    common = [*tiny_args(tmp), *ONE_STEP, "--ckpt_path", str(last)]
+    records = logging.handlers.BufferingHandler(1000)
+    logging.getLogger("lightning.pytorch").addHandler(records)
+    try:
+        segment_main(["test", *common, "--data.test_episodes", "12", "--data.seed", "5",
+                      "--data.shots", "2"])  # fmt: skip
+    finally:
+        logging.getLogger("lightning.pytorch").removeHandler(records)
+    lines = [record.getMessage() for record in records.buffer]
+    (line,) = [x for x in lines if "differing from checkpoint" in x]
+    assert "shots: 1 -> 2" in line and "test_episodes: 8 -> 12" in line and "seed" in line
+    segment_main(["test", *common, "--data.fold", "1", "--data_mismatch", "allow"])
