@@ -38,7 +38,7 @@ from benchmarks.common import (
     time_alternating,
     train_step,
 )
-from tasks.heads import ASGNetHead, HSNetHead, PFENetHead, PrototypeHead
+from tasks.heads import ASGNetHead, BAMHead, HSNetHead, PFENetHead, PrototypeHead
 from tasks.metrics import FewShotIoU
 from tasks.segment import FewShotSegmentation, original_resolution_predictions, scored_logits
 
@@ -47,6 +47,7 @@ HEADS = {
     "asgnet": ASGNetHead,
     "pfenet": PFENetHead,
     "hsnet": HSNetHead,
+    "bam": BAMHead,  # its base learner random here: the cost is the same
 }
 
 #: Dense bf16 tensor-core peaks (TFLOP/s) by device name, first match wins.
@@ -131,7 +132,8 @@ def build(
     model = FewShotSegmentation(
         load_backbone(backbone),
         head=HEADS[head],
-        freeze_backbone=freeze,
+        # BAM's encoder is always frozen (its base learner reads it)
+        freeze_backbone=freeze or getattr(HEADS[head], "requires_frozen_backbone", False),
         channels_last=mode.channels_last,
         compile=mode.compile,
     )
