@@ -9,7 +9,8 @@ the repository's name)::
     git clone https://github.com/dvlab-research/PFENet official/PFENet
     git clone https://github.com/Reagan1311/ASGNet official/ASGNet
     git clone https://github.com/juhongm999/hsnet official/hsnet
-    python -m benchmarks.vs_official --official-root official --method pfenet asgnet hsnet \\
+    git clone https://github.com/chunbolang/BAM official/BAM
+    python -m benchmarks.vs_official --official-root official --method pfenet asgnet hsnet bam \\
         --device cuda --shots 1 5
     python -m benchmarks.vs_official --official-root official/PFENet --method pfenet \\
         --device cpu --size 129 --batch 2 --threads 1
@@ -25,12 +26,29 @@ What runs, for each method and shot count:
   CPU while official code runs; their files are never edited). The backbone's BatchNorm
   statistics are first calibrated on one random batch, so that evaluation activations are of
   unit scale rather than growing through 16 blocks of random weights.
+* BAM (``model/BAM.py`` ``OneModel(args, cls_type='Base')``, ResNet-50, 473 px, global batch 8,
+  ``low_fea: layer2``, ``kshot_trans_dim: 2``): its constructor reads the fold's base learner
+  from ``initmodel/PSPNet/pascal/split0/resnet50/best.pth`` under the working directory, so the
+  benchmark first writes a random ``model/PSPNet.py`` ``OneModel`` there (``{"state_dict":
+  ...}``) in a temporary directory and builds BAM in it; ``pretrained=True`` is patched as for
+  ASGNet, the plotting and weak-annotation packages its ``util/util.py`` imports at top level
+  (matplotlib, seaborn, pandas, networkx, scikit-image, scikit-learn) are stubbed for the import
+  where they are not installed, and on CPU its training forward's ``torch.arange(...,
+  device='cuda')`` is sent to the CPU. Training: ``model.train()`` with ``fix_bn`` (every
+  BatchNorm in eval mode), ``freeze_modules``, SGD over ``get_optim``'s meta-learner groups at
+  10x ``base_lr`` (``index_split: -1``), loss ``main + aux1 + aux2`` (``aux_weight1/2: 1.0``; the
+  base learner's ``aux2`` carries no gradient); the episodes' classes are fold 0's first base
+  classes in training (``cat_idx``; the project's ``base_channels = cat_idx + 1``, its
+  :func:`tasks.segment.base_channel_lookup`) and its novel classes in evaluation (the official
+  evaluation sums every base class; so does the project for a novel class). Besides the eval
+  logits, the training losses (main and meta) are compared with dropout off.
 * Its state dict saved in the official layout (``{"epoch", "state_dict"}`` with DataParallel's
-  ``module.`` for PFENet/ASGNet, HSNet's bare ``module.`` state dict) and loaded into the
+  ``module.`` for PFENet/ASGNet/BAM, HSNet's bare ``module.`` state dict) and loaded into the
   project's model through ``FewShotSegmentation(official_checkpoint=...)`` (the
   ``--model.official_checkpoint`` option): the same weights on both sides. The project's
   optimizer is its ``configure_optimizers`` under the paper's config (``configs/segment/
-  pfenet_pascal.yaml``, ``pascal.yaml``, ``hsnet_pascal.yaml``); PFENet's and ASGNet's
+  pfenet_pascal.yaml``, ``pascal.yaml``, ``hsnet_pascal.yaml``, ``bam_pascal.yaml``); PFENet's and
+  ASGNet's
   backbone BatchNorm uses batch statistics in training on both sides (their ``model.train()``,
   the project's ``backbone_norm: batch`` of the ``pfenet`` and ``asgnet`` protocols).
 * Eval logits at the input resolution compared first, on the fresh weights, in fp32 with TF32
@@ -58,14 +76,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import io
+import os
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import torch
@@ -84,9 +106,9 @@ from benchmarks.common import (
     train_step,
 )
 from benchmarks.segment import MODES, Mode, peak_step_memory
-from tasks.heads import ASGNetHead, HSNetHead, PFENetHead
+from tasks.heads import ASGNetHead, BAMHead, HSNetHead, PFENetHead
 from tasks.heads.common import vote
-from tasks.segment import FewShotSegmentation, scored_logits, upsample
+from tasks.segment import FewShotSegmentation, base_channel_lookup, scored_logits, upsample
 
 #: Top-level packages of the official repositories (``model``, ``util``...), which the three
 #: share by name: each import runs with its own checkout first on ``sys.path`` and leaves no
@@ -98,6 +120,17 @@ PAPER_BINS = (60, 30, 15, 8)
 PAPER_FEATURE = 60
 #: ASGNet's mask pixels per superpixel at the paper's feature size (``avg_sp_area``).
 PAPER_SUPERPIXEL_AREA = 100.0
+
+#: Packages BAM's ``util/util.py`` (and its ``util/get_weak_anns.py``) import at top level for
+#: plots and weak annotations, which its model does not use: stubbed where not installed.
+PLOTTING_PACKAGES = ("matplotlib", "seaborn", "pandas", "networkx", "skimage", "sklearn")
+
+#: PASCAL-5i fold 0 (BAM's ``split: 0``): the dataset's classes, the novel ones (0-based class
+#: ids, as the project's datamodules number them) and the base ones, in the base learner's
+#: channel order (channel ``1 + rank``: BAM's ``sub_list.index(c) + 1``).
+PASCAL_CLASSES = 20
+FOLD0_NOVEL = tuple(range(5))
+FOLD0_BASE = tuple(c for c in range(PASCAL_CLASSES) if c not in FOLD0_NOVEL)
 
 
 class OfficialCodeMissing(SystemExit):
@@ -131,6 +164,10 @@ RECIPES = {
     "hsnet": Recipe(
         "juhongm999/hsnet", "model/hsnet.py", 400, 20, HSNetHead,
         {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0, "poly_power": 0.0},
+    ),
+    "bam": Recipe(  # configs/segment/bam_pascal.yaml: base_lr 0.005 at 10x, global batch 8
+        "chunbolang/BAM", "model/BAM.py", 473, 8, BAMHead,
+        {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4},
     ),
 }  # fmt: skip
 
@@ -174,19 +211,73 @@ def official_imports(checkout: Path) -> Iterator[None]:
         sys.modules.update(shadowed)
 
 
+class _Stub(ModuleType):
+    """A placeholder module: any public attribute is another placeholder."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Stub(f"{self.__name__}.{name}")
+
+
+class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Serves :class:`_Stub` modules for ``packages`` (and their submodules), consulted after
+    every real finder."""
+
+    def __init__(self, packages: Sequence[str]) -> None:
+        self.packages = tuple(packages)
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname.partition(".")[0] not in self.packages:
+            return None
+        return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
+        module = _Stub(spec.name)
+        module.__path__ = []  # a package: its submodules are stubs too
+        return module
+
+    def exec_module(self, module: ModuleType) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def stubbed_imports(packages: Sequence[str]) -> Iterator[list[str]]:
+    """Those of ``packages`` that are not installed import as placeholders while the context
+    lasts (their names yielded), and are forgotten after it; installed ones import as usual."""
+    missing = [name for name in packages if importlib.util.find_spec(name) is None]
+    finder = _StubFinder(missing)
+    sys.meta_path.append(finder)
+    try:
+        yield missing
+    finally:
+        sys.meta_path.remove(finder)
+        for name in [n for n in sys.modules if n.partition(".")[0] in missing]:
+            del sys.modules[name]
+
+
 @contextlib.contextmanager
 def cuda_calls_on(device: torch.device) -> Iterator[None]:
     """The official code's hard-coded ``tensor.cuda()`` (forward defaults, auxiliary loss,
-    ASGNet's clustering) sends tensors to ``device`` while it runs (nothing to do on CUDA)."""
+    ASGNet's clustering) and ``torch.arange(..., device='cuda')`` (BAM's training ensemble)
+    send tensors to ``device`` while it runs (nothing to do on CUDA)."""
     if device.type == "cuda":
         yield
         return
-    original = torch.Tensor.cuda
-    torch.Tensor.cuda = lambda self, *args, **kwargs: self.to(device)  # type: ignore[method-assign]
+    original, arange, target = torch.Tensor.cuda, torch.arange, device
+
+    def arange_on_device(*args: Any, device: Any = None, **kwargs: Any) -> Tensor:
+        if device is not None and torch.device(device).type == "cuda":
+            device = target
+        return arange(*args, device=device, **kwargs)
+
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self.to(target)  # type: ignore[method-assign]
+    torch.arange = arange_on_device  # type: ignore[assignment]
     try:
         yield
     finally:
         torch.Tensor.cuda = original  # type: ignore[method-assign]
+        torch.arange = arange
 
 
 @contextlib.contextmanager
@@ -206,6 +297,17 @@ def no_pretrained(module: Any, name: str, **random: Any) -> Iterator[None]:
         yield
     finally:
         setattr(module, name, build)
+
+
+@contextlib.contextmanager
+def working_directory(path: str | Path) -> Iterator[None]:
+    """``os.chdir(path)`` while the context lasts (``contextlib.chdir`` is Python 3.11+)."""
+    previous = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
 @contextlib.contextmanager
@@ -281,6 +383,10 @@ class Official:
 
     def prepare(self, batch: dict[str, Any]) -> None:
         """Per-batch loader work of the official pipeline, done before timing."""
+
+    def training_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The batch both sides train on (BAM: episodes of base classes)."""
+        return batch
 
     def train(self, batch: dict[str, Any]) -> None:
         with cuda_calls_on(self.device):
@@ -440,20 +546,123 @@ class OfficialHSNet(Official):
         return torch.stack(logits, 1) if self.shots > 1 else logits[0]
 
 
-OFFICIAL = {"pfenet": OfficialPFENet, "asgnet": OfficialASGNet, "hsnet": OfficialHSNet}
+class OfficialBAM(Official):
+    """chunbolang/BAM ``model/BAM.py`` ``OneModel(cls_type='Base')`` (ResNet-50, PASCAL-5i fold
+    0) with ``train.py``'s optimizer, BatchNorm mode and loss."""
+
+    #: ``initmodel/PSPNet/<data_set>/split<split>/resnet50/best.pth``: the base learner BAM's
+    #: constructor reads from the working directory
+    base_learner_path = Path("initmodel/PSPNet/pascal/split0/resnet50/best.pth")
+
+    def build(self, checkout: Path) -> None:
+        with stubbed_imports(PLOTTING_PACKAGES):
+            import model.resnet
+            from model.BAM import OneModel
+            from model.PSPNet import OneModel as PSPNet
+
+        args = SimpleNamespace(
+            layers=50, zoom_factor=8, shot=self.shots, vgg=False, data_set="pascal",
+            ignore_label=255, print_freq=10, split=0, low_fea="layer2", kshot_trans_dim=2,
+            momentum=0.9, weight_decay=1e-4,
+        )  # fmt: skip
+        with (
+            no_pretrained(model.resnet, "resnet50", pretrained=False),
+            tempfile.TemporaryDirectory() as folder,
+            working_directory(folder),
+        ):
+            self.base_learner_path.parent.mkdir(parents=True)
+            torch.save({"state_dict": PSPNet(args).state_dict()}, self.base_learner_path)
+            model = OneModel(args, cls_type="Base")
+        base_lr = 0.005
+        self.optimizer = model.get_optim(model, args, LR=base_lr)
+        for group in self.optimizer.param_groups:  # poly_learning_rate, index_split -1: 10x
+            group["lr"] = base_lr * 10
+        model.freeze_modules(model)
+        encoder = nn.Sequential(*(getattr(model, f"layer{i}") for i in range(5)))
+        frozen = nn.ModuleList([encoder, model.learner_base])
+        x = torch.randn(2, 3, self.size, self.size)
+        calibrate_batch_norm(lambda x: model.learner_base(encoder(x)), frozen, x)
+        with torch.no_grad():  # initialised to (1, 0), which would leave both unseen by the checks
+            for merge in (model.gram_merge, model.cls_merge):
+                merge.weight.copy_(torch.tensor([1.0, 0.5]).view_as(merge.weight))
+        self.model = model
+
+    def training_batch(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The same episodes of fold 0's base classes (the evaluation batch's are its novel
+        ones), as BAM trains."""
+        offset = len(FOLD0_NOVEL)
+        return {**batch, "class_id": batch["class_id"] % offset + offset}
+
+    def inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """``forward``'s arguments as ``train.py`` passes them: ``cat_idx`` is the loader's
+        ``subcls`` list (each episode's rank among the base classes) and ``y_b`` the query's
+        base-class label (each foreground pixel at its class's channel)."""
+        lookup = base_channel_lookup(list(FOLD0_BASE), PASCAL_CLASSES, len(FOLD0_BASE))
+        channels = lookup.to(batch["class_id"].device)[batch["class_id"]]
+        mask = batch["query_mask"]
+        base_label = torch.where(mask == 1, channels.view(-1, 1, 1), mask)
+        return {
+            "x": batch["query_image"], "s_x": batch["support_images"],
+            "s_y": batch["support_masks"], "y_m": mask, "y_b": base_label,
+            "cat_idx": [channels - 1],
+        }  # fmt: skip
+
+    def train_mode(self) -> None:
+        """``model.train()``, then ``fix_bn`` (``fix_bn: True``): every BatchNorm in eval mode."""
+        self.model.train()
+        for module in self.model.modules():
+            if "BatchNorm" in type(module).__name__:
+                module.eval()
+
+    def train(self, batch: dict[str, Any]) -> None:
+        with cuda_calls_on(self.device):
+            self.train_mode()
+            _, main_loss, aux_loss1, aux_loss2 = self.model(**self.inputs(batch))
+            loss = main_loss + 1.0 * aux_loss1 + 1.0 * aux_loss2  # aux_weight1, aux_weight2
+            self.optimizer.zero_grad()
+            loss.backward()
+            self.optimizer.step()
+
+    def training_losses(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """(main, meta learner's) losses of the training forward with dropout off."""
+        with cuda_calls_on(self.device), torch.no_grad():
+            self.train_mode()
+            dropout_off(self.model)
+            _, main_loss, aux_loss1, _ = self.model(**self.inputs(batch))
+        return main_loss, aux_loss1
+
+    def forward(self, batch: dict[str, Any]) -> Tensor:
+        final_out, _, _ = self.model(**self.inputs(batch))
+        return final_out
+
+
+def dropout_off(model: nn.Module) -> None:
+    """Every dropout module of ``model`` in eval mode (the training forward made deterministic)."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd):
+            module.eval()
+
+
+OFFICIAL = {
+    "pfenet": OfficialPFENet, "asgnet": OfficialASGNet, "hsnet": OfficialHSNet,
+    "bam": OfficialBAM,
+}  # fmt: skip
 
 
 def project_model(
-    method: str, checkpoint: Path, mode: Mode, size: int, device: torch.device
+    method: str, checkpoint: Path, mode: Mode, size: int, device: torch.device, shots: int = 1
 ) -> FewShotSegmentation:
     """The project's model from the official file (``--model.official_checkpoint``) under the
-    paper's config, in ``mode``."""
+    paper's config, in ``mode``; BAM's with fold 0's base-class channels (what the task's
+    ``setup`` reads from the datamodule)."""
     recipe = RECIPES[method]
     head: Callable[..., nn.Module] = recipe.head
     if method == "pfenet":
         head = partial(PFENetHead, bins=pyramid_bins(size))
     elif method == "asgnet":
         head = partial(ASGNetHead, bins=pyramid_bins(size), superpixel_area=superpixel_area(size))
+    elif method == "bam":
+        head = partial(BAMHead, shots=shots, kshot_trans_dim=2)
     model = FewShotSegmentation(
         head=head,
         official_checkpoint=str(checkpoint),
@@ -463,6 +672,10 @@ def project_model(
     )
     if recipe.batch_norm_statistics:
         model.backbone_norm = "batch"  # the pfenet/asgnet protocols' backbone_norm
+    if method == "bam":
+        model.base_channel_of = base_channel_lookup(
+            list(FOLD0_BASE), PASCAL_CLASSES, len(FOLD0_BASE)
+        )
     return model.to(device)
 
 
@@ -521,10 +734,12 @@ def benchmark(
         path = Path(folder) / "official.pth"
         torch.save(official.state_dict(), path)
         models = {
-            name: project_model(method, path, mode, size, device) for name, mode in modes.items()
+            name: project_model(method, path, mode, size, device, shots)
+            for name, mode in modes.items()
         }
     batch = synthetic_batch(batch_size, shots, size, device)
     official.prepare(batch)
+    train_batch = official.training_batch(batch)
 
     with exact_float32():
         reference = official.logits(batch)
@@ -543,12 +758,15 @@ def benchmark(
             f"{differences['fp32']:.2e} of their largest magnitude (> --tolerance "
             f"{args.tolerance:g}); the timings would not compare the same computation"
         )
+    if isinstance(official, OfficialBAM):
+        with exact_float32():
+            check_training_losses(official, models["fp32"], train_batch, args.tolerance)
 
     optimizers = {name: project_optimizer(model) for name, model in models.items()}
-    trains: dict[str, Callable[[], object]] = {"official": partial(official.train, batch)}
+    trains: dict[str, Callable[[], object]] = {"official": partial(official.train, train_batch)}
     evals: dict[str, Callable[[], object]] = {"official": partial(official.eval, batch)}
     for name, model in models.items():
-        trains[name] = partial(train_step, model, optimizers[name], batch, modes[name].bf16)
+        trains[name] = partial(train_step, model, optimizers[name], train_batch, modes[name].bf16)
         evals[name] = partial(project_eval, model, batch, modes[name].bf16)
     train_s = time_alternating(trains, args.steps, args.warmup, device)
     eval_s = time_alternating(evals, args.steps, args.warmup, device)
@@ -573,6 +791,34 @@ def benchmark(
             f"{100 * agreement[name]:.2f}%",
         ])  # fmt: skip
     return rows
+
+
+def check_training_losses(
+    official: OfficialBAM, model: FewShotSegmentation, batch: dict[str, Any], tolerance: float
+) -> None:
+    """BAM's training forward (the base learner's map without each episode's class) against the
+    project's, dropout off on both sides: main and meta-learner losses within ``tolerance``
+    (relative). The synthetic episodes label the same number of pixels each, so the project's
+    episode mean of the cross-entropy is BAM's pixel mean."""
+    main, meta = official.training_losses(batch)
+    model.train()
+    dropout_off(model)
+    with torch.no_grad():
+        total, ours = model.loss(model.segment(batch), batch["query_mask"])
+    model.train()
+    pairs = {"main": (ours, main), "meta": (total - ours, meta)}
+    for name, (project, reference) in pairs.items():
+        difference = ((project - reference).abs() / reference.abs().clamp(min=1e-12)).item()
+        print(
+            f"# bam {official.shots}-shot training {name} loss (dropout off): official "
+            f"{reference.item():.6f}, project {project.item():.6f}, rel. diff {difference:.1e}",
+            flush=True,
+        )
+        if difference > tolerance:
+            raise AssertionError(
+                f"bam {official.shots}-shot: the training {name} loss differs from the official "
+                f"model's by {difference:.2e} (> --tolerance {tolerance:g})"
+            )
 
 
 def profile(title: str, step: Callable[[], object], device: torch.device, rows: int) -> None:
@@ -602,9 +848,15 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=Path,
         required=True,
         help="a checkout of the method's repository, or a folder holding checkouts named "
-        "PFENet, ASGNet, hsnet",
+        "PFENet, ASGNet, hsnet, BAM",
     )
-    parser.add_argument("--method", nargs="+", choices=list(RECIPES), default=list(RECIPES))
+    parser.add_argument(
+        "--method",
+        nargs="+",
+        choices=list(RECIPES),
+        default=None,
+        help="default: every method whose checkout --official-root holds",
+    )
     parser.add_argument("--shots", nargs="+", type=int, default=[1, 5])
     parser.add_argument(
         "--size", type=int, default=None, help="input side (default: the paper's, 473 or 400)"
@@ -628,9 +880,25 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.tolerance is None:
         args.tolerance = 1e-3 if args.device.startswith("cuda") else 1e-4
+    if args.method is None:
+        args.method = [m for m in RECIPES if has_checkout(args.official_root, m)]
+        if not args.method:
+            raise OfficialCodeMissing(
+                f"--official-root {str(args.official_root)!r} holds no checkout of "
+                f"{', '.join(r.repo for r in RECIPES.values())}; fetch them with git clone "
+                f"https://github.com/<owner>/<name> {args.official_root / '<name>'}"
+            )
     for method in args.method:
         official_checkout(args.official_root, method)  # fail before any model is built
     return args
+
+
+def has_checkout(root: Path, method: str) -> bool:
+    try:
+        official_checkout(root, method)
+    except OfficialCodeMissing:
+        return False
+    return True
 
 
 def main(argv: Sequence[str] | None = None) -> None:
