@@ -10,15 +10,16 @@ import inspect
 import re
 import signal
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import ClassVar, NoReturn
+from typing import Any, ClassVar, NoReturn
 
 import torch
 import yaml
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tasks.callbacks.checkpointing import SaveLastOnInterrupt
@@ -38,8 +39,9 @@ class TaskArgumentParser(LightningArgumentParser):
 
 class TaskCLI(LightningCLI):
     """Links the dataset's class count into the model, adds the task's own callbacks
-    (configured under their key, e.g. ``--prediction_writer.output_dir``) and names a bad
-    ``--ckpt_path`` file."""
+    (configured under their key, e.g. ``--prediction_writer.output_dir``), resolves
+    ``--ckpt_path last`` among this task's runs, names a bad ``--ckpt_path`` file and compares
+    the data with the checkpoint's (``--data_mismatch``)."""
 
     task_callbacks: ClassVar[dict[str, type[Callback]]] = {}
 
@@ -92,6 +94,7 @@ class TaskCLI(LightningCLI):
                 if problem:
                     parser.error(problem)
         super().parse_arguments(parser, args)
+        self.resolve_last()
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if not path or not Path(path).is_file():
@@ -113,26 +116,52 @@ class TaskCLI(LightningCLI):
                 "task's encoder loads as --model.backbone.init_args.weights)"
             )
 
-    def before_instantiate_classes(self) -> None:
-        """``--ckpt_path last`` with W&B: resume the newest run's ``last.ckpt`` and its W&B run.
+    def resolve_last(self) -> None:
+        """``--ckpt_path last``: the newest ``last.ckpt`` of a run of *this* task (its
+        hyper-parameters are options of the model class) among the logger's runs, with the W&B
+        run it belongs to resumed.
 
-        Lightning looks for ``last`` in the checkpoint folder of the *new* run, which with W&B is
-        named after a fresh run id, so it would find nothing and start over.
+        Lightning looks for ``last`` in the checkpoint folder of the *new* run (with W&B named
+        after a fresh run id, with CSV or TensorBoard a new ``version_N``), finds nothing and
+        starts over with a warning; and the runs of every task share one W&B project folder.
+        Searched (:func:`last_checkpoint_places`): each ``ModelCheckpoint``'s own ``dirpath``,
+        else ``<save_dir>/<project>/*/checkpoints`` (W&B), ``<save_dir>/<name>/*/checkpoints``
+        (CSV, TensorBoard), ``<default_root_dir>/checkpoints`` (no logger). Nothing found is an
+        error naming those folders.
         """
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        logger = config.get("trainer", {}).get("logger")
-        if config.get("ckpt_path") != "last" or not is_wandb_logger(logger):
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        if config.get("ckpt_path") != "last":
             return
-        args = logger.init_args
-        runs = Path(args.save_dir or args.dir or ".") / (args.project or "lightning_logs")
-        found = sorted(runs.glob("*/checkpoints/last*.ckpt"), key=lambda p: p.stat().st_mtime)
-        if not found:
+        places = last_checkpoint_places(config.get("trainer", {}))
+        found = sorted(
+            {path for folder, pattern in places for path in Path(folder).glob(pattern)},
+            key=lambda p: p.stat().st_mtime,
+        )
+        mine = [path for path in reversed(found) if self.checkpoint_of_this_task(path)]
+        where = ", ".join(str(Path(folder) / pattern) for folder, pattern in places)
+        if not mine:
+            others = f" ({len(found)} of other tasks)" if found else ""
             raise FileNotFoundError(
-                f"--ckpt_path last: no last.ckpt under {runs}/<run id>/checkpoints; "
-                "pass the checkpoint file itself"
+                f"--ckpt_path last: no last.ckpt of a {self.model_class.__name__} run in "
+                f"{where}{others}; pass the checkpoint file itself"
             )
-        config.ckpt_path = str(found[-1])
-        args.id = found[-1].parent.parent.name
+        config.ckpt_path = str(mine[0])
+        rank_zero_info(f"--ckpt_path last: {mine[0]}")
+        logger = config.get("trainer", {}).get("logger")
+        if is_wandb_logger(logger) and Path(logger.init_args.save_dir or ".") in mine[0].parents:
+            logger.init_args.id = mine[0].parent.parent.name
+
+    def checkpoint_of_this_task(self, path: Path) -> bool:
+        """Whether ``path`` is a readable checkpoint whose hyper-parameters are options of the
+        model class (a run of this task, not of the other tasks sharing the project folder)."""
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            return False
+        hparams = checkpoint.get("hyper_parameters") or {}
+        options = set(inspect.signature(self.model_class).parameters)
+        return bool(hparams) and all(k.startswith("_") or k in options for k in hparams)
 
     def after_instantiate_classes(self) -> None:
         """Compare the data with the ``--ckpt_path`` checkpoint's before any step
@@ -223,6 +252,34 @@ def duplicate_key(path: Path) -> str | None:
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
     return None
+
+
+def last_checkpoint_places(trainer: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(folder, glob pattern)`` pairs where the ``last.ckpt`` of earlier runs lie for a trainer
+    config: each ``ModelCheckpoint``'s ``dirpath`` where set, else the logger's runs."""
+    places = []
+    callbacks = trainer.get("callbacks") or []
+    for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+        dirpath = getattr(getattr(callback, "init_args", None), "dirpath", None)
+        if dirpath and "ModelCheckpoint" in str(getattr(callback, "class_path", "")):
+            places.append((str(dirpath), "last*.ckpt"))
+    if places:
+        return places
+    root = trainer.get("default_root_dir") or "."
+    logger = trainer.get("logger")
+    logger = logger[0] if isinstance(logger, list) and logger else logger
+    if logger is False or logger is None:
+        return [(str(Path(root) / "checkpoints"), "last*.ckpt")]
+    if logger is True:
+        return [(str(Path(root) / "lightning_logs"), "*/checkpoints/last*.ckpt")]
+    args = getattr(logger, "init_args", None)
+    if is_wandb_logger(logger):
+        folder = Path(args.save_dir or args.dir or ".") / (args.project or "lightning_logs")
+    else:
+        save_dir = getattr(args, "save_dir", None) or getattr(args, "root_dir", None) or root
+        # CSV/TensorBoard: <save_dir>/<name>/version_N; name None or "" leaves the level out
+        folder = Path(save_dir) / (getattr(args, "name", "lightning_logs") or "")
+    return [(str(folder), "*/checkpoints/last*.ckpt")]
 
 
 def is_wandb_logger(logger: object) -> bool:

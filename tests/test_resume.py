@@ -17,10 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from lightning.pytorch import Trainer
 from test_segment import tiny_args
 from wandb_records import OfflineRun
 
+from backbones import ResNet
 from tasks.callbacks.checkpointing import atomic_file, save_interruptible
+from tasks.classify import ImageClassification
 from tasks.segment import main as segment_main
 
 TIMEOUT = 300
@@ -238,3 +241,54 @@ def test_harmless_differences_and_forced_mismatches_run(
     (line,) = [x for x in lines if "differing from checkpoint" in x]
     assert "shots: 1 -> 2" in line and "test_episodes: 8 -> 12" in line and "seed" in line
     segment_main(["test", *common, "--data.fold", "1", "--data_mismatch", "allow"])
+
+
+# --- --ckpt_path last -------------------------------------------------------------------------
+
+
+def test_last_is_the_newest_run_of_this_task(fold0_checkpoint: tuple[Path, Path]) -> None:
+    """A classify run written later into the same W&B project folder (the README's
+    pretrain-then-few-shot flow) is not picked by ``segment test --ckpt_path last``."""
+    tmp, last = fold0_checkpoint
+    other = last.parents[2] / "classifyrun" / "checkpoints" / "last.ckpt"
+    other.parent.mkdir(parents=True)
+    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, accelerator="cpu", devices=1)  # fmt: skip
+    trainer.strategy.connect(ImageClassification(ResNet("resnet18"), num_classes=3))
+    trainer.save_checkpoint(other)
+    assert other.stat().st_mtime > last.stat().st_mtime
+    cli = segment_main(["test", *tiny_args(tmp), *ONE_STEP, "--ckpt_path", "last"])
+    assert cli.trainer.ckpt_path == str(last)
+
+
+@pytest.mark.parametrize(
+    "logger",
+    [("--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+      "--trainer.logger.init_args.save_dir", "csv"),
+     ("--trainer.logger", "false", "--trainer.callbacks",
+      "[{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {save_last: true}}]")],
+    ids=["csv-logger", "no-logger"],
+)  # fmt: skip
+def test_last_resumes_with_any_logger(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, logger: tuple[str, ...]
+) -> None:
+    """With a CSVLogger (a new ``version_N`` per run) or no logger, ``--ckpt_path last``
+    resumes the previous run's ``last.ckpt`` instead of starting over."""
+    monkeypatch.chdir(tmp_path)
+    args = [*tiny_args(tmp_path), *ONE_STEP, *logger]
+    segment_main(["fit", *args])
+    (first,) = tmp_path.rglob("last.ckpt")
+    cli = segment_main(["fit", *args, "--trainer.max_steps", "2", "--ckpt_path", "last"])
+    assert cli.trainer.ckpt_path == str(first.relative_to(tmp_path))
+    assert cli.trainer.global_step == 2
+
+
+def test_last_with_nothing_to_resume_names_where_it_looked(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError) as info:
+        segment_main(["fit", *tiny_args(tmp_path), "--ckpt_path", "last"])
+    runs = re.escape(str(tmp_path / "runs" / "fewshot-dilated" / "*" / "checkpoints"))
+    assert re.fullmatch(
+        rf"--ckpt_path last: no last\.ckpt of a FewShotSegmentation run in {runs}/last\*\.ckpt; "
+        "pass the checkpoint file itself",
+        str(info.value),
+    ), str(info.value)
