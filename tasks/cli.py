@@ -19,7 +19,7 @@ import yaml
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tasks.callbacks.checkpointing import SaveLastOnInterrupt
@@ -88,6 +88,7 @@ class TaskCLI(LightningCLI):
         unreadable file, or one of another task, is named here rather than failing inside the
         config merge."""
         argv = sys.argv[1:] if args is None else args
+        self._argv = [str(arg) for arg in argv] if isinstance(argv, list | tuple) else []
         if isinstance(argv, list | tuple):
             for path in config_files([str(arg) for arg in argv]):
                 problem = duplicate_key(Path(path))
@@ -114,6 +115,38 @@ class TaskCLI(LightningCLI):
                 f"--ckpt_path {path!r}: its hyper-parameters {foreign} are not options of "
                 f"{self.model_class.__name__}; expected a checkpoint of the same task (another "
                 "task's encoder loads as --model.backbone.init_args.weights)"
+            )
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI replaces the model options with the ``--ckpt_path`` checkpoint's
+        (its model description): warn for each ``--model.*`` flag of the command line whose
+        value is replaced, as it would otherwise be dropped without a word."""
+        subcommand = self.config.get("subcommand")
+        model = self.config[subcommand].get("model") if subcommand else None
+        before = flatten(model.as_dict()) if model is not None else {}
+        super()._parse_ckpt_path()
+        if model is None:
+            return
+        after = flatten(self.config[subcommand].model.as_dict())
+        given = command_line_keys(getattr(self, "_argv", []), "model")
+        replaced = []
+        for flag in sorted(given):
+            keys = [k for k in before if (k == flag or k.startswith(f"{flag}."))]
+            changed = [k for k in keys if before[k] != after.get(k)]
+            if f"{flag}.class_path" in changed:  # another class: its init_args follow
+                changed = [f"{flag}.class_path"]
+            shown = [
+                f"{k.removeprefix(flag).lstrip('.') + ': ' if k != flag else ''}given "
+                f"{before[k]!r}, the checkpoint's {after.get(k)!r}"
+                for k in changed
+            ]
+            if changed:
+                replaced.append(f"--model.{flag} ({'; '.join(shown[:3])})")
+        if replaced:
+            rank_zero_warn(
+                f"--ckpt_path {self.config[subcommand].ckpt_path!r} describes its model, which "
+                f"replaces {', '.join(replaced)}; drop the flag, or load only the encoder with "
+                "--model.backbone.init_args.weights"
             )
 
     def resolve_last(self) -> None:
@@ -252,6 +285,27 @@ def duplicate_key(path: Path) -> str | None:
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
     return None
+
+
+def flatten(tree: object, prefix: str = "") -> dict[str, object]:
+    """``{"a.b.c": leaf}`` of nested dicts (lists and other values are leaves)."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def command_line_keys(argv: Sequence[str], group: str) -> set[str]:
+    """The keys under ``group`` that a command line sets (``--model.head X``, ``--model.lr=1``
+    give ``head``, ``lr``)."""
+    keys = set()
+    for arg in argv:
+        name = arg.split("=", 1)[0]
+        if name.startswith(f"--{group}."):
+            keys.add(name.removeprefix(f"--{group}."))
+    return keys
 
 
 def last_checkpoint_places(trainer: Mapping[str, Any]) -> list[tuple[str, str]]:

@@ -292,3 +292,22 @@ def test_last_with_nothing_to_resume_names_where_it_looked(tmp_path: Path) -> No
         "pass the checkpoint file itself",
         str(info.value),
     ), str(info.value)
+
+
+def test_flags_the_checkpoint_replaces_are_named(fold0_checkpoint: tuple[Path, Path]) -> None:
+    """``test --ckpt_path`` rebuilds the model the checkpoint describes: a ``--model.*`` flag
+    with another value is replaced, with a warning naming it; one with the checkpoint's own
+    value is not reported."""
+    tmp, last = fold0_checkpoint
+    with pytest.warns(UserWarning, match="describes its model") as caught:
+        segment_main(["test", *tiny_args(tmp), *ONE_STEP, "--ckpt_path", str(last),
+                      "--model.head", "tasks.heads.PFENetHead",
+                      "--model.backbone.init_args.arch", "resnet34",
+                      "--model.backbone.init_args.output_stride", "8"])  # fmt: skip
+    (warning,) = [str(w.message) for w in caught if "describes its model" in str(w.message)]
+    assert (
+        "--model.backbone.init_args.arch (given 'resnet34', the checkpoint's 'resnet18')" in warning
+    )
+    assert ("--model.head (class_path: given 'tasks.heads.PFENetHead', the checkpoint's "
+            "'tasks.heads.PrototypeHead')") in warning  # fmt: skip
+    assert "output_stride" not in warning  # the checkpoint's own value
