@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import inspect
+import os
 import re
 import signal
 import sys
@@ -16,6 +17,7 @@ from typing import Any, ClassVar, NoReturn
 
 import torch
 import yaml
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
@@ -220,9 +222,12 @@ def run_cli(
     callbacks: dict[str, type[Callback]] | None = None,
 ) -> TaskCLI:
     """Run ``python -m tasks.<task>``; with no subcommand options it trains the default
-    experiment of ``configs/<task>/default.yaml``."""
+    experiment of ``configs/<task>/default.yaml``. From the command line (``args`` ``None``)
+    a bad input is one line (:func:`input_errors_in_one_line`); called with ``args``, errors
+    are raised."""
     cli_class = type(f"{task.title()}CLI", (TaskCLI,), {"task_callbacks": callbacks or {}})
-    with finished_wandb_run(), sigterm_exit_code():
+    short = contextlib.nullcontext() if args is not None else input_errors_in_one_line()
+    with short, finished_wandb_run(), sigterm_exit_code():
         return cli_class(
             model_class,
             datamodule_class,
@@ -343,6 +348,53 @@ def is_wandb_logger(logger: object) -> bool:
         return False
     module, _, name = class_path.rpartition(".")
     return issubclass(getattr(importlib.import_module(module), name), WandbLogger)
+
+
+#: Errors the project raises for bad input (options, files, data, weights, devices): before
+#: training, the command line prints them as one ``error:`` line (:func:`input_errors_in_one_line`)
+INPUT_ERRORS = (ValueError, FileNotFoundError, PermissionError, NotADirectoryError,
+                IsADirectoryError, FileExistsError, MisconfigurationException)  # fmt: skip
+
+#: Set (to anything but ``0`` or empty) for the traceback of an input error too.
+DEBUG_VARIABLE = "FEWSHOT_DEBUG"
+
+#: The Lightning frame that runs the loops: an error raised under it happened during a run
+#: (training, validation, test or prediction steps), a crash that keeps its traceback.
+RUNNING_FRAME = "_run_stage"
+
+#: Exit code of an input error, as jsonargparse's for a bad option.
+INPUT_ERROR_EXIT = 2
+
+
+@contextlib.contextmanager
+def input_errors_in_one_line() -> Iterator[None]:
+    """A project error raised for bad input before anything runs (:data:`INPUT_ERRORS`, not
+    under Lightning's loops) ends the command with ``error: <message>`` on stderr and exit code
+    :data:`INPUT_ERROR_EXIT`, as jsonargparse reports a bad option; ``FEWSHOT_DEBUG=1`` keeps
+    the traceback. Other exceptions, and errors raised during steps, keep their traceback."""
+    try:
+        yield
+    except INPUT_ERRORS as error:
+        if os.environ.get(DEBUG_VARIABLE, "") not in ("", "0") or raised_while_running(error):
+            raise
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        print(f"error: {message or type(error).__name__}", file=sys.stderr)
+        raise SystemExit(INPUT_ERROR_EXIT) from None
+
+
+def raised_while_running(error: BaseException) -> bool:
+    """Whether ``error`` (or one it was raised from) passed through :data:`RUNNING_FRAME`."""
+    seen: set[int] = set()
+    link: BaseException | None = error
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        tb = link.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_name == RUNNING_FRAME:
+                return True
+            tb = tb.tb_next
+        link = link.__cause__ or link.__context__
+    return False
 
 
 #: The exit code of a run stopped by SIGTERM, as a shell reports a process the signal ended.

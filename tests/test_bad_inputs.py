@@ -1,6 +1,8 @@
 """Bad inputs through the real command lines: ``tasks.segment.main`` / ``tasks.classify.main``
 in-process (a command-line error is their ``SystemExit(2)``), and ``python -m tasks.segment`` for
-the process exit of config-file errors (marked slow: a fresh interpreter each).
+the process exit of config-file errors (marked slow: a fresh interpreter each) and of the
+one-line form the command line gives every input error (``error: <message>``, exit code 2;
+``FEWSHOT_DEBUG=1`` for the traceback).
 
 Every row of :data:`CASES` must fail with one readable message: the first line of the error (or,
 for a command-line error, jsonargparse's ``error:`` section) names the field, file or value and
@@ -37,6 +39,7 @@ from datamodules.shapes import ensure_shapes
 from tasks.base import BaseTask
 from tasks.classify import ImageClassification
 from tasks.classify import main as classify_main
+from tasks.cli import DEBUG_VARIABLE, input_errors_in_one_line
 from tasks.segment import FewShotSegmentation
 from tasks.segment import main as segment_main
 
@@ -516,3 +519,44 @@ def test_config_errors_exit_the_process(tmp_path: Path, config: str, message: st
     assert result.returncode == 2, result.stderr[-3000:]
     assert re.search(message, cli_error(result.stderr).splitlines()[0])
     assert [p.name for p in tmp_path.iterdir()] == ["bad.yaml"], "the command wrote files"
+
+
+def test_the_command_line_prints_an_input_error_as_one_line(shared: dict[str, Path]) -> None:
+    """``python -m tasks.segment`` prints a project error raised before training as one
+    ``error:`` line and exits 2; ``FEWSHOT_DEBUG=1`` shows the traceback (and Python's exit
+    code 1)."""
+    args = [sys.executable, "-m", "tasks.segment", "fit",
+            *[substitute(arg, shared) for arg in SHAPES], "--data.fold", "4"]  # fmt: skip
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, PYTHONPATH=path, WANDB_MODE="offline")
+    env.pop(DEBUG_VARIABLE, None)
+    cwd = shared["shapes"].parent
+    short = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert short.returncode == 2, short.stderr[-3000:]
+    assert short.stderr.strip().splitlines()[-1] == "error: fold must be one of [0, 1, 2, 3], got 4"
+    assert "Traceback" not in short.stderr
+    debug = subprocess.run(args, cwd=cwd, env=env | {DEBUG_VARIABLE: "1"}, capture_output=True,
+                           text=True, timeout=300)  # fmt: skip
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
+    assert debug.stderr.strip().splitlines()[-1] == (
+        "ValueError: fold must be one of [0, 1, 2, 3], got 4"
+    )
+
+
+def _run_stage() -> None:
+    """Named as Lightning's frame that runs the loops: what it raises is raised while running."""
+    raise ValueError("a shape problem inside a step")
+
+
+def test_errors_while_running_and_other_crashes_keep_their_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.delenv(DEBUG_VARIABLE, raising=False)
+    with pytest.raises(ValueError, match="inside a step"), input_errors_in_one_line():
+        _run_stage()
+    with pytest.raises(KeyError), input_errors_in_one_line():
+        raise KeyError("a bug")
+    with pytest.raises(SystemExit) as info, input_errors_in_one_line():
+        raise WeightsError("weights 'x.pth' do not fit\n  missing: a, b")
+    assert info.value.code == 2
+    assert capsys.readouterr().err == "error: weights 'x.pth' do not fit missing: a, b\n"
