@@ -198,6 +198,24 @@ class TaskCLI(LightningCLI):
         options = set(inspect.signature(self.model_class).parameters)
         return bool(hparams) and all(k.startswith("_") or k in options for k in hparams)
 
+    def before_instantiate_classes(self) -> None:
+        """``--model.official_checkpoint F`` replaces the configured encoder with the one the
+        file holds, but jsonargparse builds ``model.backbone`` first: a paper config's ImageNet
+        weights (``pretrained/resnet50_v2.pth``, ``IMAGENET1K_V1``) would be read, or fail as
+        missing, for an encoder thrown away. They are not loaded."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        model = config.get("model")
+        if model is None or not model.get("official_checkpoint"):
+            return
+        backbone = model.get("backbone")
+        init_args = getattr(backbone, "init_args", None)
+        if init_args is not None and init_args.get("weights"):
+            rank_zero_info(
+                f"--model.official_checkpoint replaces the configured encoder: its weights "
+                f"{init_args.weights!r} are not loaded"
+            )
+            init_args.weights = None
+
     def after_instantiate_classes(self) -> None:
         """Compare the data with the ``--ckpt_path`` checkpoint's before any step
         (:func:`tasks.callbacks.data_settings.check_data_settings`); ``predict`` runs on any

@@ -31,6 +31,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningModule, Trainer
 from PIL import Image
 from test_classify import cifar_batch, write_image, write_pickle
+from test_pfenet import ReferencePFENet, write_official
 
 from backbones import ResNet
 from backbones.weights import WeightsError
@@ -560,3 +561,23 @@ def test_errors_while_running_and_other_crashes_keep_their_traceback(
         raise WeightsError("weights 'x.pth' do not fit\n  missing: a, b")
     assert info.value.code == 2
     assert capsys.readouterr().err == "error: weights 'x.pth' do not fit missing: a, b\n"
+
+
+def test_a_released_model_with_its_paper_config_needs_no_imagenet_weights(
+    shared: dict[str, Path], tmp_path: Path
+) -> None:
+    """``--config configs/segment/pfenet_pascal.yaml --model.official_checkpoint F``: the
+    config's ``pretrained/resnet50_v2.pth`` (absent here) is not read, since the file's encoder
+    replaces the configured one."""
+    torch.manual_seed(0)
+    bins = [1.0, 0.5, 0.25, 0.125]
+    path = write_official(ReferencePFENet(bins, 1).eval(), tmp_path / "train_epoch_200.pth")
+    assert not (tmp_path / "pretrained").exists()
+    args = [substitute(arg, shared) for arg in SHAPES]
+    cli = segment_main(["test", "--config", str(REPO / "configs/segment/pfenet_pascal.yaml"),
+                        "--data", "datamodules.ShapesFewShot", *args, *BOUNDED,
+                        "--model.official_checkpoint", str(path),
+                        "--model.head.init_args.bins", str(bins),
+                        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")])  # fmt: skip
+    assert cli.model.backbone.summary()[1] == "resnet50-deep-os8-uniform"
+    assert cli.model.hparams.freeze_backbone
