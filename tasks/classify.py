@@ -6,8 +6,8 @@ a checkpoint of this task loads as segmentation backbone weights
 (``--model.backbone.init_args.weights path/to/last.ckpt``): pretrain here, then few-shot.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: the ranges must reach jsonargparse
+# (datamodules.bounds).
 import csv
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,6 +21,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from backbones import Backbone, ResNet
+from datamodules.bounds import BelowOne, NonNegativeFloat, PositiveFloat, check_bounds
 from tasks.base import BaseTask, Optimizer, Schedule, check_arguments
 from tasks.common import writable_output
 
@@ -55,32 +56,27 @@ class ImageClassification(BaseTask):
         self,
         backbone: Backbone = DEFAULT_BACKBONE,
         num_classes: int = 1000,
-        dropout: float = 0.1,
-        label_smoothing: float = 0.1,
+        dropout: BelowOne = 0.1,
+        label_smoothing: BelowOne = 0.1,
         optimizer: Optimizer = "adamw",
-        lr: float = 0.001,
-        momentum: float = 0.9,
-        weight_decay: float = 0.05,
+        lr: PositiveFloat = 0.001,
+        momentum: BelowOne = 0.9,
+        weight_decay: NonNegativeFloat = 0.05,
         schedule: Schedule = "cosine",
-        poly_power: float = 0.9,
+        poly_power: NonNegativeFloat = 0.9,
     ) -> None:
         super().__init__()
+        check_bounds(ImageClassification.__init__, locals())
         check_arguments(
             (
                 ("num_classes", num_classes, num_classes >= 2, "an integer >= 2"),
-                ("dropout", dropout, 0 <= dropout < 1, "in [0, 1)"),
-                ("label_smoothing", label_smoothing, 0 <= label_smoothing < 1, "in [0, 1)"),
                 (
                     "optimizer",
                     optimizer,
                     optimizer in get_args(Optimizer),
                     str(get_args(Optimizer)),
                 ),
-                ("lr", lr, lr > 0, "a positive number"),
-                ("momentum", momentum, 0 <= momentum < 1, "in [0, 1)"),
-                ("weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
                 ("schedule", schedule, schedule in get_args(Schedule), str(get_args(Schedule))),
-                ("poly_power", poly_power, poly_power >= 0, ">= 0"),
             )
         )
         self.save_hyperparameters(ignore=["backbone"])
@@ -209,7 +205,7 @@ class PredictionCSV(BasePredictionWriter):
             )
 
 
-def main(args: list[str] | None = None) -> TaskCLI:
+def main(args: list[str] | None = None) -> "TaskCLI":
     """The command line; ``args`` lets tests run it in-process and read the CLI's trainer."""
     from datamodules import ClassificationDataModule
     from tasks.cli import run_cli
