@@ -3,21 +3,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.loggers import WandbLogger
-from PIL import Image
 
-from datamodules.pascal import save_label_png, voc_palette
+from datamodules.pascal import voc_palette
 from datamodules.source import IGNORE
-from tasks.callbacks.predictions import check_apart, output_names
+from tasks.callbacks.predictions import MaskWriter
 from tasks.callbacks.visualise import predicted_masks, to_uint8
-from tasks.common import writable_folder
 
 
 def class_labels(pl_module: LightningModule) -> dict[int, str]:
@@ -73,52 +67,16 @@ class LogValidationLabelMaps(Callback):
             )
 
 
-class LabelMapWriter(BasePredictionWriter):
+class LabelMapWriter(MaskWriter):
     """Saves ``<output_dir>/<name>.png`` (the predicted class indices as a VOC palette PNG, at
     the image's original size) and ``<name>_overlay.jpg`` (the image with each non-background
-    class tinted in its palette colour); ``name`` as :class:`tasks.callbacks.predictions.MaskWriter`
-    names it, and a folder holding inputs is refused before predicting.
+    class tinted in its palette colour); names and checks as
+    :class:`tasks.callbacks.predictions.MaskWriter`.
 
     Args:
         output_dir: folder for the outputs; created if missing, checked writable first.
         alpha: opacity of the overlay tint.
     """
 
-    def __init__(self, output_dir: str = "predictions", alpha: float = 0.5) -> None:
-        super().__init__(write_interval="batch")
-        self.output_dir = Path(output_dir)
-        self.alpha = alpha
-        self.names: dict[str, str] = {}
-
-    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        writable_folder(self.output_dir, "--prediction_writer.output_dir", "predictions")
-        loaders = trainer.predict_dataloaders
-        loaders = loaders if isinstance(loaders, Sequence) else [loaders]
-        queries = [q for loader in loaders for q in getattr(loader.dataset, "queries", [])]
-        self.names = output_names(queries)
-        check_apart(self.output_dir, queries, self.names)
-
-    def write_on_batch_end(
-        self,
-        trainer: Trainer,
-        pl_module: LightningModule,
-        prediction: dict[str, Any],
-        batch_indices: Sequence[int] | None,
-        batch: Any,
-        batch_idx: int,
-        dataloader_idx: int = 0,
-    ) -> None:
-        colours = np.array(voc_palette(), dtype=np.float32).reshape(256, 3)
-        for query_id, path, label in zip(
-            prediction["query_id"], prediction["query_path"], prediction["labels"], strict=True
-        ):
-            label = label.numpy().astype(np.uint8)
-            name = self.output_dir / self.names.get(str(path), query_id)
-            name.parent.mkdir(parents=True, exist_ok=True)
-            save_label_png(label, name.with_name(f"{name.name}.png"))
-            image = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
-            tint = (label > 0)[..., None] * self.alpha
-            overlay = image * (1 - tint) + colours[label] * tint
-            Image.fromarray(overlay.round().astype(np.uint8)).save(
-                name.with_name(f"{name.name}_overlay.jpg"), quality=95
-            )
+    palette = voc_palette()
+    key = "labels"

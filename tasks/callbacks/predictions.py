@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from lightning.pytorch import LightningModule, Trainer
@@ -14,7 +14,6 @@ from PIL import Image
 
 from tasks.common import writable_folder
 
-OVERLAY_COLOUR = np.array([255, 40, 40], dtype=np.float32)
 PALETTE = [0, 0, 0, 255, 40, 40] + [0, 0, 0] * 254  # 0 background, 1 foreground
 
 
@@ -50,12 +49,17 @@ class MaskWriter(BasePredictionWriter):
     """Saves ``<output_dir>/<name>.png`` (palette PNG, 0 background, 1 foreground) and
     ``<name>_overlay.jpg`` (the query with the foreground tinted) for every query, ``name``
     its file stem, or its relative path where stems repeat (:func:`output_names`); a folder
-    holding queries is refused before predicting.
+    holding queries is refused before predicting. A subclass writing other label maps sets
+    the ``palette`` (each label's colour, in the PNG and the overlay) and the predictions'
+    ``key``.
 
     Args:
         output_dir: folder for the outputs; created if missing, checked writable before predicting.
         alpha: opacity of the overlay tint.
     """
+
+    palette: ClassVar[Sequence[int]] = PALETTE
+    key: ClassVar[str] = "masks"
 
     def __init__(self, output_dir: str = "predictions", alpha: float = 0.5) -> None:
         super().__init__(write_interval="batch")
@@ -81,18 +85,19 @@ class MaskWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        for query_id, path, mask in zip(
-            prediction["query_id"], prediction["query_path"], prediction["masks"], strict=True
+        colours = np.array(self.palette, dtype=np.float32).reshape(256, 3)
+        for query_id, path, label in zip(
+            prediction["query_id"], prediction["query_path"], prediction[self.key], strict=True
         ):
-            mask = mask.numpy().astype(np.uint8)
-            png = Image.fromarray(mask, mode="P")
-            png.putpalette(PALETTE)
+            label = label.numpy().astype(np.uint8)
+            png = Image.fromarray(label, mode="P")
+            png.putpalette(list(self.palette))
             name = self.output_dir / self.names.get(str(path), query_id)
             name.parent.mkdir(parents=True, exist_ok=True)
             png.save(name.with_name(f"{name.name}.png"))
             image = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
-            tint = mask[..., None].astype(np.float32) * self.alpha
-            overlay = image * (1 - tint) + OVERLAY_COLOUR * tint
+            tint = (label > 0)[..., None] * self.alpha
+            overlay = image * (1 - tint) + colours[label] * tint
             Image.fromarray(overlay.round().astype(np.uint8)).save(
                 name.with_name(f"{name.name}_overlay.jpg"), quality=95
             )
