@@ -11,8 +11,8 @@ data are the base classes of a few-shot fold, so a checkpoint is the base learne
 learners load with ``--model.official_checkpoint`` (:func:`official_base_learner`).
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: the ranges must reach jsonargparse
+# (datamodules.bounds).
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, get_args
 
@@ -23,6 +23,7 @@ from torchmetrics import Metric
 
 from backbones import Backbone, FeaturePyramid, ResNet, WeightsError
 from backbones.weights import checkpoint_arch, read_checkpoint, to_native
+from datamodules.bounds import BelowOne, NonNegativeFloat, PositiveFloat, check_bounds
 from datamodules.episode import input_dtype, to_model_inputs
 from datamodules.source import IGNORE
 from tasks.base import BaseTask, Optimizer, check_arguments, describe_head
@@ -213,26 +214,21 @@ class SemanticSegmentation(BaseTask):
         decoder: DecoderFactory = PSPDecoder,
         num_classes: int = 16,
         optimizer: Optimizer = "sgd",
-        lr: float = 2.5e-4,
-        momentum: float = 0.9,
-        weight_decay: float = 1e-4,
-        poly_power: float = 0.9,
-        backbone_lr_mult: float = 1.0,
-        decoder_lr_mult: float = 10.0,
+        lr: PositiveFloat = 2.5e-4,
+        momentum: BelowOne = 0.9,
+        weight_decay: NonNegativeFloat = 1e-4,
+        poly_power: NonNegativeFloat = 0.9,
+        backbone_lr_mult: PositiveFloat = 1.0,
+        decoder_lr_mult: PositiveFloat = 10.0,
         official_checkpoint: str | None = None,
         official_trusted: bool = False,
     ) -> None:
         super().__init__()
+        check_bounds(SemanticSegmentation.__init__, locals())
         check_arguments(
             (
                 ("num_classes", num_classes, num_classes >= 2, "an integer >= 2"),
                 ("optimizer", optimizer, optimizer in get_args(Optimizer), get_args(Optimizer)),
-                ("lr", lr, lr > 0, "a positive number"),
-                ("momentum", momentum, 0 <= momentum < 1, "in [0, 1)"),
-                ("weight_decay", weight_decay, weight_decay >= 0, ">= 0"),
-                ("poly_power", poly_power, poly_power >= 0, ">= 0"),
-                ("backbone_lr_mult", backbone_lr_mult, backbone_lr_mult > 0, "a positive number"),
-                ("decoder_lr_mult", decoder_lr_mult, decoder_lr_mult > 0, "a positive number"),
             )
         )
         self.save_hyperparameters(ignore=["backbone", "decoder"])
@@ -367,7 +363,7 @@ class SemanticSegmentation(BaseTask):
         return self.optimization([g for g in groups if g["params"]], "poly")
 
 
-def main(args: list[str] | None = None) -> TaskCLI:
+def main(args: list[str] | None = None) -> "TaskCLI":
     """The command line; ``args`` lets tests run it in-process and read the CLI's trainer."""
     from datamodules.semantic import SemanticDataModule
     from tasks.callbacks.label_maps import LabelMapWriter
