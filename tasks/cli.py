@@ -19,6 +19,7 @@ import torch
 import yaml
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -62,8 +63,11 @@ class TaskCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: object) -> Trainer:
         """``trainer.sync_batchnorm`` (on by default) synchronises BatchNorm on every device
-        (:mod:`tasks.callbacks.sync_batchnorm`), not only on GPUs."""
+        (:mod:`tasks.callbacks.sync_batchnorm`), not only on GPUs; the default config's
+        callbacks that need what ``--trainer.logger false`` or ``--trainer.enable_progress_bar
+        false`` turn off are left out (:func:`without_unusable_callbacks`)."""
         config = self.config_init.get(str(self.subcommand), self.config_init)["trainer"]
+        config["callbacks"] = without_unusable_callbacks(config)
         if config.get("sync_batchnorm"):
             plugins = config.get("plugins") or []
             plugins = plugins if isinstance(plugins, list) else [plugins]
@@ -230,6 +234,26 @@ class TaskCLI(LightningCLI):
         check_data_settings(
             checkpoint, self.datamodule, self.subcommand, str(path), config.get("data_mismatch")
         )
+
+
+def without_unusable_callbacks(trainer_config: Any) -> list[Callback]:
+    """The configured callbacks but a learning-rate monitor without a logger and a progress bar
+    with the progress bar off (Lightning refuses both), each left out with a line saying so."""
+    callbacks = trainer_config.get("callbacks") or []
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    unusable = []
+    if trainer_config.get("logger") is False:
+        unusable.append((LearningRateMonitor, "--trainer.logger false"))
+    if trainer_config.get("enable_progress_bar") is False:
+        unusable.append((ProgressBar, "--trainer.enable_progress_bar false"))
+    kept = []
+    for callback in callbacks:
+        reason = next((flag for kind, flag in unusable if isinstance(callback, kind)), None)
+        if reason is None:
+            kept.append(callback)
+        else:
+            rank_zero_info(f"{type(callback).__name__} left out: {reason}")
+    return kept
 
 
 def run_cli(

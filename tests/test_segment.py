@@ -252,3 +252,15 @@ def test_prediction_folder_that_cannot_be_created_is_named(tmp_path: Path) -> No
     with pytest.raises(PermissionError, match=r"--prediction_writer\.output_dir") as error:
         writer.on_predict_start(None, None)
     assert str(blocker / "predictions") in str(error.value)
+
+
+def test_logger_and_progress_bar_can_be_turned_off(tmp_path: Path, monkeypatch) -> None:
+    """The default config's LearningRateMonitor and RichProgressBar, which Lightning refuses
+    without a logger or a progress bar, are left out instead of failing the run."""
+    monkeypatch.chdir(tmp_path)
+    cli = main(["fit", *tiny_args(tmp_path), "--trainer.logger", "false",
+                "--trainer.enable_progress_bar", "false", "--trainer.max_steps", "1",
+                "--trainer.limit_val_batches", "1"])  # fmt: skip
+    kinds = {type(callback).__name__ for callback in cli.trainer.callbacks}
+    assert "LearningRateMonitor" not in kinds and "RichProgressBar" not in kinds
+    assert cli.trainer.global_step == 1 and (tmp_path / "checkpoints" / "last.ckpt").is_file()
