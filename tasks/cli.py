@@ -104,6 +104,8 @@ class TaskCLI(LightningCLI):
         self.resolve_last()
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and Path(path).is_dir():
+            parser.error(f"--ckpt_path {path!r} is a folder; expected a checkpoint file in it")
         if not path or not Path(path).is_file():
             return
         try:
@@ -114,6 +116,13 @@ class TaskCLI(LightningCLI):
                 f"--ckpt_path {path!r} could not be read ({type(error).__name__}: {error}); "
                 "expected a checkpoint written by this project's fit"
             ) from error
+        if "pytorch-lightning_version" not in checkpoint:
+            parser.error(
+                f"--ckpt_path {path!r} is not a Lightning checkpoint (a plain state dict?); "
+                "expected one written by this project's fit (an encoder's weights load as "
+                "--model.backbone.init_args.weights, a released model as "
+                "--model.official_checkpoint)"
+            )
         options = set(inspect.signature(self.model_class).parameters)
         foreign = sorted(k for k in hparams if not k.startswith("_") and k not in options)
         if foreign:
@@ -320,7 +329,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def duplicate_key(path: Path) -> str | None:
     """``<file>:<line>: duplicate key ...`` for a YAML file with a key written twice in one
-    mapping, else ``None`` (an unreadable or invalid file is jsonargparse's to report)."""
+    mapping, ``<file>:<line>:<column>: not valid YAML ...`` (a tab, a bad token), else ``None``
+    (an unreadable file is jsonargparse's to report)."""
     try:
         yaml.load(path.read_text(encoding="utf-8-sig"), Loader=_UniqueKeyLoader)
     except _DuplicateKeyError as error:
@@ -329,6 +339,12 @@ def duplicate_key(path: Path) -> str | None:
             f"{path}:{line}: duplicate key {error.problem}; YAML would keep the second value "
             "silently, so the config is refused"
         )
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        where = f"{mark.line + 1}:{mark.column + 1}" if mark else "?"
+        line = path.read_text(encoding="utf-8-sig").splitlines()[mark.line] if mark else ""
+        hint = "; YAML indents with spaces, not tabs" if "\t" in line else ""
+        return f"{path}:{where}: not valid YAML ({error.problem}){hint}"
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
     return None

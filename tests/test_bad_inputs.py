@@ -483,6 +483,31 @@ def test_config_with_a_key_written_twice_is_refused_with_file_and_line(
     assert [p.name for p in tmp_path.iterdir()] == ["twice.yaml"]
 
 
+def test_config_with_a_tab_is_refused_with_file_line_and_column(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    config = tmp_path / "tab.yaml"
+    config.write_text("model:\n\tlr: 0.1\n")
+    check_exit(SEGMENT, ["fit", "--config", str(config)], 2,
+               rf"{re.escape(str(config))}:2:1: not valid YAML .*indents with spaces, not tabs",
+               capsys)  # fmt: skip
+
+
+def test_a_ckpt_path_that_is_a_folder_or_a_state_dict_is_named(
+    shared: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    state = tmp_path / "state.ckpt"
+    torch.save(ResNet("resnet18").state_dict(), state)
+    cases = (
+        (tmp_path, "is a folder; expected a checkpoint file in it"),
+        (state, "is not a Lightning checkpoint .*--model.backbone.init_args.weights"),
+    )
+    for path, message in cases:
+        check_exit(SEGMENT, ["test", "--data.root", str(shared["shapes"]), "--ckpt_path",
+                             str(path)], 2, rf"--ckpt_path '{re.escape(str(path))}' {message}",
+                   capsys)  # fmt: skip
+
+
 def test_deferred_non_finite_check_names_the_step_it_happened(
     shared: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
