@@ -35,11 +35,16 @@ def class_counts(source: SegmentationSource, cache_dir: Path) -> ClassCounts:
     """Image id -> {0-based class: pixels} for every image of ``source``, cached on disk."""
     path = index_path(source, cache_dir)
     if path.is_file():
-        with path.open() as file:
-            stored = json.load(file)
-        return {
-            image_id: {int(c): n for c, n in counts.items()} for image_id, counts in stored.items()
-        }
+        try:
+            with path.open() as file:
+                stored = json.load(file)
+            return {
+                image_id: {int(c): n for c, n in counts.items()}
+                for image_id, counts in stored.items()
+            }
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, ValueError) as error:
+            # written atomically, so damage came from outside (a copied or truncated cache)
+            log.warning("class index %s is damaged (%s); rebuilding it", path, error)
     log.info("indexing %d labels of %s (once; cached at %s)", len(source.ids), source.name, path)
     counts = {image_id: source.class_pixels(image_id) for image_id in source.ids}
     with atomic_file(path, "w") as file:  # concurrent ranks never see a partial file

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -321,6 +322,21 @@ def test_index_cache_is_reused_and_keyed_by_the_files(own_tree: Path, make_dm) -
     os.utime(label, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
     with pytest.raises(ValueError, match=r"2008_test0005\.png"):
         make_dm(own_tree).setup("test")
+
+
+def test_a_damaged_index_cache_is_rebuilt(
+    own_tree: Path, make_dm, caplog: pytest.LogCaptureFixture
+) -> None:
+    dm = make_dm(own_tree)
+    dm.setup("test")
+    cache = index_path(dm.source("test"), dm.cache_dir)
+    cache.write_text(cache.read_text()[:40])  # a truncated copy
+    again = make_dm(own_tree)
+    with caplog.at_level("WARNING"):
+        again.setup("test")
+    assert again.pools("test") == dm.pools("test")
+    assert "is damaged" in caplog.text and str(cache) in caplog.text
+    assert json.loads(cache.read_text())  # whole again
 
 
 # Bad input -------------------------------------------------------------------------------------
