@@ -29,6 +29,7 @@ from tasks.callbacks.checkpointing import SaveLastOnInterrupt
 from tasks.callbacks.data_settings import DataMismatch, RecordDataSettings, check_data_settings
 from tasks.callbacks.sync_batchnorm import AnyDeviceSyncBatchNorm
 from tasks.callbacks.tracking import SaveConfigToRun
+from tasks.common import writable_folder
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -228,6 +229,20 @@ class TaskCLI(LightningCLI):
                 f"{init_args.weights!r} are not loaded"
             )
             init_args.weights = None
+
+    def before_fit(self) -> None:
+        """The folders ``fit`` writes to (runs, checkpoints) are checked writable before any
+        step, not when the first checkpoint is saved an epoch later."""
+        trainer = self.trainer
+        folders = [(Path(trainer.default_root_dir), "--trainer.default_root_dir")]
+        for logger in trainer.loggers:
+            if getattr(logger, "save_dir", None):
+                folders.append((Path(logger.save_dir), "--trainer.logger.init_args.save_dir"))
+        for callback in trainer.checkpoint_callbacks:
+            if getattr(callback, "dirpath", None):
+                folders.append((Path(callback.dirpath), "the ModelCheckpoint's dirpath"))
+        for folder, option in folders:
+            writable_folder(folder, option, "runs")
 
     def after_instantiate_classes(self) -> None:
         """Compare the data with the ``--ckpt_path`` checkpoint's before any step

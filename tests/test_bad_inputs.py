@@ -186,6 +186,10 @@ CASES = [
                  r"class .*too few for 'aeroplane' \(class 0\): 2", None,
                  id="class-with-too-few-images-for-the-shots"),
     # Optimisation and trainer
+    pytest.param(SEGMENT, ("fit", *SHAPES, "--trainer.default_root_dir", "{blocker}/root"),
+                 PermissionError,
+                 r"cannot write runs to '.*blocker/root' .*--trainer\.default_root_dir", None,
+                 id="runs-folder-not-writable"),
     pytest.param(SEGMENT, ("fit", *SHAPES, "--model.lr", "-0.1"), 2,
                  r'Parser key "model.lr": .*Input should be greater than 0 Got value: -0\.1$',
                  None, id="negative-lr"),
@@ -321,7 +325,10 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     segment = FewShotSegmentation(ResNet("resnet18", output_stride=8), num_classes=20)
     segment_ckpt = save_checkpoint(segment, root / "segment.ckpt")
     classify = ImageClassification(ResNet("resnet18"), num_classes=3)  # as the folder's
+    blocker = root / "blocker"  # a file where a folder is wanted: unwritable even for root
+    blocker.write_text("")
     return {
+        "blocker": blocker,
         "shapes": shapes,
         "voc": voc,
         "folder": folder,
