@@ -355,6 +355,7 @@ def read_base_learner(path: str, trusted: bool = False) -> BaseLearner:
     ``layer0..4``, ``ppm.*``, ``cls.*``)."""
     from backbones.weights import WeightsError, read_checkpoint
     from tasks.decoders import PSPDecoder
+    from tasks.semantic import DECODER_PREFIXES
 
     option = "--model.head.init_args.base_learner_trusted true"
     checkpoint = read_checkpoint(path, trusted, option=option)
@@ -376,10 +377,11 @@ def read_base_learner(path: str, trusted: bool = False) -> BaseLearner:
                 f"base_learner={path!r} is not a tasks.semantic model with BAM's PSPNet decoder "
                 f"(PSPDecoder with its defaults {defaults}); found {description}"
             )
-        decoder = {k.removeprefix("decoder."): v for k, v in state.items() if k[:8] == "decoder."}
+        prefix = "decoder."
+        decoder = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
         backbone = parameters.get("backbone")
     else:
-        decoder = {k: v for k, v in state.items() if k.startswith(("ppm.", "cls."))}
+        decoder = {k: v for k, v in state.items() if k.startswith(DECODER_PREFIXES)}
     if "cls.4.weight" not in decoder:
         raise WeightsError(
             f"base_learner={path!r} holds no base learner: expected a tasks.semantic checkpoint "
