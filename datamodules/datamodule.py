@@ -71,19 +71,25 @@ def data_dir() -> Path:
 
 def write_once(folder: Path, write: Callable[[Path], None]) -> Path:
     """Create ``folder`` with ``write(tmp)`` into a temporary sibling renamed at the end, so
-    concurrent processes and interrupted runs never leave a partial folder behind."""
+    concurrent processes and interrupted runs never leave a partial folder behind. A folder that
+    cannot be written raises a ``PermissionError`` naming it and the option to change, unless a
+    concurrent process wrote it first."""
     if folder.is_dir():
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
     try:
-        write(partial)
-        partial.rename(folder)
-    except OSError:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+        try:
+            write(partial)
+            partial.rename(folder)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    except OSError as error:
         if not folder.is_dir():
-            raise
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+            raise PermissionError(
+                f"cannot write generated data to {str(folder)!r} ({error}); pass a writable "
+                "--data.root (or set FEWSHOT_DATA_DIR)"
+            ) from error
     return folder
 
 

@@ -4,6 +4,7 @@ that a reader sees the old version or the new one, never a partial one."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
@@ -20,13 +21,37 @@ def visible(path: Path) -> bool:
     return not path.name.startswith(".")
 
 
+#: errno of a write that failed for lack of storage -> how its message says so.
+STORAGE_FULL = {
+    errno.ENOSPC: "no space left",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EFBIG: "file size limit reached",
+}
+
+
+def storage_full(error: BaseException) -> OSError | None:
+    """The out-of-storage ``OSError`` behind ``error``, if any. ``torch.save`` into a Python file
+    reports a failed ``write`` as a ``RuntimeError`` ("[enforce fail at inline_container.cc]
+    unexpected pos ...", torch 2.x) whose ``__context__`` is the file's ``OSError``."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError) and cause.errno in STORAGE_FULL:
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
 @contextlib.contextmanager
 def atomic_file(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
     """A file that replaces ``path`` only once fully written and synced to disk.
 
     The temporary file sits beside the target (a rename across filesystems would be a copy, and a
     kill during it would leave a truncated file) and gets the permissions of a normally written
-    file (0644, readable by the other users of a shared cache or checkpoint folder).
+    file (0644, readable by the other users of a shared cache or checkpoint folder). A write that
+    fails for lack of storage raises an ``OSError`` of the same errno naming ``path`` (torch's
+    own error names neither the file nor the cause).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, partial = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
@@ -37,9 +62,12 @@ def atomic_file(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
             os.fsync(file.fileno())
         os.chmod(partial, 0o644)
         os.replace(partial, path)
-    except BaseException:
+    except BaseException as error:
         Path(partial).unlink(missing_ok=True)
-        raise
+        full = storage_full(error) if isinstance(error, Exception) else None
+        if full is None:
+            raise
+        raise OSError(full.errno, f"{STORAGE_FULL[full.errno]} writing {path} ({full})") from error
 
 
 def write_atomic(path: Path, text: str) -> None:

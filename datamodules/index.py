@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 INDEX_VERSION = 1
 ClassCounts = dict[str, dict[int, int]]
 
+#: Indexes whose cache file could not be written, kept so that a process builds (and warns
+#: about) each once: ``prepare_data`` and ``setup`` both ask for them.
+_unsaved: dict[Path, ClassCounts] = {}
+
 
 def index_path(source: SegmentationSource, cache_dir: Path) -> Path:
     """Cache file of ``source``'s index; its name carries the fingerprint."""
@@ -34,6 +38,8 @@ def index_path(source: SegmentationSource, cache_dir: Path) -> Path:
 def class_counts(source: SegmentationSource, cache_dir: Path) -> ClassCounts:
     """Image id -> {0-based class: pixels} for every image of ``source``, cached on disk."""
     path = index_path(source, cache_dir)
+    if path in _unsaved:
+        return _unsaved[path]
     if path.is_file():
         try:
             with path.open() as file:
@@ -47,6 +53,15 @@ def class_counts(source: SegmentationSource, cache_dir: Path) -> ClassCounts:
             log.warning("class index %s is damaged (%s); rebuilding it", path, error)
     log.info("indexing %d labels of %s (once; cached at %s)", len(source.ids), source.name, path)
     counts = {image_id: source.class_pixels(image_id) for image_id in source.ids}
-    with atomic_file(path, "w") as file:  # concurrent ranks never see a partial file
-        json.dump(counts, file)
+    try:
+        with atomic_file(path, "w") as file:  # concurrent ranks never see a partial file
+            json.dump(counts, file)
+    except OSError as error:
+        log.warning(
+            "class index cache %s not writable (%s); the index is rebuilt each run; pass a "
+            "writable --data.cache_dir",
+            path,
+            error,
+        )
+        _unsaved[path] = counts
     return counts

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import numpy as np
 from PIL import Image
 
 from .datamodule import FewShotDataModule, Split, data_dir
+from .files import IMAGE_EXTENSIONS
 from .lists import NODUPLICATE, shipped
 from .protocols import NODUPLICATE_LIST
 from .source import PngLabelSource, missing_path_error
@@ -30,8 +32,16 @@ PASCAL_LAYOUT = """\
                                             (5953 images; from PFENet's repository; when the
                                             tree lacks it, the copy shipped in datamodules/lists)
   ImageSets/Segmentation/val.txt            test list (VOC2012 val, 1449 images)
-List lines are ids ("2007_000032") or image/label paths relative to <root>
-("JPEGImages/2007_000032.jpg SegmentationClassAug/2007_000032.png", as PFENet's lists)."""
+List lines are ids ("2007_000032") or an image path and a .png label path separated by
+whitespace ("JPEGImages/2007_000032.jpg SegmentationClassAug/2007_000032.png", as PFENet's
+lists), relative to <root> (a leading "/" too) unless absolute and existing; ids and paths may
+hold spaces."""
+
+#: A list line of two paths, told apart by their suffixes so that either may hold spaces.
+PATH_PAIR = re.compile(
+    rf"(?P<image>.+?(?:{'|'.join(map(re.escape, IMAGE_EXTENSIONS))}))\s+(?P<label>.+\.png)",
+    re.IGNORECASE,
+)
 
 
 @functools.cache
@@ -78,22 +88,45 @@ def pascal_source(
         raise missing_path_error(list_path, "list file", PASCAL_LAYOUT)
     files: dict[str, tuple[Path, Path]] = {}
     for number, line in enumerate(list_path.read_text(encoding="utf-8-sig").splitlines(), start=1):
-        fields = line.split()
-        if len(fields) == 1:
-            image_id = fields[0]
-            paths = (root / image_dir / f"{image_id}.jpg", root / label_dir / f"{image_id}.png")
-        elif len(fields) == 2:
-            image_path, label_path = (root / field.lstrip("/") for field in fields)
-            image_id = image_path.stem
-            paths = (image_path, label_path)
-        elif not fields:
+        if not line.strip():
             continue
-        else:
-            raise ValueError(f"{list_path}:{number}: expected an id or two paths, got {line!r}")
-        files.setdefault(image_id, paths)  # PFENet's merged lists hold duplicates
+        entry = list_entry(root, line.strip(), image_dir, label_dir)
+        if entry is None:
+            raise ValueError(
+                f"{list_path}:{number}: a list line holds an image id (of an image "
+                f"{image_dir}/<id>.jpg under {root}) or an image path and a .png label path "
+                f"separated by whitespace, got {line!r}"
+            )
+        files.setdefault(*entry)  # PFENet's merged lists hold duplicates
     if not files:
         raise ValueError(f"list file {list_path} is empty")
     return PngLabelSource(name, num_classes, files)
+
+
+def list_entry(
+    root: Path, line: str, image_dir: str, label_dir: str
+) -> tuple[str, tuple[Path, Path]] | None:
+    """Image id and (image, label) paths of a list line; ``None`` for a line with whitespace that
+    is neither a path pair nor the id of an existing image. A one-word id is taken as it is, so
+    that a missing file is reported by name when the source is indexed."""
+    pair = PATH_PAIR.fullmatch(line)
+    if pair:
+        image, label = listed_path(root, pair["image"]), listed_path(root, pair["label"])
+        return image.stem, (image, label)
+    image = root / image_dir / f"{line}.jpg"
+    if len(line.split()) > 1 and not image.is_file():
+        return None
+    return line, (image, root / label_dir / f"{line}.png")
+
+
+def listed_path(root: Path, field: str) -> Path:
+    """A path of a list line: an existing absolute path as it is (PFENet joins it with
+    ``os.path.join``, where an absolute path wins), otherwise relative to ``root``, a leading "/"
+    included (lines such as "/JPEGImages/x.jpg /SegmentationClassAug/x.png")."""
+    path = Path(field)
+    if path.is_absolute() and path.exists():
+        return path
+    return root / field.lstrip("/")
 
 
 class PascalFewShot(FewShotDataModule):
