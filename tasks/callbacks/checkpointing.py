@@ -8,20 +8,34 @@
   and renamed over the old one (``os.replace``, atomic on POSIX): a reader sees the old file or
   the new one, never a partial one.
 * :class:`SaveLastOnInterrupt` -- Ctrl-C (SIGINT) or SIGTERM (cluster pre-emption, ``docker
-  stop``, ``timeout``) in a single-process run refreshes every ``ModelCheckpoint``'s
-  ``last.ckpt`` before Lightning shuts down, so ``fit --ckpt_path last`` resumes from the
-  interrupted step. SIGTERM goes through Lightning's own handling (``_SignalConnector`` sets
+  stop``, ``timeout``) during ``fit`` refreshes every ``ModelCheckpoint``'s ``last.ckpt`` before
+  Lightning shuts down, so ``fit --ckpt_path last`` resumes from the interrupted step. In one
+  process SIGTERM goes through Lightning's own handling (``_SignalConnector`` sets
   ``trainer.received_sigterm``; the loops raise ``SIGTERMException`` after the running batch,
   as for SLURM's requeue), so the checkpoint is taken between steps; the W&B run is marked
   preempting, and :func:`tasks.cli.run_cli` turns the exception (a ``SystemExit`` with no code,
-  which would exit 0) into exit code 143 (128 + SIGTERM). (Lightning's ``save_on_exception``
-  saves on *any* error, also on one rank of a DDP job, where the collective save would wait on
-  the other ranks.)
+  which would exit 0) into exit code 143 (128 + SIGTERM).
+
+  A stop during ``fit``'s validation saves too, with the validation rewound to its start
+  (:func:`rewind_validation`): the metrics of the batches already run are not in a checkpoint,
+  so the resumed run scores the whole validation again.
+
+  Under DDP, Lightning 2.6's SIGTERM handler broadcasts from inside the signal handler, in the
+  middle of whatever collective the rank is running; measured on two gloo ranks, the job hangs
+  and ``last.ckpt`` stays at the last periodic save. Here the handler only records the signal
+  (and passes it to the ranks the launcher started); each training batch ends with one
+  all-reduce of that flag, and every rank stops after the same batch, where the save is
+  collective. A SIGTERM during DDP validation takes effect after it. Ctrl-C under DDP is not
+  saved: each rank stops where it is. (Lightning's ``save_on_exception`` saves on *any* error,
+  also on one rank of a DDP job, where the collective save would wait on the other ranks.)
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 from pathlib import Path
+from types import FrameType
 from typing import Any, BinaryIO
 
 import torch
@@ -29,6 +43,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins import TorchCheckpointIO
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -63,9 +78,40 @@ def save_interruptible(checkpoint: dict[str, Any], file: BinaryIO) -> None:
 
 
 class SaveLastOnInterrupt(Callback):
-    """On Ctrl-C or SIGTERM in a single-process run, write ``last.ckpt`` of each
-    ``ModelCheckpoint`` that keeps one, and mark the W&B run preempting on SIGTERM (see the
-    module docstring)."""
+    """On Ctrl-C or SIGTERM during ``fit`` (training or validation), write ``last.ckpt`` of each
+    ``ModelCheckpoint`` that keeps one, and mark the W&B run preempting on SIGTERM; under DDP,
+    SIGTERM stops every rank at the same step (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._stopped_in_validation = False
+        self._sigterm_seen = False
+        self._stop_agreed = False
+        self._launcher: Any = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Under DDP, replace the SIGTERM handler Lightning has just installed (restored by its
+        teardown) by :meth:`_note_sigterm`."""
+        if trainer.world_size > 1 and threading.current_thread() is threading.main_thread():
+            self._sigterm_seen = self._stop_agreed = False
+            self._launcher = trainer.strategy.launcher
+            signal.signal(signal.SIGTERM, self._note_sigterm)
+
+    def _note_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        """Record the signal and pass it on to the ranks this process launched; nothing
+        collective happens in a signal handler."""
+        if not self._sigterm_seen and self._launcher is not None:
+            self._launcher.kill(signum)
+        self._sigterm_seen = True
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any
+    ) -> None:
+        """Under DDP, stop every rank after the same batch once any rank got SIGTERM."""
+        if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(
+            self._sigterm_seen, all=False
+        ):
+            self._stop_agreed = trainer._signal_connector.received_sigterm = True
+            raise SIGTERMException
 
     def on_exception(
         self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
@@ -75,19 +121,58 @@ class SaveLastOnInterrupt(Callback):
             return
         if isinstance(exception, SIGTERMException):
             mark_preempting(trainer)
-        if trainer.world_size > 1 or not trainer.training or trainer.sanity_checking:
+        # Under DDP only an agreed SIGTERM stop is one step on every rank (a collective save).
+        together = trainer.world_size == 1 or self._stop_agreed
+        if not together or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
             return
         folders = {
             Path(callback.dirpath)
             for callback in trainer.checkpoint_callbacks
             if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath
         }
-        for folder in sorted(folders):
-            path = (
-                folder / f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
-            )
-            trainer.save_checkpoint(path)
-            rank_zero_info(f"{stop} at global step {trainer.global_step}: saved {path}")
+        self._stopped_in_validation = trainer.validating
+        where = " (validation rewound to its start)" if trainer.validating else ""
+        try:
+            for folder in sorted(folders):
+                name = f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+                trainer.save_checkpoint(folder / name)
+                rank_zero_info(
+                    f"{stop} at global step {trainer.global_step}{where}: saved {folder / name}"
+                )
+        finally:
+            self._stopped_in_validation = False
+
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self._stopped_in_validation:
+            rewind_validation(checkpoint)
+
+
+#: Where ``fit``'s checkpoints keep the progress of its validation loop.
+VALIDATION_PROGRESS = ("loops", "fit_loop", "epoch_loop.val_loop.batch_progress")
+
+
+def rewind_validation(checkpoint: dict[str, Any]) -> None:
+    """Make a checkpoint taken during ``fit``'s validation resume by running that validation
+    from its first batch.
+
+    Saved as it is (a stop lands between batches), Lightning 2.6 resumes by skipping the rest of
+    that validation, so the epoch's score and its best-checkpoint decision would be missing; the
+    metrics of the batches already run are not in the checkpoint to finish it either. The
+    progress is set to "first batch started, none done", which Lightning reads as a restart in
+    the middle of an evaluation (``RESTARTED_MID_EVALUATION``) with nothing to skip.
+    """
+    *parents, key = VALIDATION_PROGRESS
+    loops = checkpoint
+    for parent in parents:
+        loops = loops[parent]
+    progress = loops[key]
+    done = progress["total"]["completed"] - progress["current"]["completed"]
+    progress["total"] = {"ready": done + 1, "started": done + 1, "processed": done,
+                         "completed": done}  # fmt: skip
+    progress["current"] = {"ready": 1, "started": 1, "processed": 0, "completed": 0}
+    progress["is_last_batch"] = False
 
 
 def mark_preempting(trainer: Trainer) -> None:
