@@ -26,7 +26,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from tasks.callbacks.checkpointing import SaveLastOnInterrupt
-from tasks.callbacks.data_settings import DataMismatch, RecordDataSettings, check_data_settings
+from tasks.callbacks.data_settings import (
+    DataMismatch,
+    RecordDataSettings,
+    check_data_settings,
+    stored_settings,
+)
 from tasks.callbacks.sync_batchnorm import AnyDeviceSyncBatchNorm
 from tasks.callbacks.tracking import SaveConfigToRun
 from tasks.common import writable_folder
@@ -44,8 +49,8 @@ class TaskArgumentParser(LightningArgumentParser):
 class TaskCLI(LightningCLI):
     """Links the dataset's class count into the model, adds the task's own callbacks
     (configured under their key, e.g. ``--prediction_writer.output_dir``), resolves
-    ``--ckpt_path last`` among this task's runs, names a bad ``--ckpt_path`` file and compares
-    the data with the checkpoint's (``--data_mismatch``)."""
+    ``--ckpt_path last`` and ``best`` among this task's runs, names a bad ``--ckpt_path`` file
+    and compares the data with the checkpoint's (``--data_mismatch``)."""
 
     task_callbacks: ClassVar[dict[str, type[Callback]]] = {}
 
@@ -166,51 +171,72 @@ class TaskCLI(LightningCLI):
             )
 
     def resolve_last(self) -> None:
-        """``--ckpt_path last``: the newest ``last.ckpt`` of a run of *this* task (its
-        hyper-parameters are options of the model class) among the logger's runs, with the W&B
-        run it belongs to resumed.
+        """``--ckpt_path last``: the newest ``last.ckpt`` of a run of *this* task and experiment
+        among the logger's runs, with the W&B run it belongs to resumed; ``--ckpt_path best``:
+        the best checkpoint that run's ``ModelCheckpoint`` recorded (its monitor, e.g.
+        ``val/miou``).
 
         Lightning looks for ``last`` in the checkpoint folder of the *new* run (with W&B named
         after a fresh run id, with CSV or TensorBoard a new ``version_N``), finds nothing and
-        starts over with a warning; and the runs of every task share one W&B project folder.
-        Searched (:func:`last_checkpoint_places`): each ``ModelCheckpoint``'s own ``dirpath``,
-        else ``<save_dir>/<project>/*/checkpoints`` (W&B), ``<save_dir>/<name>/*/checkpoints``
-        (CSV, TensorBoard), ``<default_root_dir>/checkpoints`` (no logger). Nothing found is an
-        error naming those folders.
+        starts over with a warning; ``best`` it knows only within the process that ran ``fit``;
+        and the runs of every task and fold share one W&B project folder. Searched
+        (:func:`last_checkpoint_places`): each ``ModelCheckpoint``'s own ``dirpath``, else
+        ``<save_dir>/<project>/*/checkpoints`` (W&B), ``<save_dir>/<name>/*/checkpoints`` (CSV,
+        TensorBoard), ``<default_root_dir>/checkpoints`` (no logger). A run is this task's when
+        its hyper-parameters are options of the model class, this experiment's when its stored
+        data settings (:mod:`tasks.callbacks.data_settings`: dataset, fold, and on ``fit`` the
+        shots) are the configured ones. Nothing found is an error naming those folders.
         """
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
-        if config.get("ckpt_path") != "last":
+        name = config.get("ckpt_path")
+        if name not in NAMED_CHECKPOINTS:
             return
         places = last_checkpoint_places(config.get("trainer", {}))
         found = sorted(
             {path for folder, pattern in places for path in Path(folder).glob(pattern)},
             key=lambda p: p.stat().st_mtime,
+            reverse=True,
         )
-        mine = [path for path in reversed(found) if self.checkpoint_of_this_task(path)]
+        stored = {path: self.run_of_this_task(path) for path in found}
+        mine = {path: settings for path, settings in stored.items() if settings is not None}
+        wanted = configured_data_settings(config.get("data"), subcommand)
+        same = [path for path, settings in mine.items() if same_experiment(settings, wanted)]
         where = ", ".join(str(Path(folder) / pattern) for folder, pattern in places)
-        if not mine:
-            others = f" ({len(found)} of other tasks)" if found else ""
+        if not same:
+            others = [f"{len(found) - len(mine)} of other tasks"] if len(found) > len(mine) else []
+            if mine:
+                runs = sorted({describe_settings(settings, wanted) for settings in mine.values()})
+                others.append(f"{len(mine)} of other experiments: {'; '.join(runs)}")
+            experiment = describe_settings(wanted, wanted)
             raise FileNotFoundError(
-                f"--ckpt_path last: no last.ckpt of a {self.model_class.__name__} run in "
-                f"{where}{others}; pass the checkpoint file itself"
+                f"--ckpt_path {name}: no last.ckpt of a {self.model_class.__name__} run"
+                f"{f' of {experiment}' if experiment else ''} in {where}"
+                + (f" ({', '.join(others)})" if others else "")
+                + "; pass the checkpoint file itself"
             )
-        config.ckpt_path = str(mine[0])
-        rank_zero_info(f"--ckpt_path last: {mine[0]}")
+        last = same[0]
+        config.ckpt_path = str(best_checkpoint(last) if name == "best" else last)
+        rank_zero_info(f"--ckpt_path {name}: {config.ckpt_path}")
         logger = config.get("trainer", {}).get("logger")
-        if is_wandb_logger(logger) and Path(logger.init_args.save_dir or ".") in mine[0].parents:
-            logger.init_args.id = mine[0].parent.parent.name
+        if is_wandb_logger(logger) and Path(logger.init_args.save_dir or ".") in last.parents:
+            logger.init_args.id = last.parent.parent.name
 
-    def checkpoint_of_this_task(self, path: Path) -> bool:
-        """Whether ``path`` is a readable checkpoint whose hyper-parameters are options of the
-        model class (a run of this task, not of the other tasks sharing the project folder)."""
+    def run_of_this_task(self, path: Path) -> dict[str, Any] | None:
+        """The stored data settings of ``path`` if it is a readable checkpoint whose
+        hyper-parameters are options of the model class (a run of this task, not of the other
+        tasks sharing the project folder; ``{}`` for a task without data settings), else
+        ``None``."""
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:
-            return False
+        except Exception as error:  # a damaged file of an earlier run: named, not picked
+            rank_zero_warn(f"skipped {path}: not readable as a checkpoint ({error})")
+            return None
         hparams = checkpoint.get("hyper_parameters") or {}
         options = set(inspect.signature(self.model_class).parameters)
-        return bool(hparams) and all(k.startswith("_") or k in options for k in hparams)
+        if hparams and all(k.startswith("_") or k in options for k in hparams):
+            return stored_settings(checkpoint)
+        return None
 
     def before_instantiate_classes(self) -> None:
         """``--model.official_checkpoint F`` replaces the configured encoder with the one the
@@ -412,6 +438,74 @@ def last_checkpoint_places(trainer: Mapping[str, Any]) -> list[tuple[str, str]]:
         # CSV/TensorBoard: <save_dir>/<name>/version_N; name None or "" leaves the level out
         folder = Path(save_dir) / (getattr(args, "name", "lightning_logs") or "")
     return [(str(folder), "*/checkpoints/last*.ckpt")]
+
+
+#: ``--ckpt_path`` values resolved among the earlier runs (:meth:`TaskCLI.resolve_last`).
+NAMED_CHECKPOINTS = ("last", "best")
+
+#: The stored data settings a ``last``/``best`` run must share with the command: the dataset
+#: and fold (``predict`` runs on any images: the newest run of the task), on ``fit`` (a resume)
+#: also the shots.
+EXPERIMENT = {"dataset": ("fit", "validate", "test"), "fold": ("fit", "validate", "test"),
+              "shots": ("fit",)}  # fmt: skip
+
+
+def configured_data_settings(data: Any, subcommand: str | None) -> dict[str, Any]:
+    """The :data:`EXPERIMENT` settings of a ``--data`` config (``class_path`` + ``init_args``)
+    for ``subcommand``, named as :func:`tasks.callbacks.data_settings.data_settings` stores
+    them; ``{}`` for data without folds (classification)."""
+    init_args = getattr(data, "init_args", None)
+    if init_args is None or init_args.get("fold") is None:
+        return {}
+    module, _, name = str(data.class_path).rpartition(".")
+    kind = getattr(importlib.import_module(module), name)
+    settings = {"dataset": f"{kind.__module__}.{kind.__qualname__}", **dict(init_args)}
+    return {k: settings[k] for k, on in EXPERIMENT.items() if subcommand in on and k in settings}
+
+
+def same_experiment(stored: dict[str, Any], wanted: dict[str, Any]) -> bool:
+    """Whether the settings both record are equal (a checkpoint written before the settings
+    were stored is compared on what it has)."""
+    return all(stored[k] == v for k, v in wanted.items() if k in stored)
+
+
+def describe_settings(settings: dict[str, Any], keys: dict[str, Any]) -> str:
+    """``ShapesFewShot fold 1 shots 2`` for the ``keys`` that ``settings`` records."""
+    words = []
+    for key in keys:
+        if key in settings:
+            value = settings[key]
+            words.append(value.rpartition(".")[2] if key == "dataset" else f"{key} {value}")
+    return " ".join(words)
+
+
+def best_checkpoint(last: Path) -> Path:
+    """The best checkpoint that ``last``'s monitoring ``ModelCheckpoint`` recorded (the first
+    with a monitor, e.g. ``val/miou``), checked to exist."""
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+    states = [
+        state
+        for key, state in (checkpoint.get("callbacks") or {}).items()
+        if str(key).startswith("ModelCheckpoint") and state.get("best_model_path")
+    ]
+    if not states:
+        raise FileNotFoundError(
+            f"--ckpt_path best: the newest run's {last} records no best checkpoint (no "
+            "ModelCheckpoint with a monitor, or no validation yet); pass the checkpoint file "
+            "itself, or --ckpt_path last"
+        )
+    state = states[0]
+    best = Path(state["best_model_path"])
+    if not best.is_file():
+        raise FileNotFoundError(
+            f"--ckpt_path best: {last} records the best checkpoint {str(best)!r}, which does "
+            "not exist (moved or deleted?); pass the checkpoint file itself"
+        )
+    score = state.get("best_model_score")
+    monitor = state.get("monitor")
+    if score is not None and monitor:
+        rank_zero_info(f"--ckpt_path best: {monitor} {float(score):.4f} of run {last.parents[1]}")
+    return best
 
 
 def is_wandb_logger(logger: object) -> bool:

@@ -288,10 +288,51 @@ def test_last_with_nothing_to_resume_names_where_it_looked(tmp_path: Path) -> No
         segment_main(["fit", *tiny_args(tmp_path), "--ckpt_path", "last"])
     runs = re.escape(str(tmp_path / "runs" / "fewshot-dilated" / "*" / "checkpoints"))
     assert re.fullmatch(
-        rf"--ckpt_path last: no last\.ckpt of a FewShotSegmentation run in {runs}/last\*\.ckpt; "
-        "pass the checkpoint file itself",
+        rf"--ckpt_path last: no last\.ckpt of a FewShotSegmentation run of ShapesFewShot fold 0 "
+        rf"shots 1 in {runs}/last\*\.ckpt; pass the checkpoint file itself",
         str(info.value),
     ), str(info.value)
+
+
+ONE_VALIDATED_EPOCH = ("--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+                       "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
+                       "--trainer.limit_test_batches", "1")  # fmt: skip
+
+
+def test_last_and_best_are_of_this_experiment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Runs of fold 0, then fold 1, in one project folder: ``--ckpt_path last`` and ``best``
+    with fold 0 pick fold 0's run although fold 1's is newer; ``best`` is the file the run's
+    monitoring ModelCheckpoint recorded; a fold without a run is named with the folds found."""
+    monkeypatch.chdir(tmp_path)
+    segment_main(["fit", *tiny_args(tmp_path), *ONE_VALIDATED_EPOCH])
+    (fold0,) = tmp_path.rglob("best-epoch=000.ckpt")
+    segment_main(["fit", *tiny_args(tmp_path), *ONE_VALIDATED_EPOCH, "--data.fold", "1"])
+    assert len(list(tmp_path.rglob("last.ckpt"))) == 2
+    cli = segment_main(["test", *tiny_args(tmp_path), *ONE_VALIDATED_EPOCH, "--ckpt_path", "last"])
+    assert Path(cli.trainer.ckpt_path).parent == fold0.parent
+    cli = segment_main(["test", *tiny_args(tmp_path), *ONE_VALIDATED_EPOCH, "--ckpt_path", "best"])
+    assert Path(cli.trainer.ckpt_path).resolve() == fold0.resolve()
+    with pytest.raises(FileNotFoundError) as info:
+        segment_main(["test", *tiny_args(tmp_path), "--data.fold", "2", "--ckpt_path", "best"])
+    assert re.fullmatch(
+        r"--ckpt_path best: no last\.ckpt of a FewShotSegmentation run of ShapesFewShot fold 2 in "
+        r".*checkpoints/last\*\.ckpt \(2 of other experiments: ShapesFewShot fold 0; "
+        r"ShapesFewShot fold 1\); pass the checkpoint file itself",
+        str(info.value),
+    ), str(info.value)
+
+
+def test_best_of_a_run_that_never_validated_is_named(fold0_checkpoint: tuple[Path, Path]) -> None:
+    tmp, last = fold0_checkpoint
+    with pytest.raises(FileNotFoundError) as info:
+        segment_main(["test", *tiny_args(tmp), *ONE_STEP, "--ckpt_path", "best"])
+    assert str(info.value) == (
+        f"--ckpt_path best: the newest run's {last} records no best checkpoint (no "
+        "ModelCheckpoint with a monitor, or no validation yet); pass the checkpoint file "
+        "itself, or --ckpt_path last"
+    )
 
 
 def test_flags_the_checkpoint_replaces_are_named(fold0_checkpoint: tuple[Path, Path]) -> None:
