@@ -1,5 +1,6 @@
-"""File conventions the whole project shares: which suffixes are images, and writing a file so
-that a reader sees the old version or the new one, never a partial one."""
+"""File conventions the whole project shares: which suffixes are images, writing a file so that
+a reader sees the old version or the new one, never a partial one, and checking an output folder
+writable before any work starts."""
 
 from __future__ import annotations
 
@@ -73,3 +74,24 @@ def atomic_file(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
 def write_atomic(path: Path, text: str) -> None:
     with atomic_file(path, "w") as file:
         file.write(text)
+
+
+@contextlib.contextmanager
+def writable_output(path: Path, option: str, what: str = "predictions") -> Iterator[None]:
+    """Turn an ``OSError`` while preparing ``path`` into an error naming it and the option to
+    change, raised before any prediction or test is run."""
+    try:
+        yield
+    except OSError as error:
+        raise PermissionError(
+            f"cannot write {what} to {str(path)!r} ({error}); pass a writable path as {option}"
+        ) from error
+
+
+def writable_folder(path: Path, option: str, what: str) -> None:
+    """Create ``path`` and check a file can be written there, before any work starts."""
+    with writable_output(path, option, what):
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.touch()
+        probe.unlink()

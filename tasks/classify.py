@@ -22,8 +22,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from backbones import Backbone, ResNet
 from datamodules.bounds import BelowOne, NonNegativeFloat, PositiveFloat, check_bounds
+from datamodules.files import writable_output
 from tasks.base import BaseTask, Optimizer, Schedule, check_arguments
-from tasks.common import writable_output
 
 if TYPE_CHECKING:
     from tasks.cli import TaskCLI

@@ -25,6 +25,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from datamodules.files import writable_folder
 from tasks.callbacks.checkpointing import SaveLastOnInterrupt
 from tasks.callbacks.data_settings import (
     DataMismatch,
@@ -34,7 +35,6 @@ from tasks.callbacks.data_settings import (
 )
 from tasks.callbacks.sync_batchnorm import AnyDeviceSyncBatchNorm
 from tasks.callbacks.tracking import SaveConfigToRun
-from tasks.common import writable_folder
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -232,6 +232,16 @@ def test_the_command_line_reports_a_bad_archive_in_one_line(
     assert len(error) == 1 and error[0].startswith(f"error: archive {broken} is truncated")
     assert prepare_main(["pascal", "--out", str(tmp_path / "out")]) == 1
     assert "give both archives" in capsys.readouterr().err
+    blocker = tmp_path / "blocker"  # a file where a folder is wanted: unwritable even for root
+    blocker.write_text("")
+    argv = ["pascal", "--out", str(blocker / "VOC2012"), "--voc-tar", str(archives.voc_tar),
+            "--sbd-tgz", str(archives.sbd_tgz)]  # fmt: skip
+    assert prepare_main(argv) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [
+        f"error: cannot write the prepared data to '{blocker / 'VOC2012'}' ([Errno 20] Not a "
+        f"directory: '{blocker / 'VOC2012'}'); pass a writable path as --out"
+    ]
 
 
 # --- PASCAL: training on the prepared tree ------------------------------------------------------

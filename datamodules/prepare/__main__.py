@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..datamodule import data_dir
+from ..files import writable_folder
 from .coco import prepare_coco
 from .common import PrepareError
 from .pascal import SBD, VOC, prepare_pascal
@@ -53,12 +54,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     start = time.perf_counter()
     try:
+        if args.out is not None:
+            writable_folder(args.out, "--out", "the prepared data")
         if args.dataset == "pascal":
             downloads = (args.downloads or data_dir() / "downloads") if args.download else None
             prepare_pascal(args.out, args.voc_tar, args.sbd_tgz, downloads)
         else:
             prepare_coco(args.root, args.out, tuple(args.splits), args.workers)
-    except PrepareError as error:
+    except (PrepareError, OSError) as error:  # an input, or the storage (named by the error)
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(f"done in {time.perf_counter() - start:.1f} s")

@@ -12,7 +12,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
-from tasks.common import writable_folder
+from datamodules.files import writable_folder
 
 PALETTE = [0, 0, 0, 255, 40, 40] + [0, 0, 0] * 254  # 0 background, 1 foreground
 

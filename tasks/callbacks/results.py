@@ -31,8 +31,7 @@ from rich.console import Console
 from rich.table import Table
 
 from backbones import Backbone
-from datamodules.files import write_atomic
-from tasks.common import writable_folder
+from datamodules.files import writable_folder, write_atomic
 
 FORMAT = "fewshot-dilated/test-results"
 FORMAT_VERSION = 1
