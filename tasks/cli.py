@@ -34,7 +34,7 @@ from tasks.callbacks.data_settings import (
     stored_settings,
 )
 from tasks.callbacks.sync_batchnorm import AnyDeviceSyncBatchNorm
-from tasks.callbacks.tracking import SaveConfigToRun
+from tasks.callbacks.tracking import SaveConfigToRun, finish_wandb
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -583,22 +583,20 @@ def sigterm_exit_code() -> Iterator[None]:
 @contextlib.contextmanager
 def finished_wandb_run() -> Iterator[None]:
     """Close the W&B run when the command ends, marked failed on an exception (with the
-    process's exit code for a ``SystemExit``: 143 after SIGTERM, 1 after Ctrl-C).
+    process's exit code for a ``SystemExit``: 143 after SIGTERM, 1 after Ctrl-C), with a warning
+    rather than an error when W&B's service process is gone
+    (:func:`tasks.callbacks.tracking.finish_wandb`).
 
     Lightning's WandbLogger leaves the run open; a process exit closes it, but a second command in
     the same process (tests, notebooks) would otherwise log into the first one's run.
     """
-    import wandb
-
     try:
         yield
     except BaseException as error:
         code = error.code if isinstance(error, SystemExit) else 1
-        if wandb.run is not None:
-            wandb.finish(exit_code=code if isinstance(code, int) and code else 1)
+        finish_wandb(exit_code=code if isinstance(code, int) and code else 1)
         raise
-    if wandb.run is not None:
-        wandb.finish()
+    finish_wandb()
 
 
 UNION_REPORT = "Does not validate against any of the Union subtypes"

@@ -48,6 +48,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from datamodules.files import atomic_file
+from tasks.callbacks.tracking import service_gone_errors
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -179,8 +180,12 @@ def mark_preempting(trainer: Trainer) -> None:
     """Tell each W&B run that it is being pre-empted (its state on the server: "preempted",
     resumable), with a warning if W&B cannot be reached any more."""
     for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger) and trainer.is_global_zero:
+        gone = getattr(logger, "service_gone", False)  # already warned of (AutoWandbLogger)
+        if isinstance(logger, WandbLogger) and trainer.is_global_zero and not gone:
             try:
                 logger.experiment.mark_preempting()
-            except Exception as error:  # W&B's service gone: the checkpoint matters more
-                rank_zero_warn(f"W&B: could not mark the run preempting ({error})")
+            except service_gone_errors() as error:  # the checkpoint matters more
+                rank_zero_warn(
+                    f"W&B: could not mark the run preempting, its service process (wandb-core) "
+                    f"is gone ({type(error).__name__}: {error})"
+                )
