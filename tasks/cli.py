@@ -114,6 +114,11 @@ class TaskCLI(LightningCLI):
             parser.error(f"--ckpt_path {path!r} is a folder; expected a checkpoint file in it")
         if not path or not Path(path).is_file():
             return
+        if Path(path).suffix.lower() in (".yaml", ".yml"):
+            parser.error(
+                f"--ckpt_path {path!r} is a YAML file; a config goes to --config, --ckpt_path "
+                "takes a checkpoint written by this project's fit"
+            )
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True)
             hparams = dict(checkpoint.get("hyper_parameters", {}))

@@ -500,14 +500,17 @@ def test_config_with_a_tab_is_refused_with_file_line_and_column(
                capsys)  # fmt: skip
 
 
-def test_a_ckpt_path_that_is_a_folder_or_a_state_dict_is_named(
+def test_a_ckpt_path_that_is_a_folder_a_state_dict_or_a_config_is_named(
     shared: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     state = tmp_path / "state.ckpt"
     torch.save(ResNet("resnet18").state_dict(), state)
+    config = tmp_path / "config.yaml"
+    config.write_text("model:\n  lr: 0.01\n")
     cases = (
         (tmp_path, "is a folder; expected a checkpoint file in it"),
         (state, "is not a Lightning checkpoint .*--model.backbone.init_args.weights"),
+        (config, "is a YAML file; a config goes to --config, --ckpt_path takes a checkpoint"),
     )
     for path, message in cases:
         check_exit(SEGMENT, ["test", "--data.root", str(shared["shapes"]), "--ckpt_path",
