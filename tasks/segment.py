@@ -14,6 +14,7 @@ import shutil
 import sys
 import warnings
 from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, get_args
 
 import torch
@@ -126,6 +127,23 @@ def base_learner_encoder(source: BaseLearner, configured: Backbone) -> Backbone:
     if "weights_trusted" in init_args:
         init_args["weights_trusted"] = source.trusted
     return build_described({**description, "init_args": init_args})
+
+
+def check_base_learner_split(source: BaseLearner, novel_classes: list[int] | None) -> None:
+    """Refuse a base learner trained on another fold's class split (its recorded novel classes
+    differ from the data's): it learned some of this fold's novel classes as base classes, which
+    would leak into every novel-class prediction. The count check of
+    :func:`base_channel_lookup` cannot see it (every PASCAL-5i fold has 15 base classes)."""
+    trained = source.data.get("novel_classes")
+    if trained is None or novel_classes is None or sorted(trained) == sorted(novel_classes):
+        return
+    raise ValueError(
+        f"base_learner={source.path!r} was trained with fold {source.data.get('fold')!r} "
+        f"(novel classes {sorted(trained)}) but the data's novel classes are "
+        f"{sorted(novel_classes)}: it has learned some of them as base classes, which would "
+        "leak; train the base learner on this fold (python -m tasks.semantic fit --data.fold "
+        "<this fold>)"
+    )
 
 
 def base_channel_lookup(base_classes: list[int], num_classes: int, known: int) -> Tensor:
@@ -288,6 +306,8 @@ class FewShotSegmentation(BaseTask):
         self.backbone = backbone
         self.head = head if isinstance(head, nn.Module) else head(backbone.output_info)
         source = getattr(self.head, "base_learner_source", None)
+        #: the base learner file's record without its tensors, for the split check of setup
+        self.base_learner_record = None if source is None else replace(source, decoder={})
         if source is not None:  # the base learner's own encoder (BAM), once
             self.backbone = base_learner_encoder(source, backbone)
             self.head.base_learner_source = None
@@ -409,6 +429,9 @@ class FewShotSegmentation(BaseTask):
         protocol = getattr(datamodule, "protocol", None) or {}
         self.backbone_norm = protocol.get("backbone_norm", "frozen")
         base_classes = getattr(datamodule, "base_classes", None)
+        if self.base_learner_record is not None:
+            novel = getattr(datamodule, "novel_classes", None)
+            check_base_learner_split(self.base_learner_record, novel)
         if getattr(self.head, "reads_episode_class", False) and base_classes is not None:
             self.base_channel_of = base_channel_lookup(
                 base_classes, self.hparams.num_classes, self.head.num_base_classes

@@ -18,8 +18,15 @@ from torch import Tensor, nn
 
 from backbones import ResNet
 from tasks import segment, semantic
+from tasks.callbacks.data_settings import CHECKPOINT_KEY
 from tasks.heads import BAMHead
-from tasks.segment import FewShotSegmentation, base_channel_lookup, upsample
+from tasks.heads.bam import read_base_learner
+from tasks.segment import (
+    FewShotSegmentation,
+    base_channel_lookup,
+    check_base_learner_split,
+    upsample,
+)
 from tasks.semantic import SemanticSegmentation
 
 
@@ -292,6 +299,31 @@ def test_a_base_learner_of_another_encoder_or_an_unfrozen_encoder_is_refused(
         FewShotSegmentation(head=BAMHead).on_fit_start()
     with pytest.raises(ValueError, match=r"built for shots=1 .* have 2; set --model.head"):
         FewShotSegmentation(head=BAMHead)(*episode(1, 2))
+
+
+def test_a_base_learner_of_another_fold_is_refused(tmp_path: Path) -> None:
+    """A base learner whose checkpoint records fold 1 (as ``tasks.semantic fit --data.fold 1``
+    writes it) has learned fold 0's novel classes: fitting fold 0 on it fails before any step,
+    naming both splits; on fold 1 it is accepted."""
+    path = semantic_checkpoint(tmp_path)
+    checkpoint = torch.load(path, weights_only=False)
+    checkpoint[CHECKPOINT_KEY] = {"dataset": "datamodules.semantic.ShapesSemantic", "fold": 1,
+                                  "novel_classes": [5, 6, 7, 8, 9]}  # fmt: skip
+    torch.save(checkpoint, path)
+    data = ["--data.root", str(tmp_path / "shapes"), "--data.num_train", "200",
+            "--data.num_test", "80", "--data.image_size", "64", "--data.num_workers", "0",
+            "--data.min_pixels", "32"]  # fmt: skip
+    with pytest.raises(ValueError, match=(
+        rf"base_learner='{path}' was trained with fold 1 \(novel classes \[5, 6, 7, 8, 9\]\) "
+        r"but the data's novel classes are \[0, 1, 2, 3, 4\]: it has learned some of them as "
+        r"base classes, which would leak; train the base learner on this fold"
+    )):  # fmt: skip
+        segment.main(["fit", *data, "--model.head", "tasks.heads.BAMHead",
+                      "--model.head.init_args.base_learner", str(path),
+                      "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+                      "--trainer.max_steps", "1"])  # fmt: skip
+    assert not list((tmp_path / "runs").rglob("*.ckpt"))
+    check_base_learner_split(read_base_learner(str(path)), [5, 6, 7, 8, 9])
 
 
 @pytest.mark.slow

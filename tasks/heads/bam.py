@@ -340,13 +340,15 @@ class BAMHead(OfficialCheckpoint):
 
 @dataclass(frozen=True)
 class BaseLearner:
-    """A base learner file: its decoder tensors, and what the task needs to load its encoder
-    (the file, and the encoder it was trained with when the file records it)."""
+    """A base learner file: its decoder tensors, what the task needs to load its encoder (the
+    file, and the encoder it was trained with when the file records it), and the data settings
+    it was trained with (:mod:`tasks.callbacks.data_settings`; ``{}`` for BAM's files)."""
 
     path: str
     trusted: bool
     decoder: dict[str, Tensor]
     backbone: dict[str, Any] | None
+    data: dict[str, Any]
 
 
 def read_base_learner(path: str, trusted: bool = False) -> BaseLearner:
@@ -354,6 +356,7 @@ def read_base_learner(path: str, trusted: bool = False) -> BaseLearner:
     with BAM's options) or one of BAM's released ``best.pth`` (``module.``-prefixed
     ``layer0..4``, ``ppm.*``, ``cls.*``)."""
     from backbones.weights import WeightsError, read_checkpoint
+    from tasks.callbacks.data_settings import stored_settings
     from tasks.decoders import PSPDecoder
     from tasks.semantic import DECODER_PREFIXES
 
@@ -361,8 +364,9 @@ def read_base_learner(path: str, trusted: bool = False) -> BaseLearner:
     checkpoint = read_checkpoint(path, trusted, option=option)
     state = checkpoint.get("state_dict", checkpoint)
     state = {key.removeprefix("module."): value for key, value in state.items()}
-    backbone = None
+    backbone, data = None, {}
     if "pytorch-lightning_version" in checkpoint:
+        data = stored_settings(checkpoint)
         parameters = checkpoint.get("hyper_parameters", {})
         description = parameters.get("decoder", {})
         defaults = {
@@ -388,4 +392,4 @@ def read_base_learner(path: str, trusted: bool = False) -> BaseLearner:
             f"or BAM's initmodel/PSPNet/.../best.pth (ppm.*, cls.*, layer0..4), found keys "
             f"{sorted(state)[:8]}"
         )
-    return BaseLearner(str(Path(path)), trusted, decoder, backbone)
+    return BaseLearner(str(Path(path)), trusted, decoder, backbone, data)
