@@ -50,7 +50,9 @@ ENV = os.environ | {"PYTHONUNBUFFERED": "1"}
 def start_and_wait_for_last(tmp_path: Path, command: list[str]) -> tuple[subprocess.Popen, Path]:
     """Start ``fit`` and return once its first ``last.ckpt`` exists."""
     log = (tmp_path / "first.log").open("w")
-    first = subprocess.Popen(command, cwd=tmp_path, env=ENV, stdout=log, stderr=log)
+    # its own process group, which a test can signal as a terminal's Ctrl-C does
+    first = subprocess.Popen(command, cwd=tmp_path, env=ENV, stdout=log, stderr=log,
+                             start_new_session=True)  # fmt: skip
     deadline = time.monotonic() + TIMEOUT
     last = None
     while last is None:

@@ -92,20 +92,34 @@ def test_sigterm_during_validation_saves_and_the_resumed_run_validates_again(
     assert torch.load(last, weights_only=False, map_location="cpu")["global_step"] == 20
 
 
+DDP = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+       "--data.batch_size", "2")  # fmt: skip
+
+
 @pytest.mark.slow
-def test_sigterm_under_ddp_stops_every_rank_at_one_step_and_resumes(tmp_path: Path) -> None:
-    """Two gloo ranks, SIGTERM to the launching process as ``timeout`` or ``docker stop`` send it
-    (Lightning 2.6's own handler hangs this job): exit 143 within seconds, ``last.ckpt`` at the
-    interrupted step, and ``--ckpt_path last`` under DDP finishes the run."""
-    ddp = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-           "--data.batch_size", "2")  # fmt: skip
-    command = fit_command(tmp_path, *ddp)
+@pytest.mark.parametrize(
+    ("stop", "exit_code", "saved"),
+    [(signal.SIGTERM, SIGTERM_EXIT, "SIGTERM"), (signal.SIGINT, 1, "Interrupted")],
+    ids=["sigterm-to-the-launcher", "ctrl-c-to-the-process-group"],
+)
+def test_a_stop_under_ddp_stops_every_rank_at_one_step_and_resumes(
+    tmp_path: Path, stop: signal.Signals, exit_code: int, saved: str
+) -> None:
+    """Two gloo ranks. SIGTERM to the launching process, as ``timeout`` or ``docker stop`` send
+    it (Lightning 2.6's own handler hangs this job), or Ctrl-C to the whole process group, as a
+    terminal sends it (each rank used to stop where it was, without a save): the command exits
+    within seconds, ``last.ckpt`` is at the interrupted step, and ``--ckpt_path last`` under DDP
+    finishes the run."""
+    command = fit_command(tmp_path, *DDP)
     first, last = start_and_wait_for_last(tmp_path, command)
     time.sleep(1.0)  # a few steps past the periodic checkpoint
-    first.send_signal(signal.SIGTERM)
-    assert first.wait(timeout=60) == SIGTERM_EXIT
+    if stop == signal.SIGINT:
+        os.killpg(first.pid, signal.SIGINT)
+    else:
+        first.send_signal(stop)
+    assert first.wait(timeout=60) == exit_code
     log = (tmp_path / "first.log").read_text()
     stopped = torch.load(last, weights_only=False, map_location="cpu")
-    assert f"SIGTERM at global step {stopped['global_step']}: saved" in log, log[-3000:]
+    assert f"{saved} at global step {stopped['global_step']}: saved" in log, log[-3000:]
     assert 5 < stopped["global_step"] < 20, "not saved at the interrupted step"
     resume_to_the_end(tmp_path, command, last)

@@ -22,17 +22,20 @@
 
   Under DDP, Lightning 2.6's SIGTERM handler broadcasts from inside the signal handler, in the
   middle of whatever collective the rank is running; measured on two gloo ranks, the job hangs
-  and ``last.ckpt`` stays at the last periodic save. Here the handler only records the signal
-  (and passes it to the ranks the launcher started); each training batch ends with one
-  all-reduce of that flag, and every rank stops after the same batch, where the save is
-  collective. A SIGTERM during DDP validation takes effect after it. Ctrl-C under DDP is not
-  saved: each rank stops where it is. (Lightning's ``save_on_exception`` saves on *any* error,
-  also on one rank of a DDP job, where the collective save would wait on the other ranks.)
+  and ``last.ckpt`` stays at the last periodic save. And Ctrl-C raises ``KeyboardInterrupt``
+  on each rank wherever it is, so no collective save can follow. Here both signals are only
+  recorded (SIGTERM passed on to the ranks the launcher started; a terminal's Ctrl-C reaches
+  every rank itself); each training batch ends with one all-reduce of that flag, and every rank
+  stops after the same batch, where the save is collective. A stop during DDP validation takes
+  effect after it; a second Ctrl-C stops at once, without a save. (Lightning's
+  ``save_on_exception`` saves on *any* error, also on one rank of a DDP job, where the
+  collective save would wait on the other ranks.)
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from pathlib import Path
 from types import FrameType
@@ -81,48 +84,77 @@ def save_interruptible(checkpoint: dict[str, Any], file: BinaryIO) -> None:
 class SaveLastOnInterrupt(Callback):
     """On Ctrl-C or SIGTERM during ``fit`` (training or validation), write ``last.ckpt`` of each
     ``ModelCheckpoint`` that keeps one, and mark the W&B run preempting on SIGTERM; under DDP,
-    SIGTERM stops every rank at the same step (see the module docstring)."""
+    every rank stops at the same step (see the module docstring)."""
 
     def __init__(self) -> None:
         self._stopped_in_validation = False
-        self._sigterm_seen = False
+        self._stop_signal: int | None = None  # under DDP: the first stop signal this rank got
         self._stop_agreed = False
         self._launcher: Any = None
+        self._sigint_handler: Any = None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Under DDP, replace the SIGTERM handler Lightning has just installed (restored by its
-        teardown) by :meth:`_note_sigterm`."""
+        """Under DDP, handle SIGTERM (replacing the handler Lightning has just installed and
+        restores in its teardown) and SIGINT by :meth:`_note_stop`."""
         if trainer.world_size > 1 and threading.current_thread() is threading.main_thread():
-            self._sigterm_seen = self._stop_agreed = False
+            self._stop_signal, self._stop_agreed = None, False
             self._launcher = trainer.strategy.launcher
-            signal.signal(signal.SIGTERM, self._note_sigterm)
+            signal.signal(signal.SIGTERM, self._note_stop)
+            self._sigint_handler = signal.signal(signal.SIGINT, self._note_stop)
 
-    def _note_sigterm(self, signum: int, frame: FrameType | None) -> None:
-        """Record the signal and pass it on to the ranks this process launched; nothing
-        collective happens in a signal handler."""
-        if not self._sigterm_seen and self._launcher is not None:
+    def _note_stop(self, signum: int, frame: FrameType | None) -> None:
+        """Record the signal; nothing collective happens in a signal handler. SIGTERM is passed
+        on to the ranks this process launched (as Lightning does); a terminal's Ctrl-C reaches
+        every rank itself, and a second one stops this rank at once."""
+        if signum == signal.SIGINT and self._stop_signal is not None:
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            print(
+                "Ctrl-C: every rank stops after this training step and saves last.ckpt; "
+                "press it again to stop now",
+                file=sys.stderr,
+                flush=True,
+            )
+        elif self._stop_signal is None and self._launcher is not None:
             self._launcher.kill(signum)
-        self._sigterm_seen = True
+        self._stop_signal = self._stop_signal or signum
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, *args: Any, **kwargs: Any
     ) -> None:
-        """Under DDP, stop every rank after the same batch once any rank got SIGTERM."""
-        if trainer.world_size > 1 and trainer.strategy.reduce_boolean_decision(
-            self._sigterm_seen, all=False
-        ):
-            self._stop_agreed = trainer._signal_connector.received_sigterm = True
+        """Under DDP, stop every rank after the same batch once any rank got a stop signal: as
+        SIGTERM (``SIGTERMException``) if any got SIGTERM, else as Ctrl-C."""
+        if trainer.world_size == 1:
+            return
+        code = {None: 0, signal.SIGINT: 1, signal.SIGTERM: 2}[self._stop_signal]
+        flag = torch.tensor(code, device=trainer.strategy.root_device)
+        agreed = trainer.strategy.reduce(flag, reduce_op="max")
+        if agreed.item() == 0:
+            return
+        self._stop_agreed = True
+        if agreed.item() == 2:
+            trainer._signal_connector.received_sigterm = True
             raise SIGTERMException
+        raise KeyboardInterrupt
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore_sigint()
+
+    def _restore_sigint(self) -> None:
+        if self._sigint_handler is not None:
+            signal.signal(signal.SIGINT, self._sigint_handler)
+            self._sigint_handler = None
 
     def on_exception(
         self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
     ) -> None:
+        self._restore_sigint()
         stop = "SIGTERM" if isinstance(exception, SIGTERMException) else "Interrupted"
         if not isinstance(exception, KeyboardInterrupt | SIGTERMException):
             return
         if isinstance(exception, SIGTERMException):
             mark_preempting(trainer)
-        # Under DDP only an agreed SIGTERM stop is one step on every rank (a collective save).
+        # Under DDP only an agreed stop is one step on every rank (a collective save).
         together = trainer.world_size == 1 or self._stop_agreed
         if not together or trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
             return
