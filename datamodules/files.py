@@ -89,9 +89,10 @@ def writable_output(path: Path, option: str, what: str = "predictions") -> Itera
 
 
 def writable_folder(path: Path, option: str, what: str) -> None:
-    """Create ``path`` and check a file can be written there, before any work starts."""
+    """Create ``path`` and check a file can be written there, before any work starts (a probe
+    file of its own: the processes of a DDP job check the same folder at once)."""
     with writable_output(path, option, what):
         path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-test"
-        probe.touch()
-        probe.unlink()
+        handle, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(handle)
+        os.unlink(probe)

@@ -141,9 +141,11 @@ class SaveLastOnInterrupt(Callback):
         self._restore_sigint()
 
     def _restore_sigint(self) -> None:
-        if self._sigint_handler is not None:
+        """Put back the SIGINT handler :meth:`on_train_start` replaced, unless another one took
+        over since (Lightning ignores SIGINT while it shuts down after a Ctrl-C)."""
+        if self._sigint_handler is not None and signal.getsignal(signal.SIGINT) == self._note_stop:
             signal.signal(signal.SIGINT, self._sigint_handler)
-            self._sigint_handler = None
+        self._sigint_handler = None
 
     def on_exception(
         self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
