@@ -28,6 +28,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from datamodules.files import writable_folder
 from tasks.callbacks.checkpointing import SaveLastOnInterrupt
 from tasks.callbacks.data_settings import (
+    DEFINING,
     DataMismatch,
     RecordDataSettings,
     check_data_settings,
@@ -203,8 +204,8 @@ class TaskCLI(LightningCLI):
             key=lambda p: p.stat().st_mtime,
             reverse=True,
         )
-        stored = {path: self.run_of_this_task(path) for path in found}
-        mine = {path: settings for path, settings in stored.items() if settings is not None}
+        runs = {path: self.run_of_this_task(path) for path in found}
+        mine = {path: stored_settings(run) for path, run in runs.items() if run is not None}
         wanted = configured_data_settings(config.get("data"), subcommand)
         same = [path for path, settings in mine.items() if same_experiment(settings, wanted)]
         where = ", ".join(str(Path(folder) / pattern) for folder, pattern in places)
@@ -221,17 +222,16 @@ class TaskCLI(LightningCLI):
                 + "; pass the checkpoint file itself"
             )
         last = same[0]
-        config.ckpt_path = str(best_checkpoint(last) if name == "best" else last)
+        config.ckpt_path = str(best_checkpoint(last, runs[last]) if name == "best" else last)
         rank_zero_info(f"--ckpt_path {name}: {config.ckpt_path}")
         logger = config.get("trainer", {}).get("logger")
         if is_wandb_logger(logger) and Path(logger.init_args.save_dir or ".") in last.parents:
             logger.init_args.id = last.parent.parent.name
 
     def run_of_this_task(self, path: Path) -> dict[str, Any] | None:
-        """The stored data settings of ``path`` if it is a readable checkpoint whose
-        hyper-parameters are options of the model class (a run of this task, not of the other
-        tasks sharing the project folder; ``{}`` for a task without data settings), else
-        ``None``."""
+        """The checkpoint ``path`` (memory-mapped) if it is readable and its hyper-parameters
+        are options of the model class (a run of this task, not of the other tasks sharing the
+        project folder), else ``None``."""
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except Exception as error:  # a damaged file of an earlier run: named, not picked
@@ -240,7 +240,7 @@ class TaskCLI(LightningCLI):
         hparams = checkpoint.get("hyper_parameters") or {}
         options = set(inspect.signature(self.model_class).parameters)
         if hparams and all(k.startswith("_") or k in options for k in hparams):
-            return stored_settings(checkpoint)
+            return checkpoint
         return None
 
     def before_instantiate_classes(self) -> None:
@@ -448,24 +448,28 @@ def last_checkpoint_places(trainer: Mapping[str, Any]) -> list[tuple[str, str]]:
 #: ``--ckpt_path`` values resolved among the earlier runs (:meth:`TaskCLI.resolve_last`).
 NAMED_CHECKPOINTS = ("last", "best")
 
-#: The stored data settings a ``last``/``best`` run must share with the command: the dataset
-#: and fold (``predict`` runs on any images: the newest run of the task), on ``fit`` (a resume)
-#: also the shots.
-EXPERIMENT = {"dataset": ("fit", "validate", "test"), "fold": ("fit", "validate", "test"),
-              "shots": ("fit",)}  # fmt: skip
+#: :data:`~tasks.callbacks.data_settings.DEFINING` settings that a ``--data`` config does not
+#: hold as a checkpoint stores them (resolved when the datamodule is built: the class split, the
+#: protocol preset of ``protocol: null``).
+RESOLVED_WHEN_BUILT = ("novel_classes", "protocol")
 
 
 def configured_data_settings(data: Any, subcommand: str | None) -> dict[str, Any]:
-    """The :data:`EXPERIMENT` settings of a ``--data`` config (``class_path`` + ``init_args``)
-    for ``subcommand``, named as :func:`tasks.callbacks.data_settings.data_settings` stores
-    them; ``{}`` for data without folds (classification)."""
+    """The settings a ``last``/``best`` run must share with ``subcommand``: those of
+    :data:`~tasks.callbacks.data_settings.DEFINING` that a difference would refuse (dataset and
+    fold; on ``fit`` also shots; ``predict`` runs on any images, so none) and that the ``--data``
+    config (``class_path`` + ``init_args``) gives; ``{}`` for data without folds
+    (classification)."""
     init_args = getattr(data, "init_args", None)
     if init_args is None or init_args.get("fold") is None:
         return {}
-    module, _, name = str(data.class_path).rpartition(".")
-    kind = getattr(importlib.import_module(module), name)
+    kind = imported(str(data.class_path))
     settings = {"dataset": f"{kind.__module__}.{kind.__qualname__}", **dict(init_args)}
-    return {k: settings[k] for k, on in EXPERIMENT.items() if subcommand in on and k in settings}
+    return {
+        name: settings[name]
+        for name, (_, refused_on) in DEFINING.items()
+        if subcommand in refused_on and name in settings and name not in RESOLVED_WHEN_BUILT
+    }
 
 
 def same_experiment(stored: dict[str, Any], wanted: dict[str, Any]) -> bool:
@@ -484,10 +488,9 @@ def describe_settings(settings: dict[str, Any], keys: dict[str, Any]) -> str:
     return " ".join(words)
 
 
-def best_checkpoint(last: Path) -> Path:
-    """The best checkpoint that ``last``'s monitoring ``ModelCheckpoint`` recorded (the first
-    with a monitor, e.g. ``val/miou``), checked to exist."""
-    checkpoint = torch.load(last, map_location="cpu", weights_only=True, mmap=True)
+def best_checkpoint(last: Path, checkpoint: dict[str, Any]) -> Path:
+    """The best checkpoint that ``last`` (loaded as ``checkpoint``) records of its monitoring
+    ``ModelCheckpoint`` (the first with a monitor, e.g. ``val/miou``), checked to exist."""
     states = [
         state
         for key, state in (checkpoint.get("callbacks") or {}).items()
@@ -518,8 +521,13 @@ def is_wandb_logger(logger: object) -> bool:
     class_path = getattr(logger, "class_path", None)
     if not isinstance(class_path, str):
         return False
+    return issubclass(imported(class_path), WandbLogger)
+
+
+def imported(class_path: str) -> Any:
+    """The object a config's dotted ``class_path`` names (``datamodules.ShapesFewShot``)."""
     module, _, name = class_path.rpartition(".")
-    return issubclass(getattr(importlib.import_module(module), name), WandbLogger)
+    return getattr(importlib.import_module(module), name)
 
 
 #: Errors the project raises for bad input (options, files, data, weights, devices): before

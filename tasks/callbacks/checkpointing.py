@@ -128,11 +128,11 @@ class SaveLastOnInterrupt(Callback):
             return
         code = {None: 0, signal.SIGINT: 1, signal.SIGTERM: 2}[self._stop_signal]
         flag = torch.tensor(code, device=trainer.strategy.root_device)
-        agreed = trainer.strategy.reduce(flag, reduce_op="max")
-        if agreed.item() == 0:
+        agreed = int(trainer.strategy.reduce(flag, reduce_op="max").item())
+        if agreed == 0:
             return
         self._stop_agreed = True
-        if agreed.item() == 2:
+        if agreed == 2:
             trainer._signal_connector.received_sigterm = True
             raise SIGTERMException
         raise KeyboardInterrupt
