@@ -494,7 +494,9 @@ def best_checkpoint(last: Path, checkpoint: dict[str, Any]) -> Path:
     states = [
         state
         for key, state in (checkpoint.get("callbacks") or {}).items()
-        if str(key).startswith("ModelCheckpoint") and state.get("best_model_path")
+        if str(key).startswith("ModelCheckpoint")
+        and state.get("monitor")
+        and state.get("best_model_path")
     ]
     if not states:
         raise FileNotFoundError(
