@@ -158,7 +158,7 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     device_type = batch["query_image"].device.type
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-        loss, _ = model.loss(model.segment(batch), batch["query_mask"])
+        loss = model.loss(model.segment(batch), batch["query_mask"]).total
     loss.backward()
     optimizer.step()
     return loss.detach()

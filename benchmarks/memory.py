@@ -69,7 +69,7 @@ def rss_bytes() -> int:
 def forward_backward(model: FewShotSegmentation, batch: dict[str, Any]) -> torch.Tensor:
     model.zero_grad(set_to_none=True)
     model.train()
-    loss, _ = model.loss(model.segment(batch), batch["query_mask"])
+    loss = model.loss(model.segment(batch), batch["query_mask"]).total
     loss.backward()
     return loss.detach()
 

@@ -804,7 +804,7 @@ def check_training_losses(
     model.train()
     dropout_off(model)
     with torch.no_grad():
-        total, ours = model.loss(model.segment(batch), batch["query_mask"])
+        total, ours, _ = model.loss(model.segment(batch), batch["query_mask"])
     model.train()
     pairs = {"main": (ours, main), "meta": (total - ours, meta)}
     for name, (project, reference) in pairs.items():

@@ -43,6 +43,7 @@ from .protocols import (
     BackboneNorm,
     EvalPad,
     EvalResize,
+    LossReduction,
     ProtocolName,
     QueryClasses,
     Scoring,
@@ -122,8 +123,8 @@ class FewShotDataModule(LightningDataModule):
         seed: seed of the validation list.
         protocol: the pipeline preset: ``clean`` (this project's, the default; also ``None``),
             ``pfenet``, ``asgnet``, ``hsnet`` or ``bam``, setting every option below down to
-            ``backbone_norm``; each option given explicitly wins (:mod:`datamodules.protocols`
-            has the table and the sources).
+            ``base_learner_dropout``; each option given explicitly wins
+            (:mod:`datamodules.protocols` has the table and the sources).
         test_episodes: test episodes per seed (novel classes, test list).
         extra_test_episode: one episode more than ``test_episodes`` (PFENet's/ASGNet's loop).
         max_test_passes: at most this many passes over the list of a walking ``test_sampling``
@@ -155,6 +156,11 @@ class FewShotDataModule(LightningDataModule):
         backbone_norm: a frozen backbone's BatchNorm in training: ``frozen`` (eval mode) or
             ``batch`` (batch statistics, running statistics updated: PFENet's/ASGNet's
             ``model.train()``); read by the task (:class:`tasks.segment.FewShotSegmentation`).
+        loss_reduction: the training cross-entropy averaged per ``episodes`` (each episode's
+            labelled pixels, then the episodes) or over the global batch's labelled ``pixels``
+            (the papers' ``CrossEntropyLoss(ignore_index=255)``); read by the task.
+        base_learner_dropout: a frozen base learner's dropout active in training (BAM's
+            ``model.train()`` + ``fix_bn``); read by the task for a head with one.
         min_pixels: pixels a class needs in an image to be used there (OSLSM: 2 * 32 * 32).
         val_fraction: share of each class's training images held out for validation.
         cache_dir: where the class index is cached; ``None`` = :meth:`default_cache_dir`.
@@ -216,6 +222,8 @@ class FewShotDataModule(LightningDataModule):
         train_augment: bool | None = None,
         train_ignore: TrainIgnore | None = None,
         backbone_norm: BackboneNorm | None = None,
+        loss_reduction: LossReduction | None = None,
+        base_learner_dropout: bool | None = None,
         min_pixels: PositiveInt | None = None,
         val_fraction: OpenFraction = 0.1,
         cache_dir: str | None = None,

@@ -32,6 +32,8 @@ train_resize_longer        yes          no           no           no            
 train_augment              yes          yes          yes          no              yes
 train_ignore               ignore       ignore       ignore       background      ignore
 backbone_norm              frozen       batch        batch        frozen          frozen
+loss_reduction             episodes     pixels       pixels       pixels          pixels
+base_learner_dropout       no           no           no           no              yes
 coco_crowd                 ignore       ignore       ignore       background      ignore
 =========================  ===========  ===========  ===========  ==============  ===========
 
@@ -67,7 +69,15 @@ Sources, read from the official code:
   ``np.random.seed(123); randint(0, 1000, 5)`` = 510 365 382 322 988, the mean reported;
   ``test_num`` 1000 with ``if iter_num * bs >= test_num: break`` (exactly 1000, so only the first
   1000 images of a longer list are ever queries); PFENet's resize and scoring; training images
-  with any novel-class pixel dropped; the encoder layers called with ``.eval()``.
+  with any novel-class pixel dropped; the encoder layers called with ``.eval()``;
+  ``train.py``'s ``model.train()`` then ``fix_bn`` (BatchNorm only in eval mode) leaves the
+  frozen base learner's ``Dropout2d(0.1)`` (PSPNet ``cls[3]``) active in training.
+
+Every paper's ``train.py`` averages its cross-entropy over the labelled pixels of the batch
+(``nn.CrossEntropyLoss(ignore_index=255)``; HSNet's over all pixels, its 255 counted as
+background): ``loss_reduction: pixels``, the mean over the global batch's labelled pixels on any
+number of devices (:class:`tasks.segment.FewShotSegmentation`). ``clean`` weighs every episode
+the same (``episodes``: each episode's pixel mean, averaged).
 
 Every reference divides mIoU by all of the fold's classes (a class without episodes counts 0);
 this project does the same (:class:`tasks.metrics.FewShotIoU`), and its ``balanced`` sampling
@@ -96,6 +106,7 @@ TrainSampling = Literal["pairs", "images"]
 QueryClasses = Literal["eligible", "present"]
 BackboneNorm = Literal["frozen", "batch"]
 CocoCrowd = Literal["ignore", "background"]
+LossReduction = Literal["episodes", "pixels"]
 TrainIgnore = Literal["ignore", "background"]
 Family = Literal["pascal", "coco", "fss"]
 #: The presets' names (the keys of :data:`PROTOCOLS`): a misspelled ``--data.protocol`` fails
@@ -145,6 +156,8 @@ class Protocol:
     train_augment: bool = True
     train_ignore: TrainIgnore = "ignore"
     backbone_norm: BackboneNorm = "frozen"
+    loss_reduction: LossReduction = "episodes"
+    base_learner_dropout: bool = False
     coco_crowd: CocoCrowd = "ignore"
 
 
@@ -160,6 +173,7 @@ def _pfenet_family(test_episodes: dict[str, int], seeds: tuple[int, ...], **kwar
         "train_scale": PFENET_SCALE,
         "rotate_p": 0.5,
         "train_resize_longer": False,
+        "loss_reduction": "pixels",
     }
     return Protocol(test_episodes, seeds, **settings | kwargs)
 
@@ -203,6 +217,7 @@ PROTOCOLS: dict[str, Protocol] = {
         train_resize_longer=False,
         train_augment=False,
         train_ignore="background",
+        loss_reduction="pixels",
         coco_crowd="background",
     ),
     "bam": _pfenet_family(
@@ -210,6 +225,7 @@ PROTOCOLS: dict[str, Protocol] = {
         (510, 365, 382, 322, 988),
         source="BAM (Lang et al., CVPR 2022)",
         exclude_novel_from_train=True,
+        base_learner_dropout=True,
     ),
 }
 

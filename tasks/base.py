@@ -5,6 +5,7 @@ check that a checkpoint fits the model."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -46,14 +47,26 @@ def describe_head(head: nn.Module) -> dict[str, Any]:
     return {"class_path": class_path(head), "init_args": init_args}
 
 
+def poly_factor(step: int, total: int, power: float) -> float:
+    """The learning-rate factor of optimizer step ``step`` (0-based) of ``total``: ``(1 - (step
+    + 1) / total) ** power``, as PFENet, ASGNet and BAM's ``poly_learning_rate`` set it *before*
+    each iteration from ``curr_iter = epoch * len(loader) + i + 1`` (``util/util.py``,
+    ``train.py``): the first step is already decayed and the last runs at 0. ``power`` 0 is a
+    constant rate (HSNet)."""
+    return max(0.0, 1.0 - (step + 1) / total) ** power
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer, schedule: Schedule, total_steps: int, poly_power: float
 ) -> torch.optim.lr_scheduler.LRScheduler:
-    """torch's ``PolynomialLR`` (``lr * (1 - step / total) ** power``: DeepLab, PSPNet, PFENet,
-    ASGNet) or ``CosineAnnealingLR`` (Loshchilov & Hutter, 2017) to 0 over ``total_steps``."""
+    """The papers' poly schedule (:func:`poly_factor`; torch's ``PolynomialLR``, stepped after
+    each optimizer step, runs one step behind it) or ``CosineAnnealingLR`` (Loshchilov & Hutter,
+    2017) to 0 over ``total_steps``; both stepped after every optimizer step."""
     total = max(1, total_steps)
     if schedule == "poly":
-        return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=total, power=poly_power)
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, partial(poly_factor, total=total, power=poly_power)
+        )
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
 
 

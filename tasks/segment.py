@@ -15,7 +15,7 @@ import sys
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, get_args
+from typing import TYPE_CHECKING, Any, NamedTuple, get_args
 
 import torch
 from jsonargparse import lazy_instance
@@ -159,6 +159,14 @@ def base_channel_lookup(base_classes: list[int], num_classes: int, known: int) -
     return lookup
 
 
+class LossTerms(NamedTuple):
+    """The training loss and its terms (``aux``: the mean auxiliary loss, ``None`` without)."""
+
+    total: Tensor
+    main: Tensor
+    aux: Tensor | None
+
+
 def upsample(logits: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
     """Bilinear with ``align_corners=True``, as PFENet/ASGNet resize logits to the label."""
     return resize(logits, size)
@@ -167,12 +175,26 @@ def upsample(logits: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
 def episode_mean_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     """The mean over episodes of each episode's cross-entropy averaged over its labelled pixels
     (255 ignored). Every episode weighs the same, so the loss and its gradient do not depend on
-    how a global batch is split over devices and accumulated batches; a pixel mean over the
-    batch (PFENet) would weigh each device's episodes by its own count of labelled pixels."""
+    how a global batch is split over devices and accumulated batches."""
     pixels = nn.functional.cross_entropy(logits, target, ignore_index=IGNORE, reduction="none")
     pixels = pixels.flatten(1)
     labelled = (target != IGNORE).flatten(1).sum(1).clamp(min=1)
     return (pixels.sum(1) / labelled).mean()
+
+
+def pixel_mean_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
+    """The cross-entropy averaged over the batch's labelled pixels (255 ignored): the papers'
+    ``nn.CrossEntropyLoss(ignore_index=255)`` on one device, where an episode weighs by its
+    labelled pixels. Over devices and accumulated batches the task makes it the mean over the
+    global batch's pixels (:meth:`FewShotSegmentation.on_before_optimizer_step`)."""
+    return nn.functional.cross_entropy(logits, target, ignore_index=IGNORE)
+
+
+#: ``loss_reduction`` of the protocol (:mod:`datamodules.protocols`) -> the batch criterion
+LOSS_REDUCTIONS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "episodes": episode_mean_cross_entropy,
+    "pixels": pixel_mean_cross_entropy,
+}
 
 
 def scored_logits(output: HeadOutput) -> Tensor:
@@ -347,7 +369,13 @@ class FewShotSegmentation(BaseTask):
                 self.head.compile()
 
     def configure_losses(self) -> None:
-        self.criterion = episode_mean_cross_entropy
+        """The protocol's ``loss_reduction`` (set again at ``setup``): the episode mean of the
+        clean protocol, or the papers' pixel mean (:data:`LOSS_REDUCTIONS`)."""
+        self.loss_reduction = "episodes"
+        self.criterion = LOSS_REDUCTIONS[self.loss_reduction]
+        #: the optimizer step's [labelled, all] pixels so far, and its batches' pixel count
+        self._step_pixels: Tensor | None = None
+        self._batch_pixels: int | None = None
 
     def configure_metrics(self) -> None:
         """Train and validation IoU; the test metrics, one per test seed, at test start."""
@@ -423,11 +451,16 @@ class FewShotSegmentation(BaseTask):
         return self.backbone_norm == "batch" and self.hparams.freeze_backbone
 
     def setup(self, stage: str) -> None:
-        """Read the protocol's backbone BatchNorm recipe from the datamodule and apply it (the
-        loops keep each module's mode as they find it)."""
+        """Read the protocol's training recipe from the datamodule (the backbone's BatchNorm, the
+        loss reduction, a base learner's dropout) and apply it (the loops keep each module's
+        mode as they find it)."""
         datamodule = self.trainer.datamodule
         protocol = getattr(datamodule, "protocol", None) or {}
         self.backbone_norm = protocol.get("backbone_norm", "frozen")
+        self.loss_reduction = protocol.get("loss_reduction", "episodes")
+        self.criterion = LOSS_REDUCTIONS[self.loss_reduction]
+        if hasattr(self.head, "base_learner_dropout"):  # BAM's model.train() + fix_bn
+            self.head.base_learner_dropout = protocol.get("base_learner_dropout", False)
         base_classes = getattr(datamodule, "base_classes", None)
         if self.base_learner_record is not None:
             novel = getattr(datamodule, "novel_classes", None)
@@ -469,17 +502,18 @@ class FewShotSegmentation(BaseTask):
         for logger in self.loggers:
             logger.log_hyperparams({"parameters": counts})
 
-    def loss(self, output: HeadOutput, target: Tensor) -> tuple[Tensor, Tensor]:
-        """Cross-entropy (:func:`episode_mean_cross_entropy`) plus the head's weighted mean
-        auxiliary loss."""
+    def loss(self, output: HeadOutput, target: Tensor) -> LossTerms:
+        """The head's cross-entropy under the protocol's reduction (:data:`LOSS_REDUCTIONS`),
+        each logit map upsampled to the label, plus ``aux_weight`` times the mean of its
+        auxiliary losses (PFENet's ``main_loss + aux_weight * aux_loss``)."""
         size = target.shape[-2:]
         main = self.criterion(upsample(output.logits, size).float(), target)
         if not output.aux_logits:
-            return main, main
+            return LossTerms(main, main, None)
         aux = torch.stack(
             [self.criterion(upsample(a, size).float(), target) for a in output.aux_logits]
         ).mean()
-        return main + output.aux_weight * aux, main
+        return LossTerms(main + output.aux_weight * aux, main, aux)
 
     def segment(self, batch: Mapping[str, Any]) -> HeadOutput:
         """The head's output for a batch in the :mod:`datamodules.episode` format, as a loader
@@ -495,17 +529,55 @@ class FewShotSegmentation(BaseTask):
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
         output = self.segment(batch)
-        loss, main = self.loss(output, batch["query_mask"])
-        self.check_finite(loss)
+        terms = self.loss(output, batch["query_mask"])
+        self.check_finite(terms.total)
         size = batch["query_mask"].shape[-2:]
         self.train_iou.update(
             upsample(output.logits.detach(), size).argmax(1), batch["query_mask"], batch["class_id"]
         )
         batch_size = batch["query_image"].shape[0]
         # Averaged over the ranks' equal batches: the loss of the global batch.
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size, sync_dist=True)
-        self.log("train/main_loss", main, batch_size=batch_size, sync_dist=True)
-        return loss
+        self.log("train/loss", terms.total, prog_bar=True, batch_size=batch_size, sync_dist=True)
+        self.log("train/main_loss", terms.main, batch_size=batch_size, sync_dist=True)
+        if terms.aux is not None:
+            self.log("train/aux_loss", terms.aux, batch_size=batch_size, sync_dist=True)
+        if self.loss_reduction == "pixels":
+            return terms.total * self._count_pixels(batch["query_mask"])
+        return terms.total
+
+    def _count_pixels(self, target: Tensor) -> Tensor:
+        """Add the batch's labelled pixels to the optimizer step's count; the factor (labelled
+        / all pixels) that turns its pixel-mean loss into its pixel sum over its size, which
+        :meth:`on_before_optimizer_step` rescales to the global batch's mean."""
+        pixels = target.numel()
+        if self._batch_pixels is None:
+            self._batch_pixels = pixels
+        elif pixels != self._batch_pixels:
+            raise ValueError(
+                f"loss_reduction 'pixels' needs training batches of one size within an optimizer "
+                f"step; got {tuple(target.shape)} after batches of {self._batch_pixels} pixels "
+                "(data.protocol's presets crop to data.image_size)"
+            )
+        labelled = (target != IGNORE).sum()
+        counts = torch.stack([labelled, torch.full_like(labelled, pixels)]).double()
+        self._step_pixels = counts if self._step_pixels is None else self._step_pixels + counts
+        return labelled / pixels
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Under the ``pixels`` reduction, the accumulated gradients (each batch's pixel sum
+        over its size ``P``, divided by the accumulated batches ``A`` and averaged over the
+        ``W`` devices) times ``W A P / N``, ``N`` the labelled pixels of the global batch (one
+        all-reduce): the gradient of the mean over all of them, as one device running the whole
+        batch computes it (PFENet's criterion), whatever the device count."""
+        if self._step_pixels is None:
+            return
+        counts = self.trainer.strategy.reduce(self._step_pixels, reduce_op="sum")
+        trainer = self.trainer
+        size = trainer.world_size * trainer.accumulate_grad_batches * self._batch_pixels
+        scale = (size / counts[0].clamp(min=1)).float()
+        self._step_pixels, self._batch_pixels = None, None
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
+        torch._foreach_mul_([g for g in grads if g is not None], scale)
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()

@@ -230,7 +230,7 @@ def test_training_leaves_the_episodes_class_out_of_the_base_map(tmp_path: Path) 
         everything = model(query, support, masks)
     assert_close(upsample(output.logits, (IMAGE, IMAGE)), final)
     assert not torch.allclose(output.logits, everything.logits)
-    total, main = model.loss(output, target)
+    total, main, _ = model.loss(output, target)
     assert_close(main, F.cross_entropy(final, target))
     assert_close(total - main, F.cross_entropy(meta, target))
 

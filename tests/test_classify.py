@@ -252,11 +252,12 @@ def test_logits_shape_for_dilated_backbones() -> None:
 
 @pytest.mark.parametrize("total", [10, 3000])
 def test_schedules_follow_the_closed_forms_per_step(total: int) -> None:
-    """torch's chained PolynomialLR / CosineAnnealingLR give the closed forms the reference
-    recipes write, ``lr (1 - t/T)^p`` and ``lr (1 + cos(pi t/T)) / 2``, at every step."""
+    """The rate of optimizer step ``t`` (0-based) is the closed form the reference recipes
+    write: poly ``lr (1 - (t + 1)/T)^p`` (``poly_learning_rate`` set before iteration ``t + 1``:
+    the last step at 0), cosine ``lr (1 + cos(pi t/T)) / 2``."""
     for schedule, power, closed in (
-        ("poly", 0.9, lambda t: (1 - t / total) ** 0.9),
-        ("poly", 2.0, lambda t: (1 - t / total) ** 2.0),
+        ("poly", 0.9, lambda t: max(0.0, 1 - (t + 1) / total) ** 0.9),
+        ("poly", 2.0, lambda t: max(0.0, 1 - (t + 1) / total) ** 2.0),
         ("cosine", 0.9, lambda t: 0.5 * (1 + math.cos(math.pi * t / total))),
     ):
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)

@@ -32,7 +32,7 @@ def episode(size: int = 64, batch: int = 2, shots: int = 2) -> dict[str, torch.T
 def loss_and_grads(model: FewShotSegmentation, batch: dict, autocast: bool = False):
     model.train()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        loss, _ = model.loss(model.segment(batch), batch["query_mask"])
+        loss = model.loss(model.segment(batch), batch["query_mask"]).total
     model.zero_grad()
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

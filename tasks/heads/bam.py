@@ -38,7 +38,7 @@ from .common import (
     resize,
 )
 from .fem import FeatureEnrichment
-from .pfenet import mid_level_reduction, prior_mask
+from .pfenet import mid_level_reduction, shot_priors
 
 #: Rates of the ASPP branches after the global one (``model/ASPP.py``: 1x1, then 6, 12, 18).
 ASPP_RATES = (6, 12, 18)
@@ -217,6 +217,11 @@ class BAMHead(OfficialCheckpoint):
         self.base_learner = PSPDecoder(features, num_base_classes + 1).requires_grad_(False)
         #: where the task loads its encoder from (once, when the model is built)
         self.base_learner_source: BaseLearner | None = loaded
+        #: the base learner's ``Dropout2d`` active in training, as BAM's ``train.py`` leaves it
+        #: (``model.train()``, then ``fix_bn`` on BatchNorm only); set by the task from the
+        #: protocol's ``base_learner_dropout`` (the ``bam`` preset), else off: a frozen model
+        #: is deterministic
+        self.base_learner_dropout = False
         #: whether the base learner holds trained tensors (a file's, a checkpoint's): training
         #: on a random one would be silently wrong, so the task refuses to fit without them
         self.base_learner_ready = False
@@ -252,9 +257,14 @@ class BAMHead(OfficialCheckpoint):
         }
 
     def train(self, mode: bool = True) -> BAMHead:
-        """The base learner stays in eval mode (frozen, as BAM's ``freeze_modules``)."""
+        """The base learner stays in eval mode (frozen, as BAM's ``freeze_modules``), but for
+        its dropout under :attr:`base_learner_dropout`."""
         super().train(mode)
         self.base_learner.eval()
+        if mode and self.base_learner_dropout:
+            for module in self.base_learner.modules():
+                if isinstance(module, nn.modules.dropout._DropoutNd):
+                    module.train()
         return self
 
     def shot_weights(self, distances: Tensor) -> Tensor:
@@ -298,14 +308,12 @@ class BAMHead(OfficialCheckpoint):
         prototypes = masked_average_pooling(support, masks).view(batch, shots, -1)
         prototype = (weights[..., None] * prototypes).sum(1).to(query.dtype)
         with torch.no_grad():
-            prior = prior_mask(
-                query_feats[self.prior_layer],
-                support_feats[self.prior_layer],
-                support_masks,
-                size,
-                weights,
+            priors = shot_priors(
+                query_feats[self.prior_layer], support_feats[self.prior_layer], support_masks, size
             )
             base_logits = self.base_learner.decode(query_feats[self.prior_layer])
+        # weighted outside no_grad: the shot weights learn from the prior too (``BAM.py:269``)
+        prior = (weights[..., None, None] * priors).sum(1, keepdim=True)
         merged = torch.cat(
             [query, prototype[..., None, None].expand_as(query), prior.to(query.dtype)], 1
         )

@@ -27,19 +27,15 @@ from .common import (
 from .fem import FeatureEnrichment
 
 
-def prior_mask(
-    query: Tensor,
-    support: Tensor,
-    support_masks: Tensor,
-    size: Sequence[int],
-    shot_weights: Tensor | None = None,
+def shot_priors(
+    query: Tensor, support: Tensor, support_masks: Tensor, size: Sequence[int]
 ) -> Tensor:
-    """PFENet's training-free prior (official ``corr_query_mask``), in fp32 with autocast off.
+    """PFENet's training-free prior (official ``corr_query_mask``) of each shot, in fp32 with
+    autocast off.
 
     Every query pixel's cosine similarity to every masked support pixel, ``s.q / (|s| |q| +
     1e-7)``, maximum over the support pixels; min-max normalised over the query's pixels
-    (``(x - min) / (max - min + 1e-7)``), resized to ``size`` (bilinear, align_corners) and
-    averaged over the shots.
+    (``(x - min) / (max - min + 1e-7)``), resized to ``size`` (bilinear, align_corners).
 
     Args:
         query: [B, C, h, w] query high-level features.
@@ -47,11 +43,9 @@ def prior_mask(
             foreground mask resized to their size (the official ``tmp_supp_feat * tmp_mask``).
         support_masks: [B, K, H, W] labels (1 foreground).
         size: the prior's size (layer3's).
-        shot_weights: [B, K] weights of the shots' priors (BAM's K-shot reweighting);
-            ``None``: their mean (PFENet).
 
     Returns:
-        [B, 1, *size] float32.
+        [B, K, *size] float32.
     """
     b, k, _, h, w = support.shape
     with torch.autocast(query.device.type, enabled=False):
@@ -64,10 +58,14 @@ def prior_mask(
         low = similarity.amin(2, keepdim=True)
         high = similarity.amax(2, keepdim=True)
         similarity = (similarity - low) / (high - low + COSINE_EPS)
-        prior = resize(similarity.view(b * k, 1, h, w), size).view(b, k, *size)
-        if shot_weights is None:
-            return prior.mean(1, keepdim=True)
-        return (shot_weights.float()[..., None, None] * prior).sum(1, keepdim=True)
+        return resize(similarity.view(b * k, 1, h, w), size).view(b, k, *size)
+
+
+def prior_mask(
+    query: Tensor, support: Tensor, support_masks: Tensor, size: Sequence[int]
+) -> Tensor:
+    """PFENet's prior: :func:`shot_priors` averaged over the shots, [B, 1, *size] float32."""
+    return shot_priors(query, support, support_masks, size).mean(1, keepdim=True)
 
 
 def mid_level_reduction(in_channels: int, reduce_dim: int, dropout: float) -> nn.Sequential:
