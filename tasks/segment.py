@@ -373,8 +373,8 @@ class FewShotSegmentation(BaseTask):
         clean protocol, or the papers' pixel mean (:data:`LOSS_REDUCTIONS`)."""
         self.loss_reduction = "episodes"
         self.criterion = LOSS_REDUCTIONS[self.loss_reduction]
-        #: the optimizer step's [labelled, all] pixels so far, and its batches' pixel count
-        self._step_pixels: Tensor | None = None
+        #: the optimizer step's labelled pixels so far, and its batches' pixel count
+        self._step_labelled: Tensor | None = None
         self._batch_pixels: int | None = None
 
     def configure_metrics(self) -> None:
@@ -536,19 +536,26 @@ class FewShotSegmentation(BaseTask):
             upsample(output.logits.detach(), size).argmax(1), batch["query_mask"], batch["class_id"]
         )
         batch_size = batch["query_image"].shape[0]
-        # Averaged over the ranks' equal batches: the loss of the global batch.
-        self.log("train/loss", terms.total, prog_bar=True, batch_size=batch_size, sync_dist=True)
-        self.log("train/main_loss", terms.main, batch_size=batch_size, sync_dist=True)
-        if terms.aux is not None:
-            self.log("train/aux_loss", terms.aux, batch_size=batch_size, sync_dist=True)
-        if self.loss_reduction == "pixels":
-            return terms.total * self._count_pixels(batch["query_mask"])
-        return terms.total
+        values = {"loss": terms.total, "main_loss": terms.main, "aux_loss": terms.aux}
+        values = {name: value for name, value in values.items() if value is not None}
+        if self.loss_reduction == "episodes":
+            # averaged over the ranks' equal batches: the loss of the global batch
+            for name, value in values.items():
+                self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch_size,
+                         sync_dist=True)  # fmt: skip
+            return terms.total
+        labelled = self._count_pixels(batch["query_mask"])
+        # the ranks' pixel sums over their labelled pixels: the global batch's pixel mean
+        sums = torch.stack([*(v.detach().float() * labelled for v in values.values()), labelled])
+        sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        for name, value in zip(values, sums[:-1] / sums[-1].clamp(min=1), strict=True):
+            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch_size)
+        return terms.total * (labelled / batch["query_mask"].numel()).to(terms.total.dtype)
 
     def _count_pixels(self, target: Tensor) -> Tensor:
-        """Add the batch's labelled pixels to the optimizer step's count; the factor (labelled
-        / all pixels) that turns its pixel-mean loss into its pixel sum over its size, which
-        :meth:`on_before_optimizer_step` rescales to the global batch's mean."""
+        """The batch's labelled pixels (float32), added to the optimizer step's count for
+        :meth:`on_before_optimizer_step`, which needs every batch of the step to have one size
+        ``P`` (the step's loss, the pixel mean times labelled / ``P``, is the pixel sum / ``P``)."""
         pixels = target.numel()
         if self._batch_pixels is None:
             self._batch_pixels = pixels
@@ -558,10 +565,11 @@ class FewShotSegmentation(BaseTask):
                 f"step; got {tuple(target.shape)} after batches of {self._batch_pixels} pixels "
                 "(data.protocol's presets crop to data.image_size)"
             )
-        labelled = (target != IGNORE).sum()
-        counts = torch.stack([labelled, torch.full_like(labelled, pixels)]).double()
-        self._step_pixels = counts if self._step_pixels is None else self._step_pixels + counts
-        return labelled / pixels
+        labelled = (target != IGNORE).sum().float()
+        self._step_labelled = (
+            labelled if self._step_labelled is None else self._step_labelled + labelled
+        )
+        return labelled
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Under the ``pixels`` reduction, the accumulated gradients (each batch's pixel sum
@@ -569,13 +577,13 @@ class FewShotSegmentation(BaseTask):
         ``W`` devices) times ``W A P / N``, ``N`` the labelled pixels of the global batch (one
         all-reduce): the gradient of the mean over all of them, as one device running the whole
         batch computes it (PFENet's criterion), whatever the device count."""
-        if self._step_pixels is None:
+        if self._step_labelled is None:
             return
-        counts = self.trainer.strategy.reduce(self._step_pixels, reduce_op="sum")
+        labelled = self.trainer.strategy.reduce(self._step_labelled, reduce_op="sum")
         trainer = self.trainer
         size = trainer.world_size * trainer.accumulate_grad_batches * self._batch_pixels
-        scale = (size / counts[0].clamp(min=1)).float()
-        self._step_pixels, self._batch_pixels = None, None
+        scale = (size / labelled.clamp(min=1)).float()
+        self._step_labelled, self._batch_pixels = None, None
         grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
         torch._foreach_mul_([g for g in grads if g is not None], scale)
 
