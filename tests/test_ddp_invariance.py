@@ -257,3 +257,41 @@ def test_one_two_processes_and_two_nodes_train_the_same_weights(tmp_path: Path) 
     assert len(wandb_runs) == 2, wandb_runs  # the fit's and the test's
     (test_run,) = [run for run in wandb_runs if run != fit_runs["torchrun"]]
     assert any("test/miou" in row for row in OfflineRun(test_run).history())
+
+
+@pytest.mark.slow
+def test_pixel_mean_loss_is_the_global_batchs_on_any_split(tmp_path: Path) -> None:
+    """Under ``loss_reduction: pixels`` (the paper presets'), one process with batch 8, one with
+    two accumulated batches of 4 and two processes with 4 each train the same weights (float64,
+    to 1e-10), and the two without accumulation log the same losses: the mean over the global
+    batch's labelled pixels, not a mean of the devices' means. The episode mean trains other
+    weights on the same episodes (their labelled pixel counts differ), so the agreement is not
+    that of a reduction that makes no difference here."""
+    recipe = tiny_args(tmp_path, "--data.global_batch_size", "8", "--data.train_episodes", "24",
+                       "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "1",
+                       "--model.freeze_backbone", "true", "--trainer.precision", "64-true",
+                       "--model.head.init_args.dropout", "0",
+                       "--model.head.init_args.decoder_dropout", "0")  # fmt: skip
+    runs = {}
+    splits = [("one", 1, 8, "pixels"), ("accumulated", 1, 4, "pixels"), ("two", 2, 4, "pixels"),
+              ("episodes", 1, 8, "episodes")]  # fmt: skip
+    for name, devices, batch, reduction in splits:
+        save_dir = tmp_path / name
+        args = [*recipe, "--data.batch_size", str(batch), "--data.loss_reduction", reduction,
+                *csv_logger(save_dir)]  # fmt: skip
+        if devices > 1:
+            run_task("segment", tmp_path, "fit", *args, *ddp(devices))
+        else:
+            cli = main(["fit", *args])
+            assert cli.trainer.accumulate_grad_batches == 8 // batch
+        runs[name] = step_losses(save_dir), last_weights(save_dir)
+    assert sorted(runs["one"][0]) == [0, 1, 2]
+    assert_same_training(runs["two"], runs["one"], 1e-10, 1e-14)
+    weights = runs["one"][1]
+    for key, value in runs["accumulated"][1].items():
+        error = (value - weights[key]).abs().max().item()
+        assert error <= 1e-10 * weights[key].abs().max().item() + 1e-14, (key, error)
+    episodes = runs["episodes"][1]
+    differences = [(episodes[k] - v).abs().max().item() for k, v in weights.items()
+                   if v.is_floating_point()]  # fmt: skip
+    assert max(differences) > 1e-6, max(differences)
