@@ -29,6 +29,7 @@ the recipe (groups, rates, schedule, modes, loss) the fit applies to it.
 from __future__ import annotations
 
 import copy
+import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from fixtures_data import write_pascal_tree
 from fixtures_models import randomise_norms
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -520,3 +522,60 @@ def test_asgnet_trains_as_its_train_py(voc: Path, tmp_path: Path) -> None:
     identity = {k: k for k in model.state_dict()}
     assert_same_steps(recorder, official, floors, identity)
     assert_training_moved(official, recorder.initial, set(official[0].grads))
+
+
+# --- the README's recipe table is the configs' -----------------------------------------------
+
+README = Path(__file__).parents[1] / "README.md"
+
+
+def recipe_rows() -> list[dict[str, str]]:
+    """The rows of README.md's "Training recipes" table, "as `<config>`" cells resolved."""
+    section = README.read_text().split("## Training recipes", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows: list[dict[str, str]] = []
+    for line in lines[2:]:
+        row = dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")), strict=True))
+        for column, cell in row.items():
+            if cell.startswith("as `"):  # "as `<config>`": that row's value
+                (named,) = [r for r in rows if cell.split("`")[1] in config_names(r)]
+                row[column] = named[column]
+        rows.append(row)
+    return rows
+
+
+def config_names(row: dict[str, str]) -> list[str]:
+    return re.findall(r"`([a-z0-9_]+\.yaml)`", row["config"])
+
+
+def first_number(cell: str) -> float:
+    return float(re.match(r"[0-9.]+(?:e-?[0-9]+)?", cell).group())
+
+
+def test_readme_recipe_table_is_what_each_config_sets() -> None:
+    """Every paper config appears in the table once, and its optimizer, learning rate, schedule,
+    epochs and global batch are the table's; its header states the learning rate."""
+    rows = recipe_rows()
+    named = {
+        name: row for row in rows for name in re.findall(r"`([a-z0-9_]+\.yaml)`", row["config"])
+    }
+    papers = {p.name for p in CONFIGS.glob("*.yaml")} - {"default.yaml"}
+    assert set(named) == papers, (sorted(named), sorted(papers))
+    for name, row in named.items():
+        text = (CONFIGS / name).read_text()
+        config = yaml.safe_load(text)
+        model, trainer = config["model"], config["trainer"]
+        lr = first_number(row["lr"])
+        assert model["lr"] == lr, (name, model["lr"], row["lr"])
+        header = "".join(line for line in text.splitlines() if line.startswith("#"))
+        assert any(f in header for f in (row["lr"].split()[0], f"{lr:.0e}".replace("e-0", "e-"))), (
+            name
+        )
+        adam = row["optimizer"].startswith("Adam")
+        assert model.get("optimizer", "sgd") == ("adamw" if adam else "sgd"), name
+        assert model.get("weight_decay", 1e-4) == (0.0 if adam else 1e-4), name
+        assert model.get("poly_power", 0.9) == (0.0 if row["schedule"] == "constant" else 0.9)
+        assert trainer["max_epochs"] == int(first_number(row["epochs"])), name
+        batch = config["data"]["init_args"]["global_batch_size"]
+        assert batch == int(first_number(row["global batch"])), name
