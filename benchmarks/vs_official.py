@@ -18,8 +18,9 @@ the repository's name)::
 What runs, for each method and shot count:
 
 * The official model at its paper's settings (PFENet and ASGNet: ResNet-50 PSPNet encoder,
-  473 px, batch 4, bins 60/30/15/8, SGD over the groups of their ``train.py``; HSNet:
-  torchvision ResNet-50, 400 px, batch 20, Adam over ``model.parameters()``), with random
+  473 px, batch 4, bins 60/30/15/8, SGD over the groups of their ``train.py`` at 10x
+  ``base_lr``; HSNet: torchvision ResNet-50, 400 px, batch 20, Adam over
+  ``model.parameters()``), with random
   weights: nothing is downloaded or read (PFENet's ``pretrained`` argument is passed ``False``;
   ASGNet's hard-coded ``pretrained = True`` and HSNet's torchvision ``pretrained=True`` are
   patched for the construction, and on CPU their hard-coded ``.cuda()`` calls are sent to the
@@ -151,14 +152,14 @@ class Recipe:
 
 
 RECIPES = {
-    "pfenet": Recipe(
+    "pfenet": Recipe(  # configs/segment/pfenet_pascal.yaml: base_lr 0.0025 at 10x
         "dvlab-research/PFENet", "model/PFENet.py", 473, 4, PFENetHead,
-        {"optimizer": "sgd", "lr": 0.0025, "momentum": 0.9, "weight_decay": 1e-4},
+        {"optimizer": "sgd", "lr": 0.025, "momentum": 0.9, "weight_decay": 1e-4},
         batch_norm_statistics=True,
     ),
     "asgnet": Recipe(
         "Reagan1311/ASGNet", "model/asgnet.py", 473, 4, ASGNetHead,
-        {"optimizer": "sgd", "lr": 0.0025, "momentum": 0.9, "weight_decay": 1e-4},
+        {"optimizer": "sgd", "lr": 0.025, "momentum": 0.9, "weight_decay": 1e-4},
         batch_norm_statistics=True,
     ),
     "hsnet": Recipe(
@@ -427,7 +428,7 @@ class OfficialPFENet(Official):
         self.model = self.freeze(model)
         self.optimizer = torch.optim.SGD(
             [{"params": getattr(model, name).parameters()} for name in self.head_modules],
-            lr=0.0025, momentum=0.9, weight_decay=1e-4,
+            lr=0.025, momentum=0.9, weight_decay=1e-4,  # base_lr 0.0025 at poly's 10x
         )  # fmt: skip
 
     head_modules = (
@@ -480,6 +481,8 @@ class OfficialASGNet(OfficialPFENet):
         self.optimizer = self.model._optimizer(
             SimpleNamespace(base_lr=0.0025, momentum=0.9, weight_decay=1e-4)
         )
+        for group in self.optimizer.param_groups:  # ``poly_learning_rate``'s 10x
+            group["lr"] = 0.025
 
     def prepare(self, batch: dict[str, Any]) -> None:
         """``util/dataset.py``: one ``place_seed_points`` per support label, on the CPU."""

@@ -26,7 +26,9 @@ Every head follows one interface::
   (BAM: its base learner reads the encoder it was trained with); ``head.base_learner_source``
   (optional): a file whose encoder tensors the task loads into its encoder once, when the model
   is built; ``head.reads_episode_class``: the task passes ``base_channels`` [B], each episode's
-  class as the base learner's channel (0: not a base class).
+  class as the base learner's channel (0: not a base class); ``head.base_learner_dropout``
+  (optional): the task sets it from the protocol's ``base_learner_dropout`` (the frozen base
+  learner's dropout active in training, BAM's ``train.py``).
 * ``head.init_args``: the head's own options (not ``features``), which checkpoints store so
   that they rebuild the head; :class:`backbones.arguments.CapturesArguments` records them from
   the constructor's signature (a head whose ``init_args`` miss one of its options is refused by
@@ -38,7 +40,8 @@ Every head follows one interface::
   ignored (treated as not foreground).
 * ``out``: :class:`HeadOutput` with ``logits`` [B, 2, h, w] at feature resolution (upsampled by
   the task), ``aux_logits`` (list of [B, 2, *, *], maybe empty) and ``aux_weight``; the loss is
-  ``ce(logits) + aux_weight * mean(ce(a) for a in aux_logits)``. A head that segments with each
+  ``ce(logits) + aux_weight * mean(ce(a) for a in aux_logits)``, ``ce`` reduced as the
+  protocol's ``loss_reduction`` says. A head that segments with each
   shot alone also sets ``shot_logits`` [B, K, 2, h, w]: evaluation then votes over the shots'
   predictions (HSNet).
 

@@ -116,11 +116,17 @@ class BAMHead(OfficialCheckpoint):
     ``learner_base.0.*`` -> ``base_learner.ppm.*``, ``learner_base.1.*`` -> ``base_learner.cls.*``;
     every other head key keeps its name; ``layer0.*`` .. ``layer4.*`` are the encoder.
 
+    Training as ``train.py`` (``tests/test_training_parity.py``): the base learner frozen with
+    its BatchNorm in eval and, under the ``bam`` preset, its ``Dropout2d`` active
+    (:attr:`base_learner_dropout`); the shots' weights applied to the priors outside
+    ``no_grad``, so ``kshot_rw`` learns from them (``BAM.py:269``).
+
     Deviations: shots batched; the episode's own class is left out of the base learner's
     foreground whenever the episode's class is a base class (BAM: in training only, where it
     always is), so that validation on base-class episodes (this project's, which never sees the
     novel classes) is meaningful; on the novel test classes both use every base class. The loss
-    is the task's cross-entropy at the label's size.
+    is the task's cross-entropy at the label's size (the ``bam`` preset: over the global batch's
+    labelled pixels, BAM's on one device).
 
     Args:
         features: The encoder's outputs (:attr:`backbones.Backbone.output_info`).
