@@ -20,7 +20,7 @@ from jsonargparse import ArgumentParser
 
 from datamodules import FewShotDataModule
 from tasks.metrics import FewShotIoU
-from tasks.segment import original_resolution_predictions
+from tasks.scoring import original_resolution_predictions
 
 
 def as_logits(mask: torch.Tensor) -> torch.Tensor:

@@ -40,7 +40,8 @@ from benchmarks.common import (
 )
 from tasks.heads import ASGNetHead, BAMHead, HSNetHead, PFENetHead, PrototypeHead
 from tasks.metrics import FewShotIoU
-from tasks.segment import FewShotSegmentation, original_resolution_predictions, scored_logits
+from tasks.scoring import original_resolution_predictions
+from tasks.segment import FewShotSegmentation, scored_logits
 
 HEADS = {
     "prototype": PrototypeHead,

@@ -40,7 +40,7 @@ What runs, for each method and shot count:
   10x ``base_lr`` (``index_split: -1``), loss ``main + aux1 + aux2`` (``aux_weight1/2: 1.0``; the
   base learner's ``aux2`` carries no gradient); the episodes' classes are fold 0's first base
   classes in training (``cat_idx``; the project's ``base_channels = cat_idx + 1``, its
-  :func:`tasks.segment.base_channel_lookup`) and its novel classes in evaluation (the official
+  :func:`tasks.heads.bam.base_channel_lookup`) and its novel classes in evaluation (the official
   evaluation sums every base class; so does the project for a novel class). Besides the eval
   logits, the training losses (main and meta) are compared with dropout off.
 * Its state dict saved in the official layout (``{"epoch", "state_dict"}`` with DataParallel's
@@ -108,8 +108,10 @@ from benchmarks.common import (
 )
 from benchmarks.segment import MODES, Mode, peak_step_memory
 from tasks.heads import ASGNetHead, BAMHead, HSNetHead, PFENetHead
+from tasks.heads.bam import base_channel_lookup
 from tasks.heads.common import vote
-from tasks.segment import FewShotSegmentation, base_channel_lookup, scored_logits, upsample
+from tasks.scoring import upsample
+from tasks.segment import FewShotSegmentation, scored_logits
 
 #: Top-level packages of the official repositories (``model``, ``util``...), which the three
 #: share by name: each import runs with its own checkout first on ``sys.path`` and leaves no
@@ -676,7 +678,7 @@ def project_model(
     if recipe.batch_norm_statistics:
         model.backbone_norm = "batch"  # the pfenet/asgnet protocols' backbone_norm
     if method == "bam":
-        model.base_channel_of = base_channel_lookup(
+        model.head.base_channel_of = base_channel_lookup(
             list(FOLD0_BASE), PASCAL_CLASSES, len(FOLD0_BASE)
         )
     return model.to(device)

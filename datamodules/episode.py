@@ -36,7 +36,7 @@ Under a protocol that scores at the input resolution (HSNet), ``query_label`` is
 ``query_mask`` and ``query_size`` = ``query_valid`` = ``query_resize_to`` = ``(S, S)``. Under
 PFENet's ``ori_resize`` (``square``), the whole ``S x S`` output (``query_valid``) is resized to
 a square of the label's longer side (``query_resize_to``) and cropped to ``query_size``. So one
-scoring rule (:func:`tasks.segment.original_size_predictions`) serves every convention.
+scoring rule (:func:`tasks.scoring.original_size_predictions`) serves every convention.
 
 Training labels follow PFENet: the episode's class is 1, every other class 0, 255 kept. To score
 at the original resolution as PFENet/ASGNet (``ori_resize``): crop the logits to

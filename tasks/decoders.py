@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from backbones.arguments import CapturesArguments
 from backbones.features import FeaturePyramid
-from tasks.heads.common import check_dropout, resize
+from tasks.layers import check_dropout, resize
 
 #: PSPNet's pyramid bins (Zhao et al., CVPR 2017; BAM ``model/PSPNet.py``: ``bins=(1, 2, 3, 6)``).
 PSP_BINS = (1, 2, 3, 6)
@@ -50,6 +50,11 @@ class PPM(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         size = x.shape[-2:]
         return torch.cat([x, *(resize(branch(x), size) for branch in self.features)], 1)
+
+
+#: The decoder's keys in BAM's base learner files (``model/PSPNet.py``: ``ppm.*``, ``cls.*``),
+#: which :class:`PSPDecoder` keeps.
+DECODER_PREFIXES = ("ppm.", "cls.")
 
 
 class PSPDecoder(CapturesArguments, nn.Module):

@@ -13,8 +13,7 @@ import os
 import shutil
 import sys
 import warnings
-from collections.abc import Callable, Mapping
-from dataclasses import replace
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, NamedTuple, get_args
 
 import torch
@@ -22,30 +21,26 @@ from jsonargparse import lazy_instance
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from backbones import VGG, Backbone, FeaturePyramid, ResNet, WeightsError
-from backbones.protocol import build_described
-from backbones.vgg import is_vgg_state, vgg_arch
-from backbones.weights import checkpoint_arch, read_checkpoint, to_native
+from backbones import Backbone, ResNet
+from backbones.protocol import class_path
 from datamodules.bounds import BelowOne, NonNegativeFloat, PositiveFloat, check_bounds
 from datamodules.episode import input_dtype, to_model_inputs
 from datamodules.source import IGNORE
 from tasks.base import BaseTask, Optimizer, check_arguments, describe_head
 from tasks.callbacks.results import summarise
-from tasks.heads import ASGNetHead, BAMHead, HeadOutput, HSNetHead, PFENetHead, PrototypeHead
-from tasks.heads.bam import BaseLearner
-from tasks.heads.common import (
-    OfficialCheckpoint,
-    foreground_masks,
-    resize,
-    split_official_state_dict,
-    vote,
-)
+from tasks.heads import FewShotHead, HeadOutput, PrototypeHead
+from tasks.heads.common import foreground_masks
+from tasks.heads.official import HeadFactory, official_model
 from tasks.metrics import FewShotIoU
+from tasks.scoring import (
+    LOSS_REDUCTIONS,
+    original_resolution_predictions,
+    original_size_predictions,
+    upsample,
+)
 
 if TYPE_CHECKING:
     from tasks.cli import TaskCLI
-
-HeadFactory = Callable[[FeaturePyramid], nn.Module]
 
 
 #: The default experiment's encoder: ResNet-18 at output stride 8 (torchvision dilation).
@@ -56,109 +51,6 @@ DEFAULT_ENCODER = {"arch": "resnet18", "output_stride": 8}
 DEFAULT_BACKBONE = lazy_instance(ResNet, **DEFAULT_ENCODER)
 
 
-#: The heads whose authors' released checkpoints ``official_checkpoint`` loads; a file is
-#: recognised by a head key only its model holds (``official_signature``).
-OFFICIAL_HEADS: tuple[type[OfficialCheckpoint], ...] = (ASGNetHead, PFENetHead, HSNetHead, BAMHead)
-
-
-def official_model(
-    path: str, trusted: bool = False, head: HeadFactory | nn.Module | None = None
-) -> tuple[Backbone, nn.Module]:
-    """The encoder and head of a released PFENet, ASGNet or HSNet model (``model/PFENet.py``'s
-    ``train_epoch_*.pth``, ``model/asgnet.py``'s checkpoint, HSNet's ``best_model.pt``): the
-    encoder the file holds in its paper's layout (PSPNet's deep stem, uniform dilation and
-    output stride 8, of the file's depth; HSNet's torchvision ResNet at output stride 32;
-    PFENet's VGG-16 cut, :class:`backbones.VGG`, for its COCO models), and the head of the
-    model the file holds, both loaded strictly from the one file. The head takes the paper's
-    options, or those of ``head`` when it builds that same head class (the bins are not in the
-    file: PFENet's COCO models use 1.0/0.5/0.25/0.125, set in
-    ``configs/segment/pfenet_coco.yaml``).
-    """
-    checkpoint = read_checkpoint(path, trusted, option="--model.official_trusted true")
-    head_state, encoder = split_official_state_dict(checkpoint)
-    matches = [cls for cls in OFFICIAL_HEADS if cls.official_signature in head_state]
-    if len(matches) != 1:
-        expected = {cls.official_paper: cls.official_signature for cls in OFFICIAL_HEADS}
-        raise WeightsError(
-            f"official_checkpoint={path!r} is not one released model of {list(expected)}: "
-            f"expected exactly one of the head keys {expected}, found head keys "
-            f"{sorted(head_state)[:10]}"
-        )
-    head_class = matches[0]
-    backbone: Backbone
-    if is_vgg_state(encoder):
-        backbone = VGG(vgg_arch(encoder), weights=path, weights_trusted=trusted)
-    else:
-        depths, archs = checkpoint_arch(to_native(encoder, is_lightning=False)[0])
-        if not archs:
-            raise WeightsError(
-                f"official_checkpoint={path!r} holds no encoder this project builds (ResNet "
-                f"blocks per stage {depths}); expected a released {head_class.official_paper} "
-                "ResNet-50/101 or VGG-16 model"
-            )
-        backbone = ResNet(
-            archs[0], **head_class.official_encoder, weights=path, weights_trusted=trusted
-        )
-    features = backbone.output_info
-    built = head if head is None or isinstance(head, nn.Module) else head(features)
-    model_head = built if isinstance(built, head_class) else head_class(features)
-    assert isinstance(model_head, OfficialCheckpoint)
-    model_head.load_official_state_dict(checkpoint)
-    return backbone, model_head
-
-
-def base_learner_encoder(source: BaseLearner, configured: Backbone) -> Backbone:
-    """The configured encoder rebuilt with the base learner file's encoder tensors (its
-    ``weights`` option), after checking that a file recording its encoder records this one."""
-    description = configured.describe()
-    if source.backbone is not None and source.backbone != description:
-        raise ValueError(
-            f"base_learner={source.path!r} was trained with the encoder {source.backbone}, but "
-            f"the model is configured with {description}; configure --model.backbone as the "
-            "base learner's"
-        )
-    init_args = dict(description["init_args"])
-    if "weights" not in init_args:
-        raise ValueError(
-            f"{description['class_path']} has no weights option to load the encoder of "
-            f"base_learner={source.path!r} from"
-        )
-    init_args["weights"] = source.path
-    if "weights_trusted" in init_args:
-        init_args["weights_trusted"] = source.trusted
-    return build_described({**description, "init_args": init_args})
-
-
-def check_base_learner_split(source: BaseLearner, novel_classes: list[int] | None) -> None:
-    """Refuse a base learner trained on another fold's class split (its recorded novel classes
-    differ from the data's): it learned some of this fold's novel classes as base classes, which
-    would leak into every novel-class prediction. The count check of
-    :func:`base_channel_lookup` cannot see it (every PASCAL-5i fold has 15 base classes)."""
-    trained = source.data.get("novel_classes")
-    if trained is None or novel_classes is None or sorted(trained) == sorted(novel_classes):
-        return
-    raise ValueError(
-        f"base_learner={source.path!r} was trained with fold {source.data.get('fold')!r} "
-        f"(novel classes {sorted(trained)}) but the data's novel classes are "
-        f"{sorted(novel_classes)}: it has learned some of them as base classes, which would "
-        "leak; train the base learner on this fold (python -m tasks.semantic fit --data.fold "
-        "<this fold>)"
-    )
-
-
-def base_channel_lookup(base_classes: list[int], num_classes: int, known: int) -> Tensor:
-    """[num_classes] long: a fold's base class ``c`` -> its base learner's channel (1 + its rank
-    among the base classes, BAM's ``sub_list.index(c) + 1``), 0 for every other class."""
-    if len(base_classes) != known:
-        raise ValueError(
-            f"the head's base learner knows {known} base classes but the data's fold has "
-            f"{len(base_classes)}; train the base learner on this dataset and fold"
-        )
-    lookup = torch.zeros(num_classes, dtype=torch.long)
-    lookup[torch.tensor(sorted(base_classes))] = torch.arange(1, known + 1)
-    return lookup
-
-
 class LossTerms(NamedTuple):
     """The training loss and its terms (``aux``: the mean auxiliary loss, ``None`` without)."""
 
@@ -167,69 +59,10 @@ class LossTerms(NamedTuple):
     aux: Tensor | None
 
 
-def upsample(logits: Tensor, size: tuple[int, int] | torch.Size) -> Tensor:
-    """Bilinear with ``align_corners=True``, as PFENet/ASGNet resize logits to the label."""
-    return resize(logits, size)
-
-
-def episode_mean_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
-    """The mean over episodes of each episode's cross-entropy averaged over its labelled pixels
-    (255 ignored). Every episode weighs the same, so the loss and its gradient do not depend on
-    how a global batch is split over devices and accumulated batches."""
-    pixels = nn.functional.cross_entropy(logits, target, ignore_index=IGNORE, reduction="none")
-    pixels = pixels.flatten(1)
-    labelled = (target != IGNORE).flatten(1).sum(1).clamp(min=1)
-    return (pixels.sum(1) / labelled).mean()
-
-
-def pixel_mean_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
-    """The cross-entropy averaged over the batch's labelled pixels (255 ignored): the papers'
-    ``nn.CrossEntropyLoss(ignore_index=255)`` on one device, where an episode weighs by its
-    labelled pixels. Over devices and accumulated batches the task makes it the mean over the
-    global batch's pixels (:meth:`FewShotSegmentation.on_before_optimizer_step`)."""
-    return nn.functional.cross_entropy(logits, target, ignore_index=IGNORE)
-
-
-#: ``loss_reduction`` of the protocol (:mod:`datamodules.protocols`) -> the batch criterion
-LOSS_REDUCTIONS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "episodes": episode_mean_cross_entropy,
-    "pixels": pixel_mean_cross_entropy,
-}
-
-
 def scored_logits(output: HeadOutput) -> Tensor:
     """What evaluation predicts from: the head's ``shot_logits`` when it sets them, else its
     ``logits``."""
     return output.logits if output.shot_logits is None else output.shot_logits
-
-
-def original_size_predictions(logits: Tensor, batch: Mapping[str, Any]) -> list[Tensor]:
-    """Each query's prediction [h, w] at its original size: the logits, upsampled to the model
-    input, cropped to ``query_valid``, resized to ``query_resize_to`` and cropped to
-    ``query_size`` (the batch contract of :mod:`datamodules.episode`: the clean protocol crops
-    then resizes; PFENet's ``ori_resize`` resizes the whole padded output to a square).
-
-    Per-shot logits [B, K, 2, h, w] (:func:`scored_logits`) give each shot's prediction at that
-    resolution, combined by HSNet's :func:`~tasks.heads.common.vote`."""
-    if logits.ndim == 5:
-        shots = [original_size_predictions(shot, batch) for shot in logits.unbind(1)]
-        return [vote(torch.stack(query)) for query in zip(*shots, strict=True)]
-    logits = upsample(logits, batch["query_image"].shape[-2:])
-    resize_to = batch.get("query_resize_to", batch["query_size"]).tolist()
-    valid, sizes = batch["query_valid"].tolist(), batch["query_size"].tolist()
-    geometry = zip(valid, resize_to, sizes, strict=True)
-    return [
-        upsample(logits[i : i + 1, :, :h_valid, :w_valid], target).argmax(1)[0, :h, :w]
-        for i, ((h_valid, w_valid), target, (h, w)) in enumerate(geometry)
-    ]
-
-
-def original_resolution_predictions(logits: Tensor, batch: Mapping[str, Any]) -> Tensor:
-    """Predictions [B, Hmax, Wmax] aligned with ``query_label`` (0 in its 255 padding)."""
-    preds = torch.zeros_like(batch["query_label"])
-    for i, pred in enumerate(original_size_predictions(logits, batch)):
-        preds[i, : pred.shape[0], : pred.shape[1]] = pred
-    return preds
 
 
 def compile_unsupported_reason() -> str | None:
@@ -300,17 +133,6 @@ class FewShotSegmentation(BaseTask):
         self.backbone_norm = "frozen"
         if official_checkpoint is not None:
             backbone, head = official_model(official_checkpoint, official_trusted, head)
-        needs_frozen = getattr(getattr(head, "func", head), "requires_frozen_backbone", False)
-        if freeze_backbone is None:
-            freeze_backbone = official_checkpoint is not None or needs_frozen
-        elif needs_frozen and not freeze_backbone:
-            raise ValueError(
-                "model.freeze_backbone=false: the head's base learner reads the encoder it was "
-                "trained with, which must stay frozen (BAM); leave model.freeze_backbone unset"
-            )
-        self.hparams.freeze_backbone = freeze_backbone
-        #: dataset class -> the base learner's channel (0: not a base class), from ``setup``
-        self.base_channel_of: Tensor | None = None
         if backbone is DEFAULT_BACKBONE:  # the shared default object must not be shared
             backbone = ResNet(**DEFAULT_ENCODER)
         self.configure_models(backbone, head)
@@ -322,18 +144,21 @@ class FewShotSegmentation(BaseTask):
         self.configure_metrics()
 
     def configure_models(self, backbone: Backbone, head: HeadFactory | nn.Module) -> None:
-        """The head is built on the description of all the backbone's outputs (or given built);
-        the backbone then computes only the head's ``in_features``, the modules after them idle
+        """The head (a :class:`~tasks.heads.FewShotHead`) is built on the description of all
+        the backbone's outputs (or given built) and prepares the encoder it runs on; the
+        backbone then computes only the head's ``in_features``, the modules after them idle
         and without gradient (DDP would flag them unused)."""
-        self.backbone = backbone
-        self.head = head if isinstance(head, nn.Module) else head(backbone.output_info)
-        source = getattr(self.head, "base_learner_source", None)
-        #: the base learner file's record without its tensors, for the split check of setup
-        self.base_learner_record = None if source is None else replace(source, decoder={})
-        if source is not None:  # the base learner's own encoder (BAM), once
-            self.backbone = base_learner_encoder(source, backbone)
-            self.head.base_learner_source = None
-        in_features = getattr(self.head, "in_features", None)
+        built = head if isinstance(head, nn.Module) else head(backbone.output_info)
+        if not isinstance(built, FewShotHead):
+            raise TypeError(
+                f"head {class_path(built)} is not a tasks.heads.FewShotHead: derive it from "
+                "tasks.heads.FewShotHead, the contract the task relies on (README, 'Your own "
+                "head or encoder')"
+            )
+        self.head = built
+        self.backbone = self.head.prepare_backbone(backbone)
+        self.apply_freezing()
+        in_features = self.head.in_features
         if not in_features:
             raise ValueError(
                 f"head {type(self.head).__name__} declares no in_features; expected the names "
@@ -368,6 +193,20 @@ class FewShotSegmentation(BaseTask):
                 self.backbone.compile()
                 self.head.compile()
 
+    def apply_freezing(self) -> None:
+        """Resolve ``freeze_backbone``: unset, frozen for a released model or a head that
+        requires it; ``false`` with such a head is refused."""
+        required = self.head.requires_frozen_backbone
+        if self.hparams.freeze_backbone is None:
+            frozen = self.hparams.official_checkpoint is not None or required
+            self.hparams.freeze_backbone = frozen
+        elif required and not self.hparams.freeze_backbone:
+            raise ValueError(
+                f"model.freeze_backbone=false: {type(self.head).__name__} requires a frozen "
+                "encoder (requires_frozen_backbone: what it reads was trained on that encoder); "
+                "leave model.freeze_backbone unset"
+            )
+
     def configure_losses(self) -> None:
         """The protocol's ``loss_reduction`` (set again at ``setup``): the episode mean of the
         clean protocol, or the papers' pixel mean (:data:`LOSS_REDUCTIONS`)."""
@@ -392,13 +231,12 @@ class FewShotSegmentation(BaseTask):
         query_image: Tensor,
         support_images: Tensor,
         support_masks: Tensor,
-        base_channels: Tensor | None = None,
+        class_ids: Tensor | None = None,
     ) -> Any:
         """Query and support go through the backbone in one batched call; under PFENet's
         BatchNorm recipe (:attr:`backbone_batch_statistics`) in one call per group, query first,
         then each shot, as PFENet's forward does, so batch statistics are those of each group.
-        ``base_channels``: each episode's class as its base learner's channel, for a head that
-        reads it (BAM)."""
+        ``class_ids`` [B]: each episode's dataset class, passed on to the head."""
         batch, shots = support_images.shape[:2]
         per_shot = self.backbone_batch_statistics and self.training
         if per_shot:
@@ -414,14 +252,12 @@ class FewShotSegmentation(BaseTask):
             support = {name: torch.stack([o[name] for o in shot_outputs], 1) for name in query}
         else:
             support = {name: f.unflatten(0, (batch, shots)) for name, f in shot_outputs[0].items()}
-        if base_channels is not None:
-            return self.head(query, support, support_masks, base_channels=base_channels)
-        return self.head(query, support, support_masks)
+        return self.head(query, support, support_masks, class_ids=class_ids)
 
     @property
     def support_mask_at(self) -> str | None:
-        """The head's ``support_mask_at`` (:mod:`tasks.heads`), ``None`` when it has none."""
-        return getattr(self.head, "support_mask_at", None)
+        """The head's ``support_mask_at`` (:class:`~tasks.heads.FewShotHead`)."""
+        return self.head.support_mask_at
 
     def _encode(self, images: Tensor, masks: Tensor | None) -> dict[str, Tensor]:
         """Backbone outputs; for a head with ``support_mask_at``, the outputs after it are
@@ -451,24 +287,15 @@ class FewShotSegmentation(BaseTask):
         return self.backbone_norm == "batch" and self.hparams.freeze_backbone
 
     def setup(self, stage: str) -> None:
-        """Read the protocol's training recipe from the datamodule (the backbone's BatchNorm, the
-        loss reduction, a base learner's dropout) and apply it (the loops keep each module's
-        mode as they find it)."""
+        """Read the protocol's training recipe from the datamodule (the backbone's BatchNorm,
+        the loss reduction), hand the datamodule to the head (:meth:`~tasks.heads.FewShotHead.
+        setup`) and apply the modes (the loops keep each module's mode as they find it)."""
         datamodule = self.trainer.datamodule
         protocol = getattr(datamodule, "protocol", None) or {}
         self.backbone_norm = protocol.get("backbone_norm", "frozen")
         self.loss_reduction = protocol.get("loss_reduction", "episodes")
         self.criterion = LOSS_REDUCTIONS[self.loss_reduction]
-        if hasattr(self.head, "base_learner_dropout"):  # BAM's model.train() + fix_bn
-            self.head.base_learner_dropout = protocol.get("base_learner_dropout", False)
-        base_classes = getattr(datamodule, "base_classes", None)
-        if self.base_learner_record is not None:
-            novel = getattr(datamodule, "novel_classes", None)
-            check_base_learner_split(self.base_learner_record, novel)
-        if getattr(self.head, "reads_episode_class", False) and base_classes is not None:
-            self.base_channel_of = base_channel_lookup(
-                base_classes, self.hparams.num_classes, self.head.num_base_classes
-            )
+        self.head.setup(datamodule)
         self.train(self.training)
 
     def train(self, mode: bool = True) -> "FewShotSegmentation":
@@ -486,14 +313,10 @@ class FewShotSegmentation(BaseTask):
         return self
 
     def on_fit_start(self) -> None:
-        """Parameter counts into every logger's hyper-parameters (the W&B run's config); a head
-        whose base learner holds no trained tensors is refused (BAM without ``base_learner``)."""
-        if getattr(self.head, "base_learner_ready", True) is False:
-            raise ValueError(
-                f"{type(self.head).__name__} has no trained base learner to fit with: pass "
-                "--model.head.init_args.base_learner (a tasks.semantic checkpoint of this fold, "
-                "or BAM's initmodel/PSPNet/<dataset>/split<k>/<arch>/best.pth)"
-            )
+        """A head that cannot be trained as it is stops here
+        (:meth:`~tasks.heads.FewShotHead.check_ready_to_fit`); parameter counts into every
+        logger's hyper-parameters (the W&B run's config)."""
+        self.head.check_ready_to_fit()
         counts = {
             name: sum(p.numel() for p in module.parameters())
             for name, module in (("total", self), ("backbone", self.backbone), ("head", self.head))
@@ -520,11 +343,11 @@ class FewShotSegmentation(BaseTask):
         gives it (``uint8``) or converted (:func:`~datamodules.episode.to_model_inputs`)."""
         keys = ("query_image", "support_images", "support_masks")
         inputs = to_model_inputs({key: batch[key] for key in keys}, input_dtype(self))
-        channels = None
-        if self.base_channel_of is not None and "class_id" in batch:
-            channels = self.base_channel_of.to(batch["class_id"].device)[batch["class_id"]]
         return self(
-            inputs["query_image"], inputs["support_images"], inputs["support_masks"], channels
+            inputs["query_image"],
+            inputs["support_images"],
+            inputs["support_masks"],
+            class_ids=batch.get("class_id"),
         )
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> Tensor:
@@ -666,7 +489,7 @@ class FewShotSegmentation(BaseTask):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        groups = [{"params": [p for p in self.head.parameters() if p.requires_grad], "lr": hp.lr}]
+        groups = self.head.param_groups(hp.lr)
         if self.backbone_trainable:
             backbone = [p for p in self.backbone.parameters() if p.requires_grad]
             groups.append({"params": backbone, "lr": hp.lr * hp.backbone_lr_mult})

@@ -27,9 +27,9 @@ from datamodules.bounds import BelowOne, NonNegativeFloat, PositiveFloat, check_
 from datamodules.episode import input_dtype, to_model_inputs
 from datamodules.source import IGNORE
 from tasks.base import BaseTask, Optimizer, check_arguments, describe_head
-from tasks.decoders import PSPDecoder
-from tasks.heads.common import split_official_state_dict
-from tasks.segment import (
+from tasks.decoders import DECODER_PREFIXES, PSPDecoder
+from tasks.heads.official import split_official_state_dict
+from tasks.scoring import (
     episode_mean_cross_entropy,
     original_resolution_predictions,
     original_size_predictions,
@@ -50,10 +50,8 @@ PSPNET_ENCODER = {"arch": "resnet50", "stem": "deep", "output_stride": 8,
 #: its own encoder from it.
 DEFAULT_BACKBONE = lazy_instance(ResNet, **PSPNET_ENCODER)
 
-#: Key prefixes of BAM's base learner file: the decoder, and ``encoder.<i>.`` (its
-#: ``nn.Sequential(layer0, ..., layer4)``, registered after them, so every encoder tensor is
-#: stored twice).
-DECODER_PREFIXES = ("ppm.", "cls.")
+#: BAM's base learner file stores every encoder tensor twice: as ``layer<i>.`` and as
+#: ``encoder.<i>.`` (its ``nn.Sequential(layer0, ..., layer4)``, registered after them).
 DUPLICATE_PREFIX = "encoder."
 
 
@@ -190,7 +188,7 @@ class SemanticSegmentation(BaseTask):
 
     The loss is the mean over images of each image's pixel-mean cross-entropy (255 ignored), so
     it does not depend on how a global batch is split over devices
-    (:func:`tasks.segment.episode_mean_cross_entropy`); BAM averages over the pixels of a device
+    (:func:`tasks.scoring.episode_mean_cross_entropy`); BAM averages over the pixels of a device
     batch. Logits are upsampled bilinearly (``align_corners=True``) to the label, as BAM does to
     ``(H - 1) / 8 * 8 + 1``, the input size for its 417/473 crops.
 

@@ -20,13 +20,9 @@ from backbones import ResNet
 from tasks import segment, semantic
 from tasks.callbacks.data_settings import CHECKPOINT_KEY
 from tasks.heads import BAMHead
-from tasks.heads.bam import read_base_learner
-from tasks.segment import (
-    FewShotSegmentation,
-    base_channel_lookup,
-    check_base_learner_split,
-    upsample,
-)
+from tasks.heads.bam import base_channel_lookup, check_base_learner_split, read_base_learner
+from tasks.scoring import upsample
+from tasks.segment import FewShotSegmentation
 from tasks.semantic import SemanticSegmentation
 
 
@@ -214,9 +210,9 @@ def test_official_checkpoint_matches_official_forward(shots: int, tmp_path: Path
 
 
 def test_training_leaves_the_episodes_class_out_of_the_base_map(tmp_path: Path) -> None:
-    """With ``base_channels`` (the task's, from each episode's class), the output is the
-    official training forward's with ``cat_idx``: BAM's base map without the episode's class;
-    and the loss is its main plus the meta learner's."""
+    """With each episode's class (mapped to the base learner's channels as ``setup`` maps
+    them), the output is the official training forward's with ``cat_idx``: BAM's base map
+    without the episode's class; and the loss is its main plus the meta learner's."""
     reference = official_bam(2, seed=1)
     path = write_official(reference, tmp_path / "m.pth")
     model = FewShotSegmentation(official_checkpoint=str(path),
@@ -226,7 +222,8 @@ def test_training_leaves_the_episodes_class_out_of_the_base_map(tmp_path: Path) 
     target = (torch.rand(2, IMAGE, IMAGE, generator=torch.Generator().manual_seed(0)) > 0.5).long()
     with torch.no_grad():
         final, meta, _ = reference(query, support, masks, cat_idx)
-        output = model(query, support, masks, base_channels=cat_idx[0] + 1)
+        model.head.base_channel_of = base_channel_lookup(list(range(5, 20)), 20, 15)
+        output = model(query, support, masks, class_ids=cat_idx[0] + 5)  # fold 0's base
         everything = model(query, support, masks)
     assert_close(upsample(output.logits, (IMAGE, IMAGE)), final)
     assert not torch.allclose(output.logits, everything.logits)
@@ -293,7 +290,7 @@ def test_a_base_learner_of_another_encoder_or_an_unfrozen_encoder_is_refused(
     with pytest.raises(ValueError, match=r"was trained with the encoder .*'stem': 'deep'"):
         FewShotSegmentation(ResNet("resnet18", output_stride=8),
                             head=partial(BAMHead, base_learner=str(path)))  # fmt: skip
-    with pytest.raises(ValueError, match=r"freeze_backbone=false: the head's base learner"):
+    with pytest.raises(ValueError, match=r"freeze_backbone=false: BAMHead requires a frozen"):
         FewShotSegmentation(head=partial(BAMHead, num_base_classes=15), freeze_backbone=False)
     with pytest.raises(ValueError, match=r"BAMHead has no trained base learner to fit with"):
         FewShotSegmentation(head=BAMHead).on_fit_start()
@@ -346,7 +343,8 @@ def test_two_stage_recipe_on_the_embedded_set(tmp_path: Path) -> None:
                         "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
                         "--trainer.logger.init_args.save_dir", str(tmp_path / "runs")])  # fmt: skip
     assert isinstance(cli.model.head, BAMHead)
-    assert cli.model.base_channel_of is not None and cli.model.base_channel_of.max() == 15
+    assert cli.model.head.base_channel_of is not None
+    assert cli.model.head.base_channel_of.max() == 15
     last = next((tmp_path / "runs").rglob("last.ckpt"))
     runs = ["--trainer.logger.init_args.save_dir", str(tmp_path / "runs")]
     tested = segment.main(["test", *data, "--ckpt_path", str(last), *runs])

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from backbones import Backbone, FeatureInfo, FeaturePyramid, ResNet, WeightsError
 from backbones.testing import check_backbone
 from tasks import classify, segment
-from tasks.heads import ASGNetHead, HeadOutput, HSNetHead, PFENetHead, PrototypeHead
+from tasks.heads import ASGNetHead, FewShotHead, HeadOutput, HSNetHead, PFENetHead, PrototypeHead
 from tasks.segment import FewShotSegmentation
 
 CONFIGS = Path(__file__).parents[1] / "configs"
@@ -192,19 +192,22 @@ def test_official_model_is_one_option_and_reloads_without_the_file(tmp_path: Pat
         assert torch.equal(reloaded.state_dict()[key], value), key
 
 
-class ProbeHead(nn.Module):
+class ProbeHead(FewShotHead):
     """A head reading one backbone output (PFENet's prior reads layer4), 1x1 classifier,
     recording the outputs it was given."""
 
     def __init__(self, features: FeaturePyramid, feature: str = "layer4") -> None:
         super().__init__()
         self.in_features = (feature,)
-        self.init_args = {"feature": feature}
         self.classifier = nn.Conv2d(features[feature].channels, 2, 1)
         self.seen: list[list[str]] = []
 
     def forward(
-        self, query: Mapping[str, Tensor], support: Mapping[str, Tensor], masks: Tensor
+        self,
+        query: Mapping[str, Tensor],
+        support: Mapping[str, Tensor],
+        masks: Tensor,
+        class_ids: Tensor | None = None,
     ) -> HeadOutput:
         self.seen.append(sorted(query) + sorted(support))
         return HeadOutput(self.classifier(query[self.in_features[0]]), [], 0.0)
@@ -460,7 +463,11 @@ def test_every_option_of_every_head_and_the_encoder_reloads(
 def test_a_hand_kept_copy_missing_an_option_is_refused() -> None:
     class ForgetfulHead(ProbeHead):
         def __init__(self, features: FeaturePyramid, margin: float = 0.5) -> None:
-            super().__init__(features)  # ProbeHead's own copy knows only ``feature``
+            super().__init__(features)
+
+        @property
+        def init_args(self) -> dict[str, Any]:  # a copy kept by hand, which forgot ``margin``
+            return {"feature": "layer4"}
 
     with pytest.raises(ValueError, match=r"does not record its options \['margin'\]"):
         FewShotSegmentation(ResNet("resnet18"), head=ForgetfulHead)

@@ -23,7 +23,8 @@ from tasks.callbacks.visualise import predicted_masks
 from tasks.heads import HSNetHead
 from tasks.heads.common import vote
 from tasks.heads.hsnet import CenterPivotConv4d
-from tasks.segment import FewShotSegmentation, original_size_predictions
+from tasks.scoring import original_size_predictions
+from tasks.segment import FewShotSegmentation
 
 IMAGE = 160  # at output stride 32 the three squeezed support grids meet at 1x1, as at 400
 

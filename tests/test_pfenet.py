@@ -21,7 +21,8 @@ from torchvision.models.resnet import Bottleneck
 from backbones import VGG, ResNet, WeightsError
 from tasks.heads import PFENetHead
 from tasks.heads.pfenet import prior_mask
-from tasks.segment import FewShotSegmentation, upsample
+from tasks.scoring import upsample
+from tasks.segment import FewShotSegmentation
 
 IMAGE = 65  # the official forward asserts (H - 1) % 8 == 0; 9x9 features
 
@@ -327,7 +328,7 @@ def test_official_checkpoint_of_no_known_model_is_named(tmp_path: Path) -> None:
     torch.save({"state_dict": state}, path)
     with pytest.raises(
         WeightsError,
-        match=r"other\.pth' is not one released model of \['ASGNet', 'PFENet', 'HSNet', 'BAM'\]"
+        match=r"other\.pth' is not one released model of \['ASGNet', 'BAM', 'HSNet', 'PFENet'\]"
         r".*'decoder\.weight'",
     ):
         FewShotSegmentation(official_checkpoint=str(path))

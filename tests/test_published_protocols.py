@@ -37,7 +37,8 @@ from datamodules.transforms import (
     normalise,
 )
 from tasks.metrics import FewShotIoU
-from tasks.segment import FewShotSegmentation, main, original_size_predictions
+from tasks.scoring import original_size_predictions
+from tasks.segment import FewShotSegmentation, main
 
 CONFIGS = Path(__file__).parents[1] / "configs" / "segment"
 

@@ -11,7 +11,8 @@ from PIL import Image
 
 from backbones import build_backbone
 from tasks.heads import ASGNetHead, HSNetHead, PFENetHead, PrototypeHead
-from tasks.segment import FewShotSegmentation, main, original_resolution_predictions
+from tasks.scoring import original_resolution_predictions
+from tasks.segment import FewShotSegmentation, main
 
 BACKBONES = {
     "resnet18_os8": dict(name="resnet18", output_stride=8),

@@ -11,7 +11,8 @@ from torch import Tensor
 
 from datamodules.source import IGNORE
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
-from tasks.heads.common import resize, vote
+from tasks.heads.common import vote
+from tasks.layers import resize
 
 CLASS_LABELS = {0: "background", 1: "object", IGNORE: "ignore"}
 

@@ -1,9 +1,10 @@
 """Few-shot segmentation heads.
 
-Every head follows one interface::
+Every head is a :class:`FewShotHead` (``tasks/heads/base.py``), checked by
+:func:`tasks.heads.testing.check_head`::
 
     head = Head(features, **options)
-    out = head(query_feats, support_feats, support_masks)
+    out = head(query_feats, support_feats, support_masks, class_ids=class_ids)
 
 * ``features``: :class:`backbones.FeaturePyramid`, the description of every output the encoder
   can give (its ``output_info``): name, channels, stride, stage, block, pre-activation. Heads
@@ -22,13 +23,11 @@ Every head follows one interface::
   stages after it are frozen); the query's later outputs come from its plain features. PFENet
   sets the second deepest stage: its prior reads the support's layer4 of the masked layer3.
   The task runs this through :meth:`backbones.Backbone.forward_from`.
-* ``head.requires_frozen_backbone`` (optional class attribute): the task keeps the encoder frozen
-  (BAM: its base learner reads the encoder it was trained with); ``head.base_learner_source``
-  (optional): a file whose encoder tensors the task loads into its encoder once, when the model
-  is built; ``head.reads_episode_class``: the task passes ``base_channels`` [B], each episode's
-  class as the base learner's channel (0: not a base class); ``head.base_learner_dropout``
-  (optional): the task sets it from the protocol's ``base_learner_dropout`` (the frozen base
-  learner's dropout active in training, BAM's ``train.py``).
+* ``head.requires_frozen_backbone``, and the hooks the task calls on every head, each with a
+  neutral default in :class:`FewShotHead`: ``prepare_backbone`` (the encoder it runs on),
+  ``setup(datamodule)``, ``check_ready_to_fit()``, ``param_groups(lr)``; ``forward`` always
+  receives ``class_ids`` (each episode's dataset class, or ``None``). BAM's base learner (its
+  encoder, class split, channels and dropout) lives in these hooks of :class:`BAMHead`.
 * ``head.init_args``: the head's own options (not ``features``), which checkpoints store so
   that they rebuild the head; :class:`backbones.arguments.CapturesArguments` records them from
   the constructor's signature (a head whose ``init_args`` miss one of its options is refused by
@@ -50,9 +49,18 @@ Any K >= 1 and batch size work, in train and eval mode.
 
 from .asgnet import ASGNetHead
 from .bam import BAMHead
+from .base import FewShotHead
 from .common import HeadOutput
 from .hsnet import HSNetHead
 from .pfenet import PFENetHead
 from .prototype import PrototypeHead
 
-__all__ = ["ASGNetHead", "BAMHead", "HSNetHead", "HeadOutput", "PFENetHead", "PrototypeHead"]
+__all__ = [
+    "ASGNetHead",
+    "BAMHead",
+    "FewShotHead",
+    "HSNetHead",
+    "HeadOutput",
+    "PFENetHead",
+    "PrototypeHead",
+]

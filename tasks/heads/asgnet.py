@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backbones.features import FeaturePyramid
+from tasks.layers import check_dropout
 
 from .common import (
     HeadOutput,
-    check_dropout,
     check_inputs,
     cosine_similarity_map,
     foreground_masks,
@@ -270,6 +270,7 @@ class ASGNetHead(FeatureEnrichment):
         query_feats: Mapping[str, Tensor],
         support_feats: Mapping[str, Tensor],
         support_masks: Tensor,
+        class_ids: Tensor | None = None,
     ) -> HeadOutput:
         """Segment the query; see :mod:`tasks.heads` for shapes."""
         check_inputs(query_feats, support_feats, support_masks, self.mid_level)

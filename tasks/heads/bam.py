@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -23,21 +23,23 @@ from torch import Tensor, nn
 
 from backbones.arguments import plain
 from backbones.features import FeaturePyramid
-from backbones.protocol import class_path
+from backbones.protocol import Backbone, build_described, class_path
+from backbones.weights import WeightsError, read_checkpoint
+from tasks.callbacks.data_settings import stored_settings
+from tasks.decoders import DECODER_PREFIXES, PSPDecoder
+from tasks.layers import check_dropout, resize
 
 from .common import (
     HeadOutput,
-    OfficialCheckpoint,
-    check_dropout,
     check_inputs,
     foreground_masks,
     masked_average_pooling,
     mid_level_channels,
     mid_level_features,
     mid_level_layers,
-    resize,
 )
 from .fem import FeatureEnrichment
+from .official import OfficialCheckpoint
 from .pfenet import mid_level_reduction, shot_priors
 
 #: Rates of the ASPP branches after the global one (``model/ASPP.py``: 1x1, then 6, 12, 18).
@@ -167,8 +169,6 @@ class BAMHead(OfficialCheckpoint):
         dropout: float = 0.5,
         base_learner_trusted: bool = False,
     ) -> None:
-        from tasks.decoders import PSPDecoder
-
         super().__init__()
         check_dropout(self, dropout=dropout)
         if shots < 1 or kshot_trans_dim < 0 or num_base_classes < 1:
@@ -221,8 +221,12 @@ class BAMHead(OfficialCheckpoint):
                     nn.Conv2d(kshot_trans_dim, shots, 1),
                 )
         self.base_learner = PSPDecoder(features, num_base_classes + 1).requires_grad_(False)
-        #: where the task loads its encoder from (once, when the model is built)
+        #: where :meth:`prepare_backbone` loads the encoder from (once, when the model is built)
         self.base_learner_source: BaseLearner | None = loaded
+        #: the file's record without its tensors, for the split check of :meth:`setup`
+        self.base_learner_record = None if loaded is None else replace(loaded, decoder={})
+        #: dataset class -> the base learner's channel (0: not a base class), from :meth:`setup`
+        self.base_channel_of: Tensor | None = None
         #: the base learner's ``Dropout2d`` active in training, as BAM's ``train.py`` leaves it
         #: (``model.train()``, then ``fix_bn`` on BatchNorm only); set by the task from the
         #: protocol's ``base_learner_dropout`` (the ``bam`` preset), else off: a frozen model
@@ -250,6 +254,36 @@ class BAMHead(OfficialCheckpoint):
         with torch.no_grad():
             merge.weight.copy_(torch.tensor([1.0, 0.0]).view_as(merge.weight))
         return merge
+
+    def prepare_backbone(self, backbone: Backbone) -> Backbone:
+        """The configured encoder with the base learner file's encoder tensors, once (a model
+        rebuilt from a checkpoint has them in its state)."""
+        source, self.base_learner_source = self.base_learner_source, None
+        return backbone if source is None else base_learner_encoder(source, backbone)
+
+    def setup(self, datamodule: Any) -> None:
+        """Refuse a base learner of another class split; map each dataset class to its
+        base-learner channel; the protocol's ``base_learner_dropout`` (the ``bam`` preset)."""
+        protocol = getattr(datamodule, "protocol", None) or {}
+        self.base_learner_dropout = protocol.get("base_learner_dropout", False)
+        if self.base_learner_record is not None:
+            check_base_learner_split(
+                self.base_learner_record, getattr(datamodule, "novel_classes", None)
+            )
+        base_classes = getattr(datamodule, "base_classes", None)
+        if base_classes is not None:
+            self.base_channel_of = base_channel_lookup(
+                base_classes, datamodule.num_classes, self.num_base_classes
+            )
+
+    def check_ready_to_fit(self) -> None:
+        """Training on a random base learner would be silently wrong."""
+        if not self.base_learner_ready:
+            raise ValueError(
+                f"{type(self).__name__} has no trained base learner to fit with: pass "
+                "--model.head.init_args.base_learner (a tasks.semantic checkpoint of this fold, "
+                "or BAM's initmodel/PSPNet/<dataset>/split<k>/<arch>/best.pth)"
+            )
 
     @property
     def init_args(self) -> dict[str, Any]:
@@ -287,11 +321,12 @@ class BAMHead(OfficialCheckpoint):
         query_feats: Mapping[str, Tensor],
         support_feats: Mapping[str, Tensor],
         support_masks: Tensor,
-        base_channels: Tensor | None = None,
+        class_ids: Tensor | None = None,
     ) -> HeadOutput:
-        """Segment the query; see :mod:`tasks.heads` for shapes. ``base_channels`` [B]: each
-        episode's class as the base learner's channel (1..), 0 for a class it does not know
-        (a novel class); ``None``: every episode's class is novel."""
+        """Segment the query; see :mod:`tasks.heads` for shapes. ``class_ids`` [B]: each
+        episode's dataset class, which the base learner's map leaves out when it is a base
+        class (:meth:`setup` maps classes to channels); ``None``, or no map: every episode's
+        class is novel."""
         check_inputs(query_feats, support_feats, support_masks, self.in_features)
         batch, shots = support_masks.shape[:2]
         if shots != self.shots:
@@ -325,6 +360,9 @@ class BAMHead(OfficialCheckpoint):
         )
         meta = self.res1_meta(self.ASPP_meta(self.init_merge(merged)))
         meta_logits = self.cls_meta(self.res2_meta(meta) + meta)
+        base_channels = None
+        if class_ids is not None and self.base_channel_of is not None:
+            base_channels = self.base_channel_of.to(class_ids.device)[class_ids]
         logits = self.ensemble(meta_logits, base_logits, distance, base_channels)
         return HeadOutput(logits=logits, aux_logits=[meta_logits], aux_weight=self.aux_weight)
 
@@ -369,11 +407,6 @@ def read_base_learner(path: str, trusted: bool = False) -> BaseLearner:
     """A :mod:`tasks.semantic` checkpoint (``decoder.*``: a :class:`~tasks.decoders.PSPDecoder`
     with BAM's options) or one of BAM's released ``best.pth`` (``module.``-prefixed
     ``layer0..4``, ``ppm.*``, ``cls.*``)."""
-    from backbones.weights import WeightsError, read_checkpoint
-    from tasks.callbacks.data_settings import stored_settings
-    from tasks.decoders import PSPDecoder
-    from tasks.semantic import DECODER_PREFIXES
-
     option = "--model.head.init_args.base_learner_trusted true"
     checkpoint = read_checkpoint(path, trusted, option=option)
     state = checkpoint.get("state_dict", checkpoint)
@@ -407,3 +440,55 @@ def read_base_learner(path: str, trusted: bool = False) -> BaseLearner:
             f"{sorted(state)[:8]}"
         )
     return BaseLearner(str(Path(path)), trusted, decoder, backbone, data)
+
+
+def base_learner_encoder(source: BaseLearner, configured: Backbone) -> Backbone:
+    """The configured encoder rebuilt with the base learner file's encoder tensors (its
+    ``weights`` option), after checking that a file recording its encoder records this one."""
+    description = configured.describe()
+    if source.backbone is not None and source.backbone != description:
+        raise ValueError(
+            f"base_learner={source.path!r} was trained with the encoder {source.backbone}, but "
+            f"the model is configured with {description}; configure --model.backbone as the "
+            "base learner's"
+        )
+    init_args = dict(description["init_args"])
+    if "weights" not in init_args:
+        raise ValueError(
+            f"{description['class_path']} has no weights option to load the encoder of "
+            f"base_learner={source.path!r} from"
+        )
+    init_args["weights"] = source.path
+    if "weights_trusted" in init_args:
+        init_args["weights_trusted"] = source.trusted
+    return build_described({**description, "init_args": init_args})
+
+
+def check_base_learner_split(source: BaseLearner, novel_classes: list[int] | None) -> None:
+    """Refuse a base learner trained on another fold's class split (its recorded novel classes
+    differ from the data's): it learned some of this fold's novel classes as base classes, which
+    would leak into every novel-class prediction. The count check of
+    :func:`base_channel_lookup` cannot see it (every PASCAL-5i fold has 15 base classes)."""
+    trained = source.data.get("novel_classes")
+    if trained is None or novel_classes is None or sorted(trained) == sorted(novel_classes):
+        return
+    raise ValueError(
+        f"base_learner={source.path!r} was trained with fold {source.data.get('fold')!r} "
+        f"(novel classes {sorted(trained)}) but the data's novel classes are "
+        f"{sorted(novel_classes)}: it has learned some of them as base classes, which would "
+        "leak; train the base learner on this fold (python -m tasks.semantic fit --data.fold "
+        "<this fold>)"
+    )
+
+
+def base_channel_lookup(base_classes: list[int], num_classes: int, known: int) -> Tensor:
+    """[num_classes] long: a fold's base class ``c`` -> its base learner's channel (1 + its rank
+    among the base classes, BAM's ``sub_list.index(c) + 1``), 0 for every other class."""
+    if len(base_classes) != known:
+        raise ValueError(
+            f"the head's base learner knows {known} base classes but the data's fold has "
+            f"{len(base_classes)}; train the base learner on this dataset and fold"
+        )
+    lookup = torch.zeros(num_classes, dtype=torch.long)
+    lookup[torch.tensor(sorted(base_classes))] = torch.arange(1, known + 1)
+    return lookup

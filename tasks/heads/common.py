@@ -3,41 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from backbones.arguments import CapturesArguments
 from backbones.features import FeaturePyramid
+from tasks.layers import resize
 
 #: Eps added to the mask area in masked average pooling (``Weighted_GAP`` in PFENet/ASGNet).
 MAP_EPS = 5e-4
 
 #: Eps of the cosine similarity (``F.cosine_similarity(..., eps=1e-7)`` in ASGNet).
 COSINE_EPS = 1e-7
-
-
-#: Key prefixes of the encoder in the official checkpoints, not part of the heads: PFENet/ASGNet's
-#: PSPNet encoder (``layer0`` is the deep stem) and HSNet's torchvision ResNet (``backbone.``).
-OFFICIAL_BACKBONE_PREFIXES = ("layer0.", "layer1.", "layer2.", "layer3.", "layer4.", "backbone.")
-
-
-def resize(x: Tensor, size: Sequence[int]) -> Tensor:
-    """Bilinear with ``align_corners=True``: how PFENet/ASGNet resize features, masks and
-    logits everywhere (the one definition in this project)."""
-    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=True)
-
-
-def check_dropout(head: nn.Module, **probabilities: float) -> None:
-    """Refuse a dropout probability outside ``[0, 1)`` (1 zeroes every feature), naming the
-    head's class (a subclass's own) and option."""
-    for name, value in probabilities.items():
-        if not 0 <= value < 1:
-            raise ValueError(
-                f"{type(head).__name__} {name}={value!r}: expected a probability in [0, 1)"
-            )
 
 
 class HeadOutput(NamedTuple):
@@ -159,88 +138,3 @@ def cosine_similarity_map(query: Tensor, prototypes: Tensor) -> Tensor:
         query = F.normalize(query.float(), dim=1, eps=COSINE_EPS)
         prototypes = F.normalize(prototypes.float(), dim=2, eps=COSINE_EPS)
         return torch.einsum("bmc,bchw->bmhw", prototypes, query)
-
-
-class OfficialCheckpoint(CapturesArguments, nn.Module):
-    """Base class of the heads whose authors' released checkpoints load into them.
-
-    Subclasses name their paper (``official_paper``), a head key only their official checkpoints
-    hold (``official_signature``, which recognises the file), the official prefixes they rename
-    (``official_renames``) and the encoder the file's backbone tensors fit
-    (``official_encoder``: :class:`backbones.ResNet` options besides the depth).
-    """
-
-    official_paper: ClassVar[str]
-    official_signature: ClassVar[str]
-    official_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
-    official_encoder: ClassVar[Mapping[str, Any]]
-
-    def load_official_state_dict(self, checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
-        """Load the head part of an official checkpoint strictly, key by key (``module.``
-        stripped, ``official_renames`` applied); return the backbone part for the caller.
-
-        Raises:
-            RuntimeError: listing the missing and unexpected head keys (e.g. an ASPP-variant
-            ASGNet checkpoint, or one with a different number of bins).
-        """
-        return load_official_head(self, checkpoint, self.official_paper, self.official_renames)
-
-
-def split_official_state_dict(
-    checkpoint: Mapping[str, Any],
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Split an official PFENet/ASGNet checkpoint into (head, backbone) state dicts.
-
-    Accepts the saved file's dict (``{"state_dict": ...}``, as their ``test.py`` loads it) or
-    the state dict itself, and strips the ``module.`` prefix of ``nn.DataParallel``. Keys under
-    :data:`OFFICIAL_BACKBONE_PREFIXES` go to the backbone dict, unchanged; all others to the
-    head dict.
-    """
-    state = checkpoint.get("state_dict", checkpoint)
-    head: dict[str, Tensor] = {}
-    backbone: dict[str, Tensor] = {}
-    for key, value in state.items():
-        key = key.removeprefix("module.")
-        (backbone if key.startswith(OFFICIAL_BACKBONE_PREFIXES) else head)[key] = value
-    return head, backbone
-
-
-def load_official_head(
-    head: nn.Module,
-    checkpoint: Mapping[str, Any],
-    paper: str,
-    renames: Sequence[tuple[str, str]] = (),
-) -> dict[str, Tensor]:
-    """Load the head part of an official checkpoint into ``head`` strictly, key by key; return
-    the backbone part (:data:`OFFICIAL_BACKBONE_PREFIXES`) for the caller to map.
-
-    ``renames`` are (official prefix, prefix here) pairs; every other key keeps its name.
-
-    Raises:
-        RuntimeError: listing the missing and unexpected head keys, as the file names them.
-    """
-
-    def ours(key: str) -> str:
-        for official, here in renames:
-            if key.startswith(official):
-                return here + key.removeprefix(official)
-        return key
-
-    def theirs(key: str) -> str:
-        for official, here in renames:
-            if key.startswith(here):
-                return official + key.removeprefix(here)
-        return key
-
-    head_state, backbone_state = split_official_state_dict(checkpoint)
-    head_state = {ours(key): value for key, value in head_state.items()}
-    expected = set(head.state_dict())
-    missing = sorted(theirs(key) for key in expected - set(head_state))
-    unexpected = sorted(theirs(key) for key in set(head_state) - expected)
-    if missing or unexpected:
-        raise RuntimeError(
-            f"official {paper} checkpoint does not match {type(head).__name__}: "
-            f"missing keys {missing}, unexpected keys {unexpected}"
-        )
-    head.load_state_dict(head_state)
-    return backbone_state

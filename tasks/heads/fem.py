@@ -14,7 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .common import OfficialCheckpoint, resize
+from tasks.layers import resize
+
+from .official import OfficialCheckpoint
 
 
 def pyramid_bin_size(bin: float, size: tuple[int, int]) -> tuple[int, int]:
@@ -69,7 +71,7 @@ class FeatureEnrichment(OfficialCheckpoint):
     with residual and ``cls``. A base class rather than a submodule so that the heads' state-dict
     keys stay those of the official checkpoints (``corr_conv.0.0.weight``, ``cls.3.bias``...);
     PFENet's ``init_merge`` is ASGNet's ``corr_conv``. Both papers' checkpoints hold the PSPNet
-    encoder (:class:`~tasks.heads.common.OfficialCheckpoint`).
+    encoder (:class:`~tasks.heads.official.OfficialCheckpoint`).
 
     Args:
         reduce_dim: C, the channels of the reduced features (official 256).

@@ -13,8 +13,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from backbones.features import FeaturePyramid
+from tasks.layers import resize
 
-from .common import HeadOutput, OfficialCheckpoint, check_inputs, foreground_masks, resize
+from .common import HeadOutput, check_inputs, foreground_masks
+from .official import OfficialCheckpoint
 
 #: The learner's levels (the official module names, coarsest first) and the encoder stage whose
 #: blocks each correlates, counted from the deepest (a ResNet's layer4, layer3, layer2).
@@ -246,6 +248,7 @@ class HSNetHead(OfficialCheckpoint):
         query_feats: Mapping[str, Tensor],
         support_feats: Mapping[str, Tensor],
         support_masks: Tensor,
+        class_ids: Tensor | None = None,
     ) -> HeadOutput:
         """Segment the query with each shot; see :mod:`tasks.heads` for shapes."""
         check_inputs(query_feats, support_feats, support_masks, self.in_features)

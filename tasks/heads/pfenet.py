@@ -11,18 +11,17 @@ import torch
 from torch import Tensor, nn
 
 from backbones.features import FeaturePyramid
+from tasks.layers import check_dropout, resize
 
 from .common import (
     COSINE_EPS,
     HeadOutput,
-    check_dropout,
     check_inputs,
     foreground_masks,
     masked_average_pooling,
     mid_level_channels,
     mid_level_features,
     mid_level_layers,
-    resize,
 )
 from .fem import FeatureEnrichment
 
@@ -150,6 +149,7 @@ class PFENetHead(FeatureEnrichment):
         query_feats: Mapping[str, Tensor],
         support_feats: Mapping[str, Tensor],
         support_masks: Tensor,
+        class_ids: Tensor | None = None,
     ) -> HeadOutput:
         """Segment the query; see :mod:`tasks.heads` for shapes. The support's deepest
         stage must come from its masked ``support_mask_at`` output (the task computes it so)."""

@@ -7,12 +7,12 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
-from backbones.arguments import CapturesArguments
 from backbones.features import FeaturePyramid
+from tasks.layers import check_dropout
 
+from .base import FewShotHead
 from .common import (
     HeadOutput,
-    check_dropout,
     check_inputs,
     cosine_similarity_map,
     foreground_masks,
@@ -23,7 +23,7 @@ from .common import (
 )
 
 
-class PrototypeHead(CapturesArguments, nn.Module):
+class PrototypeHead(FewShotHead):
     """One foreground prototype per episode compared with every query pixel.
 
     The mid-level feature is PFENet's (Tian et al., TPAMI 2020): the two stages before the
@@ -69,6 +69,7 @@ class PrototypeHead(CapturesArguments, nn.Module):
         query_feats: Mapping[str, Tensor],
         support_feats: Mapping[str, Tensor],
         support_masks: Tensor,
+        class_ids: Tensor | None = None,
     ) -> HeadOutput:
         """Segment the query; see :mod:`tasks.heads` for shapes."""
         check_inputs(query_feats, support_feats, support_masks, self.mid_level)
