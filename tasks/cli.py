@@ -17,6 +17,7 @@ from typing import Any, ClassVar, NoReturn
 
 import torch
 import yaml
+from jsonargparse import Namespace
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
@@ -38,6 +39,11 @@ from tasks.callbacks.sync_batchnorm import AnyDeviceSyncBatchNorm
 from tasks.callbacks.tracking import SaveConfigToRun, finish_wandb
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+#: the model option whose class a config or the command line switches
+#: (:meth:`TaskCLI.own_class_defaults`)
+HEAD_OPTION = "model.head"
 
 
 class TaskArgumentParser(LightningArgumentParser):
@@ -107,7 +113,13 @@ class TaskCLI(LightningCLI):
                 problem = duplicate_key(Path(path))
                 if problem:
                     parser.error(problem)
-        super().parse_arguments(parser, args)
+        probe = [arg for arg in self._argv if not arg.startswith("--print_config")]
+        if isinstance(args, dict | Namespace):
+            super().parse_arguments(parser, args)
+        else:  # a first parse finds the chosen classes (printing the config would exit)
+            self.config = parser.parse_args(probe)
+            if self.own_class_defaults(parser) or len(probe) != len(self._argv):
+                super().parse_arguments(parser, args)
         self.resolve_last()
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
@@ -143,6 +155,24 @@ class TaskCLI(LightningCLI):
                 f"{self.model_class.__name__}; expected a checkpoint of the same task (another "
                 "task's encoder loads as --model.backbone.init_args.weights)"
             )
+
+    def own_class_defaults(self, parser: LightningArgumentParser) -> bool:
+        """Make the chosen head's defaults its own: jsonargparse keeps the options two classes
+        share when a config or the command line switches ``--model.head``, so the default
+        head's values would silently replace the new head's defaults (a head with
+        ``reduce_dim: int = 128`` was built with the prototype head's 256). The chosen class
+        becomes the default and the arguments are parsed again (``True``): only values given
+        explicitly carry over."""
+        subcommand = self.config.get("subcommand")
+        prefix = f"{subcommand}." if subcommand else ""
+        chosen = self.config.get(f"{prefix}{HEAD_OPTION}")
+        default = inspect.signature(self.model_class).parameters.get("head")
+        if default is None or not isinstance(chosen, Namespace) or "class_path" not in chosen:
+            return False
+        if imported(chosen["class_path"]) is default.default:
+            return False
+        parser.set_defaults({f"{prefix}{HEAD_OPTION}": {"class_path": chosen["class_path"]}})
+        return True
 
     def _parse_ckpt_path(self) -> None:
         """LightningCLI replaces the model options with the ``--ckpt_path`` checkpoint's

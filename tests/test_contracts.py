@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 import torchvision
+import yaml
 from fixtures_data import write_coco_tree, write_pascal_tree
 from lightning.pytorch import Trainer
 from torch import Tensor, nn
@@ -503,3 +504,47 @@ def test_the_task_keeps_a_frozen_encoder_of_another_family_bit_identical() -> No
     for key, value in model.backbone.state_dict().items():
         assert torch.equal(value, before[key]), key  # running statistics included
     assert "num_batches_tracked" in str(list(before))  # the statistics were there to change
+
+
+class OwnDefaultsHead(PrototypeHead):
+    """A head whose defaults differ from the default head's on every shared option."""
+
+    def __init__(
+        self,
+        features: FeaturePyramid,
+        reduce_dim: int = 128,
+        dropout: float = 0.2,
+        decoder_dropout: float = 0.0,
+    ) -> None:
+        super().__init__(features, reduce_dim, dropout, decoder_dropout)
+
+
+OWN_DEFAULTS = {"reduce_dim": 128, "dropout": 0.2, "decoder_dropout": 0.0}
+
+
+def printed_head(capsys: pytest.CaptureFixture, *args: str) -> dict[str, Any]:
+    with pytest.raises(SystemExit):
+        segment.main(["fit", *args, "--print_config"])
+    return yaml.safe_load(capsys.readouterr().out)["model"]["head"]
+
+
+def test_a_switched_head_keeps_its_own_defaults(
+    capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    """Selecting a head on the command line or in a config never carries the default head's
+    values into options the new head shares (jsonargparse keeps them); values given explicitly,
+    before or after the switch, do carry."""
+    own = "test_contracts.OwnDefaultsHead"
+    head = printed_head(capsys, "--model.head", own)
+    assert head == {"class_path": own, "init_args": OWN_DEFAULTS}
+    config = tmp_path / "head.yaml"
+    config.write_text(f"model:\n  head:\n    class_path: {own}\n")
+    assert printed_head(capsys, "--config", str(config))["init_args"] == OWN_DEFAULTS
+    config.write_text(
+        f"model:\n  head:\n    class_path: {own}\n    init_args:\n      dropout: 0.3\n"
+    )
+    given = printed_head(capsys, "--config", str(config))["init_args"]
+    assert given == {**OWN_DEFAULTS, "dropout": 0.3}
+    head = printed_head(capsys, "--model.head.init_args.decoder_dropout", "0.4", "--model.head",
+                        own, "--model.head.init_args.reduce_dim", "64")  # fmt: skip
+    assert head["init_args"] == {"reduce_dim": 64, "dropout": 0.2, "decoder_dropout": 0.4}

@@ -1,3 +1,5 @@
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -5,13 +7,14 @@ from fixtures_models import channels_last_features
 from scipy.ndimage import distance_transform_edt
 
 from backbones import ResNet
-from tasks.heads import ASGNetHead, HeadOutput, PFENetHead, PrototypeHead
+from tasks.heads import ASGNetHead, BAMHead, HeadOutput, HSNetHead, PFENetHead, PrototypeHead
 from tasks.heads.asgnet import (
     guided_prototype_allocation,
     place_seeds,
     superpixel_clustering,
 )
 from tasks.heads.fem import pyramid_bin_size
+from tasks.heads.testing import HeadContractError, check_head
 
 RESNET18 = ResNet("resnet18").output_info
 RESNET50 = ResNet("resnet50").output_info
@@ -259,3 +262,56 @@ def test_dropout_outside_0_1_is_refused(head: type, option: str, value: float) -
     channels = {"layer2": 128, "layer3": 256, "layer4": 512}
     with pytest.raises(ValueError, match=rf"{head.__name__} {option}={value}: expected a probab"):
         head(channels, **{option: value})
+
+
+# --- the head contract (tasks.heads.testing.check_head) ---------------------------------------
+
+CONTRACT_HEADS = {
+    "prototype": (partial(PrototypeHead, reduce_dim=32), RESNET18, 64),
+    "pfenet": (partial(PFENetHead, reduce_dim=32), RESNET18, 64),
+    "asgnet": (partial(ASGNetHead, reduce_dim=32, superpixel_area=4), RESNET18, 64),
+    "bam": (partial(BAMHead, reduce_dim=32), RESNET50, 64),
+    "hsnet": (HSNetHead, ResNet("resnet50").output_info, 96),
+}
+
+
+@pytest.mark.parametrize("head_name", CONTRACT_HEADS)
+def test_every_head_passes_the_contract_checks(head_name: str) -> None:
+    make, features, size = CONTRACT_HEADS[head_name]
+    check_head(make, features, size)
+
+
+class OldStyleHead(PrototypeHead):
+    """A head written before ``class_ids``: its forward takes three arguments."""
+
+    def forward(self, query_feats, support_feats, support_masks):  # type: ignore[override]
+        return super().forward(query_feats, support_feats, support_masks)
+
+
+class LeakyHead(PrototypeHead):
+    """A head that treats the ignore label as foreground."""
+
+    def forward(self, query_feats, support_feats, support_masks, class_ids=None):
+        return super().forward(query_feats, support_feats, (support_masks > 0).long())
+
+
+class GreedyGroupsHead(PrototypeHead):
+    """A head whose parameter groups list a parameter twice."""
+
+    def param_groups(self, lr: float) -> list[dict]:
+        params = list(self.parameters())
+        return [{"params": params, "lr": lr}, {"params": params[:1], "lr": 10 * lr}]
+
+
+@pytest.mark.parametrize(
+    ("head", "rule"),
+    [
+        (OldStyleHead, "OldStyleHead: forward does not accept the class_ids keyword"),
+        (LeakyHead, "LeakyHead: label 255 counts as foreground"),
+        (GreedyGroupsHead, "GreedyGroupsHead: param_groups must hold every trainable parameter"),
+    ],
+)
+def test_a_head_breaking_a_rule_fails_in_one_line_naming_it(head: type, rule: str) -> None:
+    with pytest.raises(HeadContractError) as error:
+        check_head(partial(head, reduce_dim=16), RESNET18)
+    assert str(error.value).startswith(rule) and "\n" not in str(error.value)

@@ -11,8 +11,10 @@ import pytest
 import torch
 from test_segment import tiny_args
 
+from backbones import ResNet
 from backbones.testing import check_backbone
 from tasks import segment
+from tasks.heads.testing import check_head
 from tasks.segment import FewShotSegmentation
 
 README = Path(__file__).parents[1] / "README.md"
@@ -42,6 +44,9 @@ def fit_and_reload(tmp_path: Path, *configs: Path) -> FewShotSegmentation:
 def test_a_head_of_ones_own_trains_and_reloads_with_its_option(
     recipes: Path, tmp_path: Path
 ) -> None:
+    from my_head import CosineHead
+
+    check_head(CosineHead, ResNet("resnet18").output_info)
     model = fit_and_reload(tmp_path, recipes / "my_head.yaml")
     assert type(model.head).__name__ == "CosineHead" and model.head.scale == 20.0
     assert model.head.in_features == ("layer4",)

@@ -353,6 +353,8 @@ class BAMHead(OfficialCheckpoint):
                 query_feats[self.prior_layer], support_feats[self.prior_layer], support_masks, size
             )
             base_logits = self.base_learner.decode(query_feats[self.prior_layer])
+            if base_logits.shape[-2:] != size:  # an encoder whose deepest stage is smaller
+                base_logits = resize(base_logits, size)
         # weighted outside no_grad: the shot weights learn from the prior too (``BAM.py:269``)
         prior = (weights[..., None, None] * priors).sum(1, keepdim=True)
         merged = torch.cat(
