@@ -1,5 +1,5 @@
 """Trivial semantic segmentation baselines on a datamodule's test list, scored as ``tasks.semantic``
-scores (:class:`tasks.semantic.SemanticIoU` at the original resolution), so a trained model's
+scores (:class:`tasks.metrics.SemanticIoU` at the original resolution), so a trained model's
 ``test/miou`` and ``test/miou_fg`` compare directly:
 
 - ``all-background``: every pixel background (the majority class by pixels).
@@ -15,7 +15,7 @@ import torch
 from jsonargparse import ArgumentParser
 
 from datamodules.semantic import SemanticDataModule, ShapesSemantic
-from tasks.semantic import SemanticIoU
+from tasks.metrics import SemanticIoU
 
 
 def majority_object(datamodule: SemanticDataModule) -> int:

@@ -135,3 +135,59 @@ class FewShotIoU(Metric):
             raise ValueError("preds must contain only 0 (background) and 1 (foreground)")
         if ((target != 0) & (target != 1) & (target != IGNORE_INDEX)).any():
             raise ValueError(f"target must contain only 0, 1 and {IGNORE_INDEX} (ignored)")
+
+
+class SemanticIoU(Metric):
+    """Per-class IoU from intersection and union summed over all pixels of all images (255
+    excluded, the prediction there too, as BAM's ``intersectionAndUnionGPU``), so the result is
+    exact under DDP (integer sums). ``miou`` averages over every class, background included (the
+    VOC convention); ``miou_fg`` over the object classes 1.. only, which is what BAM's
+    ``train_base.py`` reports as a base learner's mIoU (``class_miou``). A class that is never
+    predicted nor present (union 0) is left out of both means (BAM would count it 0; on a real
+    test list every class is present).
+
+    Args:
+        num_classes: classes, background (0) included.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    intersection: Tensor
+    union: Tensor
+    target: Tensor
+
+    def __init__(self, num_classes: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        self.num_classes = num_classes
+        for name in ("intersection", "union", "target"):
+            self.add_state(name, torch.zeros(num_classes, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        """``preds`` and ``target`` integer ``[B, H, W]`` (``target`` 255 ignored)."""
+        if preds.shape != target.shape:
+            raise ValueError(f"preds {tuple(preds.shape)} and target {tuple(target.shape)} differ")
+        valid = target != IGNORE_INDEX
+        preds, target = preds[valid].long(), target[valid].long()
+        count = self.num_classes
+        hits = torch.bincount(target[preds == target], minlength=count)[:count]
+        predicted = torch.bincount(preds, minlength=count)[:count]
+        labelled = torch.bincount(target, minlength=count)[:count]
+        self.intersection += hits
+        self.union += predicted + labelled - hits
+        self.target += labelled
+
+    def compute(self) -> dict[str, Tensor]:
+        """``miou``, ``miou_fg``, ``pixel_acc`` and ``iou_per_class`` (NaN for union 0)."""
+        iou = self.intersection.double() / self.union.double()
+        iou = iou.masked_fill(self.union == 0, float("nan"))
+        accuracy = self.intersection.sum().double() / self.target.sum().clamp(min=1).double()
+        return {
+            "miou": iou.nanmean().float(),
+            "miou_fg": iou[1:].nanmean().float(),
+            "pixel_acc": accuracy.float(),
+            "iou_per_class": iou.float(),
+        }

@@ -25,7 +25,8 @@ from datamodules.pascal import VOC_CLASSES
 from datamodules.semantic import CocoSemantic, PascalSemantic, ShapesSemantic
 from datamodules.source import open_label_png
 from tasks.decoders import PSPDecoder
-from tasks.semantic import SemanticIoU, SemanticSegmentation, main
+from tasks.metrics import SemanticIoU
+from tasks.semantic import SemanticSegmentation, main
 
 IMAGE = 65  # (H - 1) % 8 == 0: BAM's output size (H - 1) / 8 * 8 + 1 is the input's
 
