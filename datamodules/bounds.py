@@ -29,6 +29,10 @@ Probability = Annotated[float, Ge(0), Le(1)]
 BelowOne = Annotated[float, Ge(0), Lt(1)]
 #: A share strictly between none and all (a validation fraction).
 OpenFraction = Annotated[float, Gt(0), Lt(1)]
+#: A share above none, up to all (a centre crop's ratio).
+PositiveFraction = Annotated[float, Gt(0), Le(1)]
+#: A generated scene's side in pixels.
+AtLeast16 = Annotated[int, Ge(16)]
 
 
 def _is_constrained(annotation: Any) -> bool:

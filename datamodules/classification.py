@@ -8,7 +8,8 @@ training is shuffled by :class:`~torch.utils.data.DistributedSampler`, evaluatio
 ``r, r + W, ...`` so every sample is scored exactly once.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations``: the ranges must reach jsonargparse
+# (datamodules.bounds).
 
 import pickle
 from abc import abstractmethod
@@ -24,6 +25,14 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from .bounds import (
+    AtLeast8,
+    AtLeast16,
+    NonNegativeInt,
+    PositiveFraction,
+    PositiveInt,
+    check_bounds,
+)
 from .datamodule import data_dir, require, write_once
 from .files import IMAGE_EXTENSIONS, visible
 from .sampler import ShardedSampler, rank_and_world_size
@@ -180,20 +189,17 @@ class ClassificationDataModule(LightningDataModule):
     def __init__(
         self,
         root: str | None = None,
-        image_size: int = 224,
-        batch_size: int = 64,
-        num_workers: int = 4,
+        image_size: AtLeast8 = 224,
+        batch_size: PositiveInt = 64,
+        num_workers: NonNegativeInt = 4,
         crop_scale: tuple[float, float] = (0.08, 1.0),
-        crop_ratio: float = 0.875,
+        crop_ratio: PositiveFraction = 0.875,
         predict_dir: str | None = None,
     ) -> None:
+        check_bounds(ClassificationDataModule.__init__, dict(locals()))
         super().__init__()
-        require("image_size", image_size, image_size >= 8, "an integer >= 8")
-        require("batch_size", batch_size, batch_size >= 1, "an integer >= 1")
-        require("num_workers", num_workers, num_workers >= 0, "an integer >= 0")
         low, high = crop_scale
         require("crop_scale", crop_scale, 0 < low <= high <= 1, "(low, high), 0 < low <= high <= 1")
-        require("crop_ratio", crop_ratio, 0 < crop_ratio <= 1, "in (0, 1]")
         self.save_hyperparameters()
         self.root = Path(root).expanduser() if root is not None else self.default_root()
         self.image_size = image_size
@@ -344,8 +350,8 @@ class CifarData(ClassificationDataModule):
     def __init__(
         self,
         root: str,
-        image_size: int = 32,
-        crop_ratio: float = 1.0,
+        image_size: AtLeast8 = 32,
+        crop_ratio: PositiveFraction = 1.0,
         crop_scale: tuple[float, float] = (0.35, 1.0),
         **kwargs: Any,
     ) -> None:
@@ -444,11 +450,11 @@ class ShapesClassification(ImageFolderData):
         self,
         root: str | None = None,
         base_only_fold: int | None = None,
-        train_per_class: int = 150,
-        val_per_class: int = 25,
-        scene_size: int = 48,
+        train_per_class: PositiveInt = 150,
+        val_per_class: PositiveInt = 25,
+        scene_size: AtLeast16 = 48,
         data_seed: int = 0,
-        image_size: int = 48,
+        image_size: AtLeast8 = 48,
         crop_scale: tuple[float, float] = (0.5, 1.0),
         **kwargs: Any,
     ) -> None:
@@ -458,9 +464,7 @@ class ShapesClassification(ImageFolderData):
             base_only_fold is None or base_only_fold in range(NUM_FOLDS),
             f"None or one of {list(range(NUM_FOLDS))}",
         )
-        require("train_per_class", train_per_class, train_per_class >= 1, "an integer >= 1")
-        require("val_per_class", val_per_class, val_per_class >= 1, "an integer >= 1")
-        require("scene_size", scene_size, scene_size >= 16, "an integer >= 16")
+        check_bounds(ShapesClassification.__init__, dict(locals()))
         novel = pascal_novel_classes(base_only_fold) if base_only_fold is not None else []
         self.classes = [c for c in range(len(SHAPE_CLASSES)) if c not in novel]
         self.base_only_fold = base_only_fold

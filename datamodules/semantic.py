@@ -26,7 +26,8 @@ resolution, padded with 255), ``query_size``, ``query_valid``, ``query_resize_to
 each with its own augmentation seed, evaluation every image exactly once.
 """
 
-from __future__ import annotations
+# No ``from __future__ import annotations``: the ranges must reach jsonargparse
+# (datamodules.bounds).
 
 from abc import abstractmethod
 from collections.abc import Sequence
@@ -38,6 +39,14 @@ import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from .bounds import (
+    AtLeast8,
+    NonNegativeInt,
+    OpenFraction,
+    PositiveInt,
+    Probability,
+    check_bounds,
+)
 from .coco import COCO_CLASSES, CocoInstancesSource, coco_mask_source
 from .datamodule import FewShotDataModule, data_dir, require
 from .episode import (
@@ -188,21 +197,22 @@ class SemanticDataModule(LightningDataModule):
         root: str | None = None,
         fold: int | None = None,
         exclude_novel_from_train: bool = False,
-        image_size: int | None = None,
-        eval_size: int | None = None,
+        image_size: AtLeast8 | None = None,
+        eval_size: AtLeast8 | None = None,
         eval_resize: EvalResize = "longer_pad",
         eval_pad: EvalPad = "mean",
         scoring: Scoring = "original",
         train_scale: tuple[float, float] | None = None,
-        rotate_p: float = 0.5,
+        rotate_p: Probability = 0.5,
         train_resize_longer: bool = False,
-        batch_size: int | None = None,
-        global_batch_size: int | None = None,
-        num_workers: int | None = None,
-        val_fraction: float | None = 0.05,
+        batch_size: PositiveInt | None = None,
+        global_batch_size: PositiveInt | None = None,
+        num_workers: NonNegativeInt | None = None,
+        val_fraction: OpenFraction | None = 0.05,
         cache_dir: str | None = None,
         predict_images: list[str] | None = None,
     ) -> None:
+        check_bounds(SemanticDataModule.__init__, dict(locals()))
         super().__init__()
         default = self.dataset_defaults
         image_size = default["image_size"] if image_size is None else image_size
@@ -213,18 +223,7 @@ class SemanticDataModule(LightningDataModule):
         low, high = train_scale
         require("fold", fold, fold is None or fold in range(NUM_FOLDS),
                 f"None or one of {list(range(NUM_FOLDS))}")  # fmt: skip
-        require("image_size", image_size, image_size >= 8, "an integer >= 8")
-        require("eval_size", eval_size, eval_size is None or eval_size >= 8,
-                "None or an integer >= 8")  # fmt: skip
         require("train_scale", train_scale, 0 < low <= high, "(low, high) with 0 < low <= high")
-        require("rotate_p", rotate_p, 0 <= rotate_p <= 1, "in [0, 1]")
-        require("batch_size", batch_size, batch_size >= 1, "an integer >= 1")
-        require("global_batch_size", global_batch_size,
-                global_batch_size is None or global_batch_size >= 1,
-                "None or an integer >= 1")  # fmt: skip
-        require("num_workers", num_workers, num_workers >= 0, "an integer >= 0")
-        require("val_fraction", val_fraction, val_fraction is None or 0 < val_fraction < 1,
-                "None or in the open interval (0, 1)")  # fmt: skip
         self.save_hyperparameters()
         self.root = Path(root).expanduser() if root is not None else self.default_root()
         self.fold = fold

@@ -670,6 +670,19 @@ LITERAL_REPORTS = (
 )
 
 
+#: jsonargparse's report of an optional number outside its range (``--data.image_size 4``)
+OPTIONAL_RANGE_REPORT = re.compile(
+    UNION_REPORT + r" Subtypes: \[typing\.Annotated\[[^\]]*\], <class 'NoneType'>\] Errors: - 1 "
+    r"validation error for constrained-\w+ (?P<reason>.*?) - Expected a <class 'NoneType'> .*?"
+    r"Given value: (?P<given>.*)$"
+)
+
+
+def _range(match: re.Match) -> str:
+    reason = match["reason"][0].lower() + match["reason"][1:]
+    return f"{reason} or null, got {match['given']!r}"
+
+
 def _allowed_values(match: re.Match) -> str:
     null = " or null" if match["null"] else ""
     return f"expected one of [{match['values']}]{null}, got {match['given']!r}"
@@ -685,6 +698,8 @@ def condense_union_report(message: str) -> str:
     for report in LITERAL_REPORTS:
         if report.search(joined):
             return report.sub(_allowed_values, joined)
+    if OPTIONAL_RANGE_REPORT.search(joined):
+        return OPTIONAL_RANGE_REPORT.sub(_range, joined)
     if UNION_REPORT not in message:
         return " ".join(line.strip() for line in message.splitlines() if line.strip())
     lines = message.splitlines()

@@ -222,8 +222,10 @@ def test_model_arguments_are_validated(options: dict, field: str) -> None:
 
 
 def test_datamodule_arguments_are_validated(image_folder: Path, tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="batch_size must be an integer >= 1"):
+    with pytest.raises(ValueError, match="batch_size=0: input should be greater than 0"):
         ImageFolderData(str(image_folder), batch_size=0)
+    with pytest.raises(ValueError, match="scene_size=8: input should be greater than or equal"):
+        ShapesClassification(str(tmp_path), scene_size=8)
     with pytest.raises(ValueError, match="base_only_fold must be None or one of"):
         ShapesClassification(str(tmp_path), base_only_fold=4)
 

@@ -351,8 +351,25 @@ def test_cli_fit_test_predict_and_checkpoint_rebuild(tmp_path: Path) -> None:
 def test_bad_options_are_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="fold must be None or one of"):
         PascalSemantic(root=str(tmp_path), fold=4)
-    with pytest.raises(ValueError, match="val_fraction must be"):
+    with pytest.raises(ValueError, match=r"val_fraction=1\.0: input should be less than 1"):
         ShapesSemantic(root=str(tmp_path), val_fraction=1.0)
+
+
+def test_ranges_are_checked_when_the_command_line_is_parsed(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """``--data.rotate_p 2`` and an optional size out of range fail in one line at parse time,
+    before any data is read."""
+    for option, value, expected in (
+        ("rotate_p", "2", 'Parser key "rotate_p": 1 validation error for constrained-float '
+         "Input should be less than or equal to 1 Got value: 2"),
+        ("image_size", "4", 'Parser key "image_size": input should be greater than or equal to '
+         "8 or null, got '4'"),
+    ):  # fmt: skip
+        with pytest.raises(SystemExit):
+            main(["fit", f"--data.{option}", value])
+        error = capsys.readouterr().err.strip().splitlines()[-1]
+        assert error.startswith("error: ") and error.endswith(expected), error
     assert len(VOC_CLASSES) == 20
 
 
