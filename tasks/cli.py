@@ -5,31 +5,22 @@ settings the episodic datamodules rely on."""
 from __future__ import annotations
 
 import contextlib
-import importlib
 import inspect
-import os
-import re
-import signal
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar, NoReturn
 
 import torch
-import yaml
 from jsonargparse import Namespace
-from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from datamodules.files import writable_folder
 from tasks.callbacks.checkpointing import SaveLastOnInterrupt
 from tasks.callbacks.data_settings import (
-    DEFINING,
     DataMismatch,
     RecordDataSettings,
     check_data_settings,
@@ -37,6 +28,23 @@ from tasks.callbacks.data_settings import (
 )
 from tasks.callbacks.sync_batchnorm import AnyDeviceSyncBatchNorm
 from tasks.callbacks.tracking import SaveConfigToRun, finish_wandb
+from tasks.config_files import command_line_keys, config_files, duplicate_key, flatten
+from tasks.errors import (
+    condense_union_report,
+    input_errors_in_one_line,
+    sigterm_exit_code,
+    unwrap_union_error,
+)
+from tasks.runs import (
+    NAMED_CHECKPOINTS,
+    best_checkpoint,
+    configured_data_settings,
+    describe_settings,
+    imported,
+    is_wandb_logger,
+    last_checkpoint_places,
+    same_experiment,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -376,255 +384,6 @@ def run_cli(
         )
 
 
-def config_files(argv: Sequence[str]) -> list[str]:
-    """The files given to ``--config`` / ``-c`` on a command line."""
-    files = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg in ("--config", "-c")]
-    return files + [arg.split("=", 1)[1] for arg in argv if arg.startswith("--config=")]
-
-
-class _DuplicateKeyError(yaml.constructor.ConstructorError):
-    pass
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader refusing a mapping key written twice."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        first: dict[object, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if not isinstance(key, str):
-                continue
-            if key in first:
-                raise _DuplicateKeyError(
-                    None, None, f"{key!r} (first at line {first[key] + 1})", key_node.start_mark
-                )
-            first[key] = key_node.start_mark.line
-        return super().construct_mapping(node, deep)
-
-
-def duplicate_key(path: Path) -> str | None:
-    """``<file>:<line>: duplicate key ...`` for a YAML file with a key written twice in one
-    mapping, ``<file>:<line>:<column>: not valid YAML ...`` (a tab, a bad token), else ``None``
-    (an unreadable file is jsonargparse's to report)."""
-    try:
-        yaml.load(path.read_text(encoding="utf-8-sig"), Loader=_UniqueKeyLoader)
-    except _DuplicateKeyError as error:
-        line = error.problem_mark.line + 1 if error.problem_mark else "?"
-        return (
-            f"{path}:{line}: duplicate key {error.problem}; YAML would keep the second value "
-            "silently, so the config is refused"
-        )
-    except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark
-        where = f"{mark.line + 1}:{mark.column + 1}" if mark else "?"
-        line = path.read_text(encoding="utf-8-sig").splitlines()[mark.line] if mark else ""
-        hint = "; YAML indents with spaces, not tabs" if "\t" in line else ""
-        return f"{path}:{where}: not valid YAML ({error.problem}){hint}"
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None
-    return None
-
-
-def flatten(tree: object, prefix: str = "") -> dict[str, object]:
-    """``{"a.b.c": leaf}`` of nested dicts (lists and other values are leaves)."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat: dict[str, object] = {}
-    for key, value in tree.items():
-        flat.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
-
-
-def command_line_keys(argv: Sequence[str], group: str) -> set[str]:
-    """The keys under ``group`` that a command line sets (``--model.head X``, ``--model.lr=1``
-    give ``head``, ``lr``)."""
-    keys = set()
-    for arg in argv:
-        name = arg.split("=", 1)[0]
-        if name.startswith(f"--{group}."):
-            keys.add(name.removeprefix(f"--{group}."))
-    return keys
-
-
-def last_checkpoint_places(trainer: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """``(folder, glob pattern)`` pairs where the ``last.ckpt`` of earlier runs lie for a trainer
-    config: each ``ModelCheckpoint``'s ``dirpath`` where set, else the logger's runs."""
-    places = []
-    callbacks = trainer.get("callbacks") or []
-    for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
-        dirpath = getattr(getattr(callback, "init_args", None), "dirpath", None)
-        if dirpath and "ModelCheckpoint" in str(getattr(callback, "class_path", "")):
-            places.append((str(dirpath), "last*.ckpt"))
-    if places:
-        return places
-    root = trainer.get("default_root_dir") or "."
-    logger = trainer.get("logger")
-    logger = logger[0] if isinstance(logger, list) and logger else logger
-    if logger is False or logger is None:
-        return [(str(Path(root) / "checkpoints"), "last*.ckpt")]
-    if logger is True:
-        return [(str(Path(root) / "lightning_logs"), "*/checkpoints/last*.ckpt")]
-    args = getattr(logger, "init_args", None)
-    if is_wandb_logger(logger):
-        folder = Path(args.save_dir or args.dir or ".") / (args.project or "lightning_logs")
-    else:
-        save_dir = getattr(args, "save_dir", None) or getattr(args, "root_dir", None) or root
-        # CSV/TensorBoard: <save_dir>/<name>/version_N; name None or "" leaves the level out
-        folder = Path(save_dir) / (getattr(args, "name", "lightning_logs") or "")
-    return [(str(folder), "*/checkpoints/last*.ckpt")]
-
-
-#: ``--ckpt_path`` values resolved among the earlier runs (:meth:`TaskCLI.resolve_last`).
-NAMED_CHECKPOINTS = ("last", "best")
-
-#: :data:`~tasks.callbacks.data_settings.DEFINING` settings that a ``--data`` config does not
-#: hold as a checkpoint stores them (resolved when the datamodule is built: the class split, the
-#: protocol preset of ``protocol: null``).
-RESOLVED_WHEN_BUILT = ("novel_classes", "protocol")
-
-
-def configured_data_settings(data: Any, subcommand: str | None) -> dict[str, Any]:
-    """The settings a ``last``/``best`` run must share with ``subcommand``: those of
-    :data:`~tasks.callbacks.data_settings.DEFINING` that a difference would refuse (dataset and
-    fold; on ``fit`` also shots; ``predict`` runs on any images, so none) and that the ``--data``
-    config (``class_path`` + ``init_args``) gives; ``{}`` for data without folds
-    (classification)."""
-    init_args = getattr(data, "init_args", None)
-    if init_args is None or init_args.get("fold") is None:
-        return {}
-    kind = imported(str(data.class_path))
-    settings = {"dataset": f"{kind.__module__}.{kind.__qualname__}", **dict(init_args)}
-    return {
-        name: settings[name]
-        for name, (_, refused_on) in DEFINING.items()
-        if subcommand in refused_on and name in settings and name not in RESOLVED_WHEN_BUILT
-    }
-
-
-def same_experiment(stored: dict[str, Any], wanted: dict[str, Any]) -> bool:
-    """Whether the settings both record are equal (a checkpoint written before the settings
-    were stored is compared on what it has)."""
-    return all(stored[k] == v for k, v in wanted.items() if k in stored)
-
-
-def describe_settings(settings: dict[str, Any], keys: dict[str, Any]) -> str:
-    """``ShapesFewShot fold 1 shots 2`` for the ``keys`` that ``settings`` records."""
-    words = []
-    for key in keys:
-        if key in settings:
-            value = settings[key]
-            words.append(value.rpartition(".")[2] if key == "dataset" else f"{key} {value}")
-    return " ".join(words)
-
-
-def best_checkpoint(last: Path, checkpoint: dict[str, Any]) -> Path:
-    """The best checkpoint that ``last`` (loaded as ``checkpoint``) records of its monitoring
-    ``ModelCheckpoint`` (the first with a monitor, e.g. ``val/miou``), checked to exist."""
-    states = [
-        state
-        for key, state in (checkpoint.get("callbacks") or {}).items()
-        if str(key).startswith("ModelCheckpoint")
-        and state.get("monitor")
-        and state.get("best_model_path")
-    ]
-    if not states:
-        raise FileNotFoundError(
-            f"--ckpt_path best: the newest run's {last} records no best checkpoint (no "
-            "ModelCheckpoint with a monitor, or no validation yet); pass the checkpoint file "
-            "itself, or --ckpt_path last"
-        )
-    state = states[0]
-    best = Path(state["best_model_path"])
-    if not best.is_file():
-        raise FileNotFoundError(
-            f"--ckpt_path best: {last} records the best checkpoint {str(best)!r}, which does "
-            "not exist (moved or deleted?); pass the checkpoint file itself"
-        )
-    score = state.get("best_model_score")
-    monitor = state.get("monitor")
-    if score is not None and monitor:
-        rank_zero_info(f"--ckpt_path best: {monitor} {float(score):.4f} of run {last.parents[1]}")
-    return best
-
-
-def is_wandb_logger(logger: object) -> bool:
-    """Whether a logger's config (``class_path`` + ``init_args``) names a WandbLogger class."""
-    class_path = getattr(logger, "class_path", None)
-    if not isinstance(class_path, str):
-        return False
-    return issubclass(imported(class_path), WandbLogger)
-
-
-def imported(class_path: str) -> Any:
-    """The object a config's dotted ``class_path`` names (``datamodules.ShapesFewShot``)."""
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
-#: Errors the project raises for bad input (options, files, data, weights, devices): before
-#: training, the command line prints them as one ``error:`` line (:func:`input_errors_in_one_line`)
-INPUT_ERRORS = (ValueError, FileNotFoundError, PermissionError, NotADirectoryError,
-                IsADirectoryError, FileExistsError, MisconfigurationException)  # fmt: skip
-
-#: Set (to anything but ``0`` or empty) for the traceback of an input error too.
-DEBUG_VARIABLE = "FEWSHOT_DEBUG"
-
-#: The Lightning frame that runs the loops: an error raised under it happened during a run
-#: (training, validation, test or prediction steps), a crash that keeps its traceback.
-RUNNING_FRAME = "_run_stage"
-
-#: Exit code of an input error, as jsonargparse's for a bad option.
-INPUT_ERROR_EXIT = 2
-
-
-@contextlib.contextmanager
-def input_errors_in_one_line() -> Iterator[None]:
-    """A project error raised for bad input before anything runs (:data:`INPUT_ERRORS`, not
-    under Lightning's loops) ends the command with ``error: <message>`` on stderr and exit code
-    :data:`INPUT_ERROR_EXIT`, as jsonargparse reports a bad option; ``FEWSHOT_DEBUG=1`` keeps
-    the traceback. Other exceptions, and errors raised during steps, keep their traceback."""
-    try:
-        yield
-    except INPUT_ERRORS as error:
-        if os.environ.get(DEBUG_VARIABLE, "") not in ("", "0") or raised_while_running(error):
-            raise
-        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-        print(f"error: {message or type(error).__name__}", file=sys.stderr)
-        raise SystemExit(INPUT_ERROR_EXIT) from None
-
-
-def raised_while_running(error: BaseException) -> bool:
-    """Whether ``error`` (or one it was raised from) passed through :data:`RUNNING_FRAME`."""
-    seen: set[int] = set()
-    link: BaseException | None = error
-    while link is not None and id(link) not in seen:
-        seen.add(id(link))
-        tb = link.__traceback__
-        while tb is not None:
-            if tb.tb_frame.f_code.co_name == RUNNING_FRAME:
-                return True
-            tb = tb.tb_next
-        link = link.__cause__ or link.__context__
-    return False
-
-
-#: The exit code of a run stopped by SIGTERM, as a shell reports a process the signal ended.
-SIGTERM_EXIT = 128 + signal.SIGTERM
-
-
-@contextlib.contextmanager
-def sigterm_exit_code() -> Iterator[None]:
-    """Lightning stops ``fit`` on SIGTERM by raising ``SIGTERMException``, a ``SystemExit``
-    without a code: the process would exit 0 as if training had finished. Exit with
-    :data:`SIGTERM_EXIT` instead (``last.ckpt`` is saved by
-    :class:`tasks.callbacks.checkpointing.SaveLastOnInterrupt` on the way)."""
-    try:
-        yield
-    except SIGTERMException as stop:
-        raise SystemExit(SIGTERM_EXIT) from stop
-
-
 @contextlib.contextmanager
 def finished_wandb_run() -> Iterator[None]:
     """Close the W&B run when the command ends, marked failed on an exception (with the
@@ -642,76 +401,3 @@ def finished_wandb_run() -> Iterator[None]:
         finish_wandb(exit_code=code if isinstance(code, int) and code else 1)
         raise
     finish_wandb()
-
-
-UNION_REPORT = "Does not validate against any of the Union subtypes"
-
-
-def unwrap_union_error(error: BaseException) -> BaseException:
-    """The project's own error inside jsonargparse's union reports (``__cause__`` chain)."""
-    while error.__cause__ is not None and str(error).startswith(UNION_REPORT):
-        error = error.__cause__
-    return error
-
-
-#: pydantic's pointers to its error catalogue, in the reports of ranges (datamodules.bounds)
-PYDANTIC_NOISE = re.compile(r"\s*\[type=[^\]]*\]|\s*For further information visit \S+")
-
-
-#: jsonargparse's reports of a value outside a closed set (that may also be null), on one line
-LITERAL_REPORTS = (
-    re.compile(
-        UNION_REPORT + r" Subtypes: \[typing\.Literal\[(?P<values>[^\]]*)\](?P<null>, <class "
-        r"'NoneType'>)?\] Errors: .*? Given value: (?P<given>.*)$"
-    ),
-    re.compile(
-        r"Expected a typing\.Literal\[(?P<values>[^\]]*)\](?P<null>)\. Got value: (?P<given>.*)$"
-    ),
-)
-
-
-#: jsonargparse's report of an optional number outside its range (``--data.image_size 4``)
-OPTIONAL_RANGE_REPORT = re.compile(
-    UNION_REPORT + r" Subtypes: \[typing\.Annotated\[[^\]]*\], <class 'NoneType'>\] Errors: - 1 "
-    r"validation error for constrained-\w+ (?P<reason>.*?) - Expected a <class 'NoneType'> .*?"
-    r"Given value: (?P<given>.*)$"
-)
-
-
-def _range(match: re.Match) -> str:
-    reason = match["reason"][0].lower() + match["reason"][1:]
-    return f"{reason} or null, got {match['given']!r}"
-
-
-def _allowed_values(match: re.Match) -> str:
-    null = " or null" if match["null"] else ""
-    return f"expected one of [{match['values']}]{null}, got {match['given']!r}"
-
-
-def condense_union_report(message: str) -> str:
-    """``Parser key "data": datamodules.ShapesFewShot: Parser key "shots": Expected ...`` from
-    jsonargparse's multi-line report of a value no alternative of an optional class accepts;
-    a closed set (``--data.protocol pfnet``) as its allowed values; another nested report (a
-    ``class_path`` option) on one line."""
-    message = PYDANTIC_NOISE.sub("", message)
-    joined = " ".join(line.strip() for line in message.splitlines() if line.strip())
-    for report in LITERAL_REPORTS:
-        if report.search(joined):
-            return report.sub(_allowed_values, joined)
-    if OPTIONAL_RANGE_REPORT.search(joined):
-        return OPTIONAL_RANGE_REPORT.sub(_range, joined)
-    if UNION_REPORT not in message:
-        return " ".join(line.strip() for line in message.splitlines() if line.strip())
-    lines = message.splitlines()
-    start = next(
-        (i for i, line in enumerate(lines) if "- Problem with given class_path" in line), None
-    )
-    if start is None:
-        return message
-    indent = len(lines[start]) - len(lines[start].lstrip())
-    own = [lines[start].strip().removeprefix("- Problem with given class_path ").rstrip(":")]
-    for line in lines[start + 1 :]:
-        if len(line) - len(line.lstrip()) <= indent:
-            break
-        own.append(line.strip())
-    return " ".join([lines[0].strip(), *own])

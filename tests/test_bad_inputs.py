@@ -40,7 +40,7 @@ from datamodules.shapes import ensure_shapes
 from tasks.base import BaseTask
 from tasks.classify import ImageClassification
 from tasks.classify import main as classify_main
-from tasks.cli import DEBUG_VARIABLE, input_errors_in_one_line
+from tasks.errors import DEBUG_VARIABLE, input_errors_in_one_line
 from tasks.segment import FewShotSegmentation
 from tasks.segment import main as segment_main
 

@@ -18,7 +18,7 @@ import torch
 from test_resume import ENV, TIMEOUT, fit_command, resume_to_the_end, start_and_wait_for_last
 from wandb_records import OfflineRun
 
-from tasks.cli import SIGTERM_EXIT
+from tasks.errors import SIGTERM_EXIT
 
 
 @pytest.mark.slow
