@@ -154,8 +154,6 @@ class BAMHead(OfficialCheckpoint):
     official_encoder: ClassVar[Mapping[str, Any]] = FeatureEnrichment.official_encoder
     #: the task keeps the encoder frozen: the base learner reads its deepest stage
     requires_frozen_backbone: ClassVar[bool] = True
-    #: the task passes each episode's base-learner channel (``base_channels``)
-    reads_episode_class: ClassVar[bool] = True
 
     def __init__(
         self,
