@@ -94,11 +94,13 @@ class FewShotSegmentation(BaseTask):
             backbone run under ``torch.no_grad`` (PFENet/ASGNet); else it is fine-tuned at
             ``lr * backbone_lr_mult``. Default: fine-tuned, frozen with ``official_checkpoint``.
         optimizer: ``"sgd"`` (the reference recipes) or ``"adamw"``.
-        lr, momentum, weight_decay: optimizer settings (ASGNet PASCAL: 0.0025, 0.9, 1e-4).
-        poly_power: learning rate ``lr * (1 - step / total_steps) ** poly_power`` per step.
+        lr, momentum, weight_decay: optimizer settings (ASGNet PASCAL: 0.025, 0.9, 1e-4).
+        poly_power: learning rate ``lr * (1 - k / T) ** poly_power`` set before step ``k`` of
+            ``T`` (:func:`tasks.base.poly_factor`).
         backbone_lr_mult: the backbone's learning-rate multiplier when fine-tuned.
-        official_checkpoint: a released PFENet, ASGNet or HSNet model: its encoder and head
-            replace ``backbone`` and ``head`` (:func:`official_model`), frozen as in the papers.
+        official_checkpoint: a released PFENet, ASGNet, HSNet or BAM model: its encoder and
+            head replace ``backbone`` and ``head``
+            (:func:`tasks.heads.official.official_model`), frozen as in the papers.
         official_trusted: unpickle ``official_checkpoint`` fully (only a file you trust).
         channels_last: keep weights and images in channels-last memory order (faster
             convolutions with tensor cores and on recent CPUs); results are unchanged.
