@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
 from .bounds import AtLeast8, NonNegativeInt, OpenFraction, PositiveInt, Probability, check_bounds
@@ -36,6 +35,7 @@ from .episode import (
     input_dtype,
     to_model_inputs,
 )
+from .global_batch import GlobalBatchDataModule
 from .index import ClassCounts, class_counts
 from .predict import PredictEpisodes
 from .protocols import (
@@ -53,7 +53,7 @@ from .protocols import (
     episodes_per_pass,
     resolve_protocol,
 )
-from .sampler import EpisodeSampler, rank_and_world_size, step_batches
+from .sampler import EpisodeSampler, rank_and_world_size
 from .sampling import EpisodeRule, pair_items, walk_items
 from .source import SegmentationSource
 from .splits import NUM_FOLDS, eligible_images, hold_out
@@ -99,7 +99,7 @@ def require(name: str, value: Any, ok: bool, allowed: str) -> None:
         raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
-class FewShotDataModule(LightningDataModule):
+class FewShotDataModule(GlobalBatchDataModule):
     """Episodic few-shot segmentation data for one fold.
 
     Options that default to ``None`` take the dataset's own value (:attr:`dataset_defaults`), so a
@@ -336,7 +336,7 @@ class FewShotDataModule(LightningDataModule):
         if stage == "predict":
             return
         if stage == "fit":
-            self._set_accumulation()
+            self.set_accumulation()
         if stage in (None, "fit", "validate") and "val" not in self._pools:
             counts = self.counts("train")
             held = self.validation_images(counts)
@@ -383,27 +383,6 @@ class FewShotDataModule(LightningDataModule):
         if rule == "pair_walk":
             walk = pair_items(walk)
         return EpisodeRule(rule, pools, self.shots, walk, repeats)
-
-    def train_batches(self) -> tuple[int, int]:
-        """``(episodes per device batch, batches accumulated per optimizer step)`` in training."""
-        if self.global_batch_size is None:
-            return self.batch_size, 1
-        _, world_size = rank_and_world_size(self.trainer)
-        return step_batches(self.global_batch_size, self.batch_size, world_size)
-
-    def _set_accumulation(self) -> None:
-        """The trainer accumulates the batches that ``global_batch_size`` asks for; an explicit,
-        different ``trainer.accumulate_grad_batches`` is an error naming both."""
-        if self.trainer is None or self.global_batch_size is None:
-            return
-        accumulate = self.train_batches()[1]
-        if self.trainer.accumulate_grad_batches not in (1, accumulate):
-            raise ValueError(
-                f"trainer.accumulate_grad_batches={self.trainer.accumulate_grad_batches} "
-                f"conflicts with data.global_batch_size={self.global_batch_size}, which sets "
-                "the accumulation itself: leave trainer.accumulate_grad_batches at 1"
-            )
-        self.trainer.accumulate_grad_batches = accumulate
 
     def _checked(self, stage: str, pools: dict[int, list[str]]) -> dict[int, list[str]]:
         short = {c: len(ids) for c, ids in pools.items() if len(ids) < self.shots + 1}

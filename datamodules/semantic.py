@@ -36,7 +36,6 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from .bounds import (
@@ -48,7 +47,7 @@ from .bounds import (
     check_bounds,
 )
 from .coco import COCO_CLASSES, CocoInstancesSource, coco_mask_source
-from .datamodule import FewShotDataModule, data_dir, require
+from .datamodule import data_dir, require
 from .episode import (
     Batch,
     Episode,
@@ -59,6 +58,7 @@ from .episode import (
     input_dtype,
     to_model_inputs,
 )
+from .global_batch import GlobalBatchDataModule
 from .index import class_counts
 from .pascal import VOC_CLASSES, pascal_source
 from .predict import expand_images
@@ -142,7 +142,7 @@ class PredictImages(Dataset):
         return {**batch, "query_id": path.stem, "query_path": str(path)}
 
 
-class SemanticDataModule(LightningDataModule):
+class SemanticDataModule(GlobalBatchDataModule):
     """Semantic segmentation of a dataset's classes, or of a fold's base classes.
 
     Stages: ``fit`` trains on the training list (minus the held-out images and, with
@@ -273,15 +273,11 @@ class SemanticDataModule(LightningDataModule):
         if self.val_fraction is not None or self.exclude_novel_from_train:
             class_counts(self.source("train"), self.cache_dir)
 
-    # Global batch and accumulation: the few-shot datamodule's rules (same attributes).
-    train_batches = FewShotDataModule.train_batches
-    _set_accumulation = FewShotDataModule._set_accumulation
-
     def setup(self, stage: str | None = None) -> None:
         if stage == "predict":
             return
         if stage == "fit":
-            self._set_accumulation()
+            self.set_accumulation()
         if stage in (None, "fit", "validate") and "train" not in self._ids:
             self._split_training_list()
         if stage in (None, "test") and "test" not in self._ids:
