@@ -39,7 +39,8 @@ What runs, for each method and shot count:
   BatchNorm in eval mode), ``freeze_modules``, SGD over ``get_optim``'s meta-learner groups at
   10x ``base_lr`` (``index_split: -1``), loss ``main + aux1 + aux2`` (``aux_weight1/2: 1.0``; the
   base learner's ``aux2`` carries no gradient); the episodes' classes are fold 0's first base
-  classes in training (``cat_idx``; the project's ``base_channels = cat_idx + 1``, its
+  classes in training (``cat_idx``; the project passes the episodes' ``class_ids``, which
+  :class:`~tasks.heads.BAMHead` maps to channel ``cat_idx + 1``,
   :func:`tasks.heads.bam.base_channel_lookup`) and its novel classes in evaluation (the official
   evaluation sums every base class; so does the project for a novel class). Besides the eval
   logits, the training losses (main and meta) are compared with dropout off.

@@ -70,6 +70,15 @@ def build_scheduler(
     return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
 
 
+def upgrade_scheduler_states(checkpoint: dict[str, Any]) -> None:
+    """A checkpoint written with torch's ``PolynomialLR`` (before the papers' schedule) resumes
+    on :func:`build_scheduler`'s ``LambdaLR``: its state gets the ``lr_lambdas`` entry that
+    ``LambdaLR`` reads, and its ``last_epoch`` (the steps done) carries on."""
+    for state in checkpoint.get("lr_schedulers") or []:
+        if "lr_lambdas" not in state and {"power", "total_iters"} <= set(state):
+            state["lr_lambdas"] = [None] * len(state.get("base_lrs", []))
+
+
 class BaseTask(LightningModule):
     """A task whose checkpoints describe its model.
 
@@ -173,6 +182,7 @@ class BaseTask(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A checkpoint of another task or model fails here with one error naming the file,
         before Lightning's strict load lists keys without naming either."""
+        upgrade_scheduler_states(checkpoint)
         path = getattr(self.attached_trainer(), "ckpt_path", None)
         source = f"checkpoint {str(path)!r}" if path else "the checkpoint"
         name = type(self).__name__

@@ -35,7 +35,8 @@ def pixel_mean_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     ``nn.CrossEntropyLoss(ignore_index=255)`` on one device, where an episode weighs by its
     labelled pixels. Over devices and accumulated batches the task makes it the mean over the
     global batch's pixels (:meth:`FewShotSegmentation.on_before_optimizer_step`)."""
-    return nn.functional.cross_entropy(logits, target, ignore_index=IGNORE)
+    pixels = nn.functional.cross_entropy(logits, target, ignore_index=IGNORE, reduction="sum")
+    return pixels / (target != IGNORE).sum().clamp(min=1)
 
 
 #: ``loss_reduction`` of the protocol (:mod:`datamodules.protocols`) -> the batch criterion

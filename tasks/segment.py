@@ -95,8 +95,8 @@ class FewShotSegmentation(BaseTask):
             ``lr * backbone_lr_mult``. Default: fine-tuned, frozen with ``official_checkpoint``.
         optimizer: ``"sgd"`` (the reference recipes) or ``"adamw"``.
         lr, momentum, weight_decay: optimizer settings (ASGNet PASCAL: 0.025, 0.9, 1e-4).
-        poly_power: learning rate ``lr * (1 - k / T) ** poly_power`` set before step ``k`` of
-            ``T`` (:func:`tasks.base.poly_factor`).
+        poly_power: learning rate ``lr * (1 - k / T) ** poly_power`` set before optimizer step
+            ``k = 1 .. T`` (:func:`tasks.base.poly_factor`).
         backbone_lr_mult: the backbone's learning-rate multiplier when fine-tuned.
         official_checkpoint: a released PFENet, ASGNet, HSNet or BAM model: its encoder and
             head replace ``backbone`` and ``head``
@@ -314,6 +314,10 @@ class FewShotSegmentation(BaseTask):
                         module.train()
         return self
 
+    def on_train_start(self) -> None:
+        """No pixel count of an earlier, interrupted fit carries into this one's first step."""
+        self._step_labelled, self._batch_pixels = None, None
+
     def on_fit_start(self) -> None:
         """A head that cannot be trained as it is stops here
         (:meth:`~tasks.heads.FewShotHead.check_ready_to_fit`); parameter counts into every
@@ -401,7 +405,9 @@ class FewShotSegmentation(BaseTask):
         over its size ``P``, divided by the accumulated batches ``A`` and averaged over the
         ``W`` devices) times ``W A P / N``, ``N`` the labelled pixels of the global batch (one
         all-reduce): the gradient of the mean over all of them, as one device running the whole
-        batch computes it (PFENet's criterion), whatever the device count."""
+        batch computes it (PFENet's criterion), whatever the device count. Callbacks' own
+        ``on_before_optimizer_step`` run before this hook, so they see the gradients before the
+        rescaling; clipping runs after it."""
         if self._step_labelled is None:
             return
         labelled = self.trainer.strategy.reduce(self._step_labelled, reduce_op="sum")
@@ -410,7 +416,9 @@ class FewShotSegmentation(BaseTask):
         scale = (size / labelled.clamp(min=1)).float()
         self._step_labelled, self._batch_pixels = None, None
         grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
-        torch._foreach_mul_([g for g in grads if g is not None], scale)
+        grads = [g for g in grads if g is not None]
+        if grads:
+            torch._foreach_mul_(grads, scale)
 
     def on_train_epoch_end(self) -> None:
         super().on_train_epoch_end()

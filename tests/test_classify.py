@@ -20,7 +20,7 @@ from backbones import build_backbone
 from datamodules import CifarData, ImageFolderData, ShapesClassification
 from datamodules.classification import shapes_class_folder
 from datamodules.transforms import IMAGENET_MEAN, IMAGENET_STD
-from tasks.base import build_scheduler
+from tasks.base import build_scheduler, upgrade_scheduler_states
 from tasks.classify import ImageClassification, main
 from tasks.segment import main as segment_main
 
@@ -271,6 +271,24 @@ def test_schedules_follow_the_closed_forms_per_step(total: int) -> None:
             rates.append(optimizer.param_groups[0]["lr"])
         expected = [0.01 * closed(t) for t in range(total + 1)]
         assert rates == pytest.approx(expected, rel=1e-12, abs=1e-15), schedule
+
+
+def test_a_polynomial_lr_state_of_an_older_checkpoint_resumes_on_the_papers_schedule() -> None:
+    """A run saved with torch's ``PolynomialLR`` (before the papers' schedule) resumes: the state
+    loads into :func:`build_scheduler`'s scheduler and the step count carries on."""
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    old = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=10, power=0.9)
+    for _ in range(3):
+        optimizer.step()
+        old.step()
+    checkpoint = {"lr_schedulers": [old.state_dict()]}
+    upgrade_scheduler_states(checkpoint)
+    scheduler = build_scheduler(optimizer, "poly", 10, 0.9)
+    scheduler.load_state_dict(checkpoint["lr_schedulers"][0])
+    optimizer.step()
+    scheduler.step()
+    assert scheduler.last_epoch == 4
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01 * (1 - 5 / 10) ** 0.9)
 
 
 def test_per_class_accuracy_is_logged(image_folder: Path) -> None:

@@ -11,7 +11,7 @@ from PIL import Image
 
 from backbones import build_backbone
 from tasks.heads import ASGNetHead, HSNetHead, PFENetHead, PrototypeHead
-from tasks.scoring import original_resolution_predictions
+from tasks.scoring import original_resolution_predictions, pixel_mean_cross_entropy
 from tasks.segment import FewShotSegmentation, main
 
 BACKBONES = {
@@ -265,3 +265,17 @@ def test_logger_and_progress_bar_can_be_turned_off(tmp_path: Path, monkeypatch) 
     kinds = {type(callback).__name__ for callback in cli.trainer.callbacks}
     assert "LearningRateMonitor" not in kinds and "RichProgressBar" not in kinds
     assert cli.trainer.global_step == 1 and (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_pixel_mean_of_a_batch_without_labelled_pixels_is_zero_not_nan() -> None:
+    """A device batch whose pixels are all ignored (small batches, large 255 regions) adds
+    nothing to the papers' pixel mean instead of stopping training with a NaN loss."""
+    logits = torch.randn(2, 2, 4, 4, requires_grad=True)
+    ignored = torch.full((2, 4, 4), 255)
+    loss = pixel_mean_cross_entropy(logits, ignored)
+    loss.backward()
+    assert loss.item() == 0 and torch.isfinite(logits.grad).all()
+    target = torch.randint(0, 2, (2, 4, 4))
+    torch.testing.assert_close(
+        pixel_mean_cross_entropy(logits, target), torch.nn.functional.cross_entropy(logits, target)
+    )

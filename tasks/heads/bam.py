@@ -269,6 +269,7 @@ class BAMHead(OfficialCheckpoint):
                 self.base_learner_record, getattr(datamodule, "novel_classes", None)
             )
         base_classes = getattr(datamodule, "base_classes", None)
+        self.base_channel_of = None  # no data's classes: every episode's class counts as novel
         if base_classes is not None:
             self.base_channel_of = base_channel_lookup(
                 base_classes, datamodule.num_classes, self.num_base_classes

@@ -126,8 +126,9 @@ def official_heads() -> list[type[OfficialCheckpoint]]:
 def official_model(
     path: str, trusted: bool = False, head: HeadFactory | nn.Module | None = None
 ) -> tuple[Backbone, nn.Module]:
-    """The encoder and head of a released PFENet, ASGNet or HSNet model (``model/PFENet.py``'s
-    ``train_epoch_*.pth``, ``model/asgnet.py``'s checkpoint, HSNet's ``best_model.pt``): the
+    """The encoder and head of a released PFENet, ASGNet, HSNet or BAM model (``model/PFENet.py``'s
+    ``train_epoch_*.pth``, ``model/asgnet.py``'s checkpoint, HSNet's ``best_model.pt``, BAM's
+    ``train_epoch_*.pth`` with its base learner): the
     encoder the file holds in its paper's layout (PSPNet's deep stem, uniform dilation and
     output stride 8, of the file's depth; HSNet's torchvision ResNet at output stride 32;
     PFENet's VGG-16 cut, :class:`backbones.VGG`, for its COCO models), and the head of the
