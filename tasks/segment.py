@@ -405,9 +405,10 @@ class FewShotSegmentation(BaseTask):
         over its size ``P``, divided by the accumulated batches ``A`` and averaged over the
         ``W`` devices) times ``W A P / N``, ``N`` the labelled pixels of the global batch (one
         all-reduce): the gradient of the mean over all of them, as one device running the whole
-        batch computes it (PFENet's criterion), whatever the device count. Callbacks' own
-        ``on_before_optimizer_step`` run before this hook, so they see the gradients before the
-        rescaling; clipping runs after it."""
+        batch computes it (PFENet's criterion), whatever the device count. ``P`` is the same on
+        every rank: ``global_batch_size`` splits evenly and the presets crop to one size.
+        Callbacks' own ``on_before_optimizer_step`` run before this hook, so they see the
+        gradients before the rescaling; clipping runs after it."""
         if self._step_labelled is None:
             return
         labelled = self.trainer.strategy.reduce(self._step_labelled, reduce_op="sum")
