@@ -373,18 +373,21 @@ class FewShotSegmentation(BaseTask):
                 self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch_size,
                          sync_dist=True)  # fmt: skip
             return terms.total
-        labelled = self._count_pixels(batch["query_mask"])
-        # the ranks' pixel sums over their labelled pixels: the global batch's pixel mean
+        labelled = self._labelled_pixels(batch["query_mask"])
+        # the ranks' pixel sums over their labelled pixels: the global batch's pixel mean; the
+        # labelled count, summed over the step's batches, also serves the gradients' rescaling
         sums = torch.stack([*(v.detach().float() * labelled for v in values.values()), labelled])
         sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+        step = self._step_labelled
+        self._step_labelled = sums[-1] if step is None else step + sums[-1]
         for name, value in zip(values, sums[:-1] / sums[-1].clamp(min=1), strict=True):
             self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=batch_size)
         return terms.total * (labelled / batch["query_mask"].numel()).to(terms.total.dtype)
 
-    def _count_pixels(self, target: Tensor) -> Tensor:
-        """The batch's labelled pixels (float32), added to the optimizer step's count for
-        :meth:`on_before_optimizer_step`, which needs every batch of the step to have one size
-        ``P`` (the step's loss, the pixel mean times labelled / ``P``, is the pixel sum / ``P``)."""
+    def _labelled_pixels(self, target: Tensor) -> Tensor:
+        """The batch's labelled pixels (float32); every batch of an optimizer step must have one
+        size ``P`` for :meth:`on_before_optimizer_step` (the step's loss, the pixel mean times
+        labelled / ``P``, is the pixel sum / ``P``)."""
         pixels = target.numel()
         if self._batch_pixels is None:
             self._batch_pixels = pixels
@@ -394,27 +397,23 @@ class FewShotSegmentation(BaseTask):
                 f"step; got {tuple(target.shape)} after batches of {self._batch_pixels} pixels "
                 "(data.protocol's presets crop to data.image_size)"
             )
-        labelled = (target != IGNORE).sum().float()
-        self._step_labelled = (
-            labelled if self._step_labelled is None else self._step_labelled + labelled
-        )
-        return labelled
+        return (target != IGNORE).sum().float()
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """Under the ``pixels`` reduction, the accumulated gradients (each batch's pixel sum
         over its size ``P``, divided by the accumulated batches ``A`` and averaged over the
-        ``W`` devices) times ``W A P / N``, ``N`` the labelled pixels of the global batch (one
-        all-reduce): the gradient of the mean over all of them, as one device running the whole
-        batch computes it (PFENet's criterion), whatever the device count. ``P`` is the same on
-        every rank: ``global_batch_size`` splits evenly and the presets crop to one size.
+        ``W`` devices) times ``W A P / N``, ``N`` the labelled pixels of the global batch (summed
+        by the all-reduce of each batch's logged losses): the gradient of the mean over all of
+        them, as one device running the whole batch computes it (PFENet's criterion), whatever
+        the device count. ``P`` is the same on every rank: ``global_batch_size`` splits evenly
+        and the presets crop to one size.
         Callbacks' own ``on_before_optimizer_step`` run before this hook, so they see the
         gradients before the rescaling; clipping runs after it."""
         if self._step_labelled is None:
             return
-        labelled = self.trainer.strategy.reduce(self._step_labelled, reduce_op="sum")
         trainer = self.trainer
         size = trainer.world_size * trainer.accumulate_grad_batches * self._batch_pixels
-        scale = (size / labelled.clamp(min=1)).float()
+        scale = (size / self._step_labelled.clamp(min=1)).float()
         self._step_labelled, self._batch_pixels = None, None
         grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
         grads = [g for g in grads if g is not None]

@@ -78,7 +78,7 @@ def _build(make: Callable[..., FewShotHead], features: FeaturePyramid, shots: in
     return head
 
 
-def _check_output(head: FewShotHead, out: Any, batch: int, shots: int, name: type) -> Tensor:
+def _check_output(out: Any, batch: int, shots: int, name: type) -> None:
     _rule(
         isinstance(out, HeadOutput), name, f"forward returned {type(out).__name__}, not HeadOutput"
     )
@@ -101,7 +101,6 @@ def _check_output(head: FewShotHead, out: Any, batch: int, shots: int, name: typ
             name,
             f"shot_logits are {tuple(out.shot_logits.shape)}; expected [{batch}, {shots}, 2, h, w]",
         )
-    return logits
 
 
 def check_head(make: Callable[..., FewShotHead], features: FeaturePyramid, size: int = 64) -> None:
@@ -140,7 +139,7 @@ def check_head(make: Callable[..., FewShotHead], features: FeaturePyramid, size:
                     if "class_ids" not in str(error):
                         raise
                     _rule(False, name, "forward does not accept the class_ids keyword")
-                _check_output(head, out, batch, shots, name)
+                _check_output(out, batch, shots, name)
 
     head = _build(make, features, 3).train()
     query, support, masks = _episode(features, names, 2, 3, size, seed=5)
