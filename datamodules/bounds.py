@@ -56,3 +56,8 @@ def check_bounds(function: Callable[..., Any], arguments: Mapping[str, Any]) -> 
         except ValidationError as error:
             reason = error.errors()[0]["msg"]
             raise ValueError(f"{name}={value!r}: {reason[0].lower()}{reason[1:]}") from None
+
+
+def require(name: str, value: Any, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {allowed}, got {value!r}")

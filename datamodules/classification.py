@@ -32,9 +32,9 @@ from .bounds import (
     PositiveFraction,
     PositiveInt,
     check_bounds,
+    require,
 )
-from .datamodule import data_dir, require, write_once
-from .files import IMAGE_EXTENSIONS, visible
+from .files import IMAGE_EXTENSIONS, data_dir, visible, write_once
 from .sampler import ShardedSampler, rank_and_world_size
 from .shapes import GENERATOR_VERSION, SHAPE_CLASSES, render_scene
 from .source import missing_path_error, open_image

@@ -12,8 +12,9 @@ from typing import Any, ClassVar
 import numpy as np
 from pycocotools.coco import COCO
 
-from .datamodule import FewShotDataModule, Split, data_dir
-from .files import visible
+from .datamodule import FewShotDataModule
+from .dataset import SegmentationDataset, Split, TaskDefaults
+from .files import data_dir, visible
 from .protocols import CocoCrowd
 from .source import IGNORE, PngLabelSource, SegmentationSource, missing_path_error
 from .splits import CocoSplit, coco_novel_classes
@@ -159,28 +160,28 @@ def coco_mask_source(
     return PngLabelSource(name, len(COCO_CLASSES), files)
 
 
-class CocoFewShot(FewShotDataModule):
-    """COCO-20i episodes: 80 classes in 4 folds of 20 (train2014 for training, val2014 for test).
+class CocoDataset(SegmentationDataset):
+    """COCO 2014 (``COCO_LAYOUT``; train2014 to train, val2014 to test): 80 classes in COCO-20i's
+    4 folds of 20.
 
     Args:
-        split: ``"interleaved"`` (PFENet ``use_split_coco``, HSNet, ASGNet: fold ``i`` novel
-            classes ``i+1, i+5, ..., i+77``) or ``"contiguous"`` (PANet: ``20i+1 .. 20i+20``).
+        root: the COCO folder; ``None``: ``data_dir()/coco``.
+        split: the fold convention: ``interleaved`` (PFENet ``use_split_coco``, HSNet, ASGNet,
+            BAM: fold ``i`` novel classes ``i+1, i+5, ..., i+77``) or ``contiguous`` (PANet:
+            ``20i+1 .. 20i+20``).
         masks: folder (relative to ``root``) of pre-rendered masks; ``None`` reads the JSON.
         masks_partial: use only the images that have a mask (else a partial folder is refused).
         coco_crowd: crowd (255) pixels ``ignore``d or made ``background`` (HSNet); ``None``: the
-            protocol's (:mod:`datamodules.protocols`).
-        **kwargs: see :class:`FewShotDataModule`; ``root`` defaults to ``data_dir()/coco``,
-            ``image_size`` to 641 and ``batch_size`` to 8 (PFENet/ASGNet COCO settings).
+            few-shot protocol's (:mod:`datamodules.protocols`), ignored in semantic training.
     """
 
-    num_classes = 80
     class_names = COCO_CLASSES
     protocol_family = "coco"
     protocol_unused = ("train_list",)
-    dataset_defaults: ClassVar[dict[str, int]] = {
-        **FewShotDataModule.dataset_defaults,
-        "image_size": 641,
-        "batch_size": 8,
+    #: PFENet's/ASGNet's COCO sizes; BAM's base learner batch
+    defaults: ClassVar[TaskDefaults] = {
+        "few_shot": {"image_size": 641, "batch_size": 8},
+        "semantic": {"batch_size": 8},
     }
 
     def __init__(
@@ -190,23 +191,21 @@ class CocoFewShot(FewShotDataModule):
         masks: str | None = None,
         masks_partial: bool = False,
         coco_crowd: CocoCrowd | None = None,
-        **kwargs: Any,
     ) -> None:
         if split not in ("interleaved", "contiguous"):
             raise ValueError(f"split must be one of 'interleaved', 'contiguous', got {split!r}")
-        self.split = split
-        self.masks, self.masks_partial = masks, masks_partial
+        super().__init__(root)
+        self.split, self.masks, self.masks_partial = split, masks, masks_partial
         self.coco_crowd = coco_crowd
-        super().__init__(root=root, **kwargs)
-
-    def dataset_protocol_options(self) -> dict[str, Any]:
-        return {"coco_crowd": self.coco_crowd}
 
     def default_root(self) -> Path:
         return data_dir() / "coco"
 
-    def fold_novel_classes(self) -> list[int]:
-        return coco_novel_classes(self.fold, self.split)
+    def fold_novel_classes(self, fold: int) -> list[int]:
+        return coco_novel_classes(fold, self.split)
+
+    def protocol_options(self) -> dict[str, Any]:
+        return {"coco_crowd": self.coco_crowd}
 
     def make_source(self, split: Split) -> SegmentationSource:
         if not self.root.is_dir():
@@ -219,3 +218,30 @@ class CocoFewShot(FewShotDataModule):
             )
         annotations = self.root / "annotations" / f"instances_{folder}.json"
         return CocoInstancesSource(f"coco-{split}", self.root / folder, annotations)
+
+
+class CocoFewShot(FewShotDataModule):
+    """COCO-20i episodes: :class:`FewShotDataModule` of a :class:`CocoDataset`, under the class
+    path configs and checkpoints record.
+
+    Args:
+        root: see :class:`CocoDataset`.
+        split: see :class:`CocoDataset`.
+        masks: see :class:`CocoDataset`.
+        masks_partial: see :class:`CocoDataset`.
+        coco_crowd: see :class:`CocoDataset`.
+        **kwargs: see :class:`FewShotDataModule`; ``image_size`` defaults to 641 and
+            ``batch_size`` to 8 (PFENet/ASGNet COCO settings).
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        split: CocoSplit = "interleaved",
+        masks: str | None = None,
+        masks_partial: bool = False,
+        coco_crowd: CocoCrowd | None = None,
+        **kwargs: Any,
+    ) -> None:
+        dataset = CocoDataset(root, split, masks, masks_partial, coco_crowd)
+        super().__init__(dataset, **kwargs)

@@ -1,4 +1,4 @@
-"""The episodic LightningDataModule shared by PASCAL-5i, COCO-20i and shapes.
+"""The episodic LightningDataModule: few-shot episodes of any :class:`SegmentationDataset`.
 
 Stages and the data they use (the batch format is in :mod:`datamodules.episode`, the DDP contract
 in :mod:`datamodules.sampler`):
@@ -15,18 +15,23 @@ No ``from __future__ import annotations`` here: the ranges must reach jsonargpar
 (:mod:`datamodules.bounds`).
 """
 
-import os
-import shutil
-import tempfile
-from abc import abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch.utils.data import DataLoader
 
-from .bounds import AtLeast8, NonNegativeInt, OpenFraction, PositiveInt, Probability, check_bounds
+from .bounds import (
+    AtLeast8,
+    NonNegativeInt,
+    OpenFraction,
+    PositiveInt,
+    Probability,
+    check_bounds,
+    require,
+)
+from .dataset import SegmentationDataset, Split
 from .episode import (
     Batch,
     EpisodeDataset,
@@ -56,59 +61,24 @@ from .protocols import (
 from .sampler import EpisodeSampler, rank_and_world_size
 from .sampling import EpisodeRule, pair_items, walk_items
 from .source import SegmentationSource
-from .splits import NUM_FOLDS, eligible_images, hold_out
+from .splits import eligible_images, hold_out
 from .transforms import eval_transform, train_transform
 
-Split = Literal["train", "test"]
 AugmentOn = Literal["cpu", "gpu"]
 _STAGE_CODE = {"val": 0, "test": 1}
 
 
-def data_dir() -> Path:
-    """Root of downloads, generated data and caches: ``$FEWSHOT_DATA_DIR`` or
-    ``~/.cache/fewshot-dilated``."""
-    return Path(os.environ.get("FEWSHOT_DATA_DIR", Path.home() / ".cache" / "fewshot-dilated"))
-
-
-def write_once(folder: Path, write: Callable[[Path], None]) -> Path:
-    """Create ``folder`` with ``write(tmp)`` into a temporary sibling renamed at the end, so
-    concurrent processes and interrupted runs never leave a partial folder behind. A folder that
-    cannot be written raises a ``PermissionError`` naming it and the option to change, unless a
-    concurrent process wrote it first."""
-    if folder.is_dir():
-        return folder
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        partial = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-        try:
-            write(partial)
-            partial.rename(folder)
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
-    except OSError as error:
-        if not folder.is_dir():
-            raise PermissionError(
-                f"cannot write generated data to {str(folder)!r} ({error}); pass a writable "
-                "--data.root (or set FEWSHOT_DATA_DIR)"
-            ) from error
-    return folder
-
-
-def require(name: str, value: Any, ok: bool, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-
-
 class FewShotDataModule(GlobalBatchDataModule):
-    """Episodic few-shot segmentation data for one fold.
+    """Episodic few-shot segmentation data of one fold of a dataset.
 
-    Options that default to ``None`` take the dataset's own value (:attr:`dataset_defaults`), so a
-    config that switches ``data.class_path`` never inherits another dataset's values (jsonargparse
-    keeps the init_args the new class shares with the old one).
+    Options that default to ``None`` take the dataset's own value (:data:`DEFAULTS`, then the
+    dataset's ``defaults["few_shot"]``), so a config that switches datasets never inherits
+    another dataset's values (jsonargparse keeps the init_args the new class shares with the old
+    one).
 
     Args:
-        root: dataset root (layout per subclass).
-        fold: cross-validation fold, 0..3.
+        dataset: the data (:class:`datamodules.dataset.SegmentationDataset`).
+        fold: cross-validation fold, ``0 .. dataset.num_folds - 1``.
         shots: support images per episode (K >= 1).
         image_size: square training crop and evaluation canvas.
         batch_size: episodes per batch on one device (with ``global_batch_size``: at most).
@@ -117,8 +87,8 @@ class FewShotDataModule(GlobalBatchDataModule):
             processes, so a recipe trains the same on 1, 2, 4 or 8 devices
             (:func:`datamodules.sampler.step_batches`). ``None``: ``batch_size`` per device.
         num_workers: loader worker processes.
-        train_episodes: training episodes per epoch; ``None`` = the dataset's epoch
-            (:meth:`train_epoch_length`).
+        train_episodes: training episodes per epoch; ``None`` = the dataset's default, else
+            its epoch (:meth:`train_epoch_length`).
         val_episodes: fixed validation episodes (base classes, held-out images).
         seed: seed of the validation list.
         protocol: the pipeline preset: ``clean`` (this project's, the default; also ``None``),
@@ -173,26 +143,20 @@ class FewShotDataModule(GlobalBatchDataModule):
         predict_queries: ``predict`` only: query image files or folders of images.
     """
 
-    num_classes: int
-    class_names: list[str]
-    #: which column of a protocol's per-dataset values applies (:mod:`datamodules.protocols`)
-    protocol_family = "pascal"
-    #: the values of the options left ``None`` (PASCAL-5i's recipe: PFENet/ASGNet)
-    dataset_defaults: ClassVar[dict[str, int]] = {
+    #: the values of the options left ``None`` unless the dataset sets its own (PASCAL-5i's
+    #: recipe: PFENet/ASGNet)
+    DEFAULTS: ClassVar[dict[str, int | None]] = {
         "image_size": 473,
         "batch_size": 4,
         "num_workers": 4,
+        "train_episodes": None,
         "val_episodes": 1000,
         "min_pixels": 2 * 32 * 32,
     }
-    #: protocol options this dataset has no use for, left out of the resolved protocol
-    protocol_unused: tuple[str, ...] = ("train_list", "coco_crowd")
-    #: cross-validation folds of the class split (a class-folder dataset sets its own)
-    num_folds: int = NUM_FOLDS
 
     def __init__(
         self,
-        root: str | None = None,
+        dataset: SegmentationDataset,
         fold: int = 0,
         shots: PositiveInt = 1,
         image_size: AtLeast8 | None = None,
@@ -235,16 +199,18 @@ class FewShotDataModule(GlobalBatchDataModule):
         arguments = dict(locals())
         check_bounds(FewShotDataModule.__init__, arguments)
         super().__init__()
-        default = self.dataset_defaults
+        default = dataset.task_defaults("few_shot", self.DEFAULTS)
         image_size = default["image_size"] if image_size is None else image_size
         batch_size = default["batch_size"] if batch_size is None else batch_size
         num_workers = default["num_workers"] if num_workers is None else num_workers
+        train_episodes = default["train_episodes"] if train_episodes is None else train_episodes
         val_episodes = default["val_episodes"] if val_episodes is None else val_episodes
         min_pixels = default["min_pixels"] if min_pixels is None else min_pixels
-        folds = range(self.num_folds)
+        folds = range(dataset.num_folds)
         require("fold", fold, fold in folds, f"one of {list(folds)}")
-        self.save_hyperparameters()
-        self.root = Path(root).expanduser() if root is not None else self.default_root()
+        self.save_hyperparameters(ignore=["dataset"])
+        self.hparams["dataset"] = dataset.describe()
+        self.dataset = dataset
         self.fold = fold
         self.shots = shots
         self.image_size = image_size
@@ -255,14 +221,15 @@ class FewShotDataModule(GlobalBatchDataModule):
         self.val_episodes = val_episodes
         self.seed = seed
         explicit = {name: arguments[name] for name in OPTIONS if name in arguments}
-        explicit |= self.dataset_protocol_options()
-        resolved = resolve_protocol(protocol, self.protocol_family, explicit, image_size)
-        self.protocol = {k: v for k, v in resolved.items() if k not in self.protocol_unused}
+        explicit |= dataset.protocol_options()
+        resolved = resolve_protocol(protocol, dataset.protocol_family, explicit, image_size)
+        self.protocol = {k: v for k, v in resolved.items() if k not in dataset.protocol_unused}
+        dataset.apply_protocol(self.protocol)
         self.min_pixels = min_pixels
         self.val_fraction = val_fraction
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else self.default_cache_dir()
-        self.novel_classes = self.fold_novel_classes()
-        self.base_classes = [c for c in range(self.num_classes) if c not in self.novel_classes]
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else dataset.default_cache_dir()
+        self.novel_classes = dataset.fold_novel_classes(fold)
+        self.base_classes = dataset.fold_base_classes(fold)
         classes = len(self.novel_classes)
         if (
             self.protocol["test_sampling"] == "balanced"
@@ -273,53 +240,47 @@ class FewShotDataModule(GlobalBatchDataModule):
                 f"gives every one of the fold's {classes} classes episodes; expected at least "
                 f"{classes}"
             )
-        self._sources: dict[Split, SegmentationSource] = {}
         self._pools: dict[str, dict[int, list[str]]] = {}
         self._walks: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
 
-    def validation_images(self, counts: ClassCounts) -> set[str]:
-        """Training-list images kept out of training for validation episodes: by default the
-        stratified hold-out of :func:`datamodules.splits.hold_out` (FSS-1000: HSNet's val
-        classes' images)."""
-        return hold_out(counts, self.val_fraction, self.min_pixels)
+    @property
+    def root(self) -> Path:
+        return self.dataset.root
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.dataset.class_names
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
 
     def validation_classes(self) -> list[int]:
-        """Classes of the validation episodes: by default the base classes."""
-        return self.base_classes
+        """Classes of the validation episodes: the dataset's validation classes (FSS-1000's
+        ``val``), else the base classes."""
+        classes = self.dataset.validation_classes(self.fold)
+        return self.base_classes if classes is None else classes
 
-    def dataset_protocol_options(self) -> dict[str, Any]:
-        """Protocol options of a dataset's own (``train_list``, ``coco_crowd``) as given to its
-        constructor (``None``: the preset's)."""
-        return {}
-
-    @abstractmethod
-    def default_root(self) -> Path:
-        """Root used when ``root`` is ``None``."""
-
-    def default_cache_dir(self) -> Path:
-        """Index cache used when ``cache_dir`` is ``None``: ``data_dir()/index`` (dataset roots
-        are often read-only)."""
-        return data_dir() / "index"
-
-    @abstractmethod
-    def fold_novel_classes(self) -> list[int]:
-        """0-based novel classes of ``self.fold``."""
-
-    @abstractmethod
-    def make_source(self, split: Split) -> SegmentationSource:
-        """The training or test split; raises with the expected layout if files are missing."""
+    def validation_images(self, counts: ClassCounts) -> set[str]:
+        """Training-list images kept out of training for validation episodes: the images of the
+        dataset's validation classes, else the stratified hold-out of
+        :func:`datamodules.splits.hold_out`."""
+        classes = self.dataset.validation_classes(self.fold)
+        if classes is None:
+            return hold_out(counts, self.val_fraction, self.min_pixels)
+        return {image_id for image_id, found in counts.items() if set(found) & set(classes)}
 
     def source(self, split: Split) -> SegmentationSource:
-        if split not in self._sources:
-            self._sources[split] = self.make_source(split)
-        return self._sources[split]
+        return self.dataset.source(split)
 
     def counts(self, split: Split) -> ClassCounts:
         """Class pixel counts of every image of ``split`` (cached on disk)."""
         return class_counts(self.source(split), self.cache_dir)
 
     def prepare_data(self) -> None:
-        """Build (or check) both class index caches once, on one process per node."""
+        """Write a generated dataset, then build (or check) both class index caches once, on one
+        process per node."""
+        self.dataset.prepare()
         for split in ("train", "test"):
             self.counts(split)
 

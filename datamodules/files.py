@@ -7,8 +7,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -96,3 +97,33 @@ def writable_folder(path: Path, option: str, what: str) -> None:
         handle, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
         os.close(handle)
         os.unlink(probe)
+
+
+def data_dir() -> Path:
+    """Root of downloads, generated data and caches: ``$FEWSHOT_DATA_DIR`` or
+    ``~/.cache/fewshot-dilated``."""
+    return Path(os.environ.get("FEWSHOT_DATA_DIR", Path.home() / ".cache" / "fewshot-dilated"))
+
+
+def write_once(folder: Path, write: Callable[[Path], None]) -> Path:
+    """Create ``folder`` with ``write(tmp)`` into a temporary sibling renamed at the end, so
+    concurrent processes and interrupted runs never leave a partial folder behind. A folder that
+    cannot be written raises a ``PermissionError`` naming it and the option to change, unless a
+    concurrent process wrote it first."""
+    if folder.is_dir():
+        return folder
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+        try:
+            write(partial)
+            partial.rename(folder)
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
+    except OSError as error:
+        if not folder.is_dir():
+            raise PermissionError(
+                f"cannot write generated data to {str(folder)!r} ({error}); pass a writable "
+                "--data.root (or set FEWSHOT_DATA_DIR)"
+            ) from error
+    return folder

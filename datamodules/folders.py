@@ -1,9 +1,10 @@
 """Datasets of one class per folder: FSS-1000 (Wei et al., CVPR 2020) and your own classes.
 
 Each image belongs to the class of its folder and comes with a binary mask of that class. The
-split is over classes, as FSS-1000's: the training list holds the images of the base classes,
-the test list those of the novel classes, and validation episodes come from held-out images of
-the base classes, as for PASCAL-5i (:mod:`datamodules.datamodule`). Samplers, protocols
+split is over classes, as FSS-1000's: one source holds the images of every class in use, training
+episodes draw the base classes' images, test episodes the novel classes', and validation
+episodes come from held-out images of the base classes, as for PASCAL-5i
+(:mod:`datamodules.datamodule`), or from FSS-1000's ``val`` classes. Samplers, protocols
 (``clean`` and ``hsnet``: the ``fss`` column of :mod:`datamodules.protocols`), transforms,
 metric, DDP sharding and ``predict`` are those of every :class:`FewShotDataModule`.
 
@@ -16,15 +17,16 @@ FSS-1000's 1000 classes take indices ``0..253, 255..1000``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .datamodule import FewShotDataModule, Split, data_dir
-from .files import IMAGE_EXTENSIONS, visible
-from .index import ClassCounts
+from .datamodule import FewShotDataModule
+from .dataset import SegmentationDataset, Split, TaskDefaults
+from .files import IMAGE_EXTENSIONS, data_dir, visible
 from .lists import FSS_SPLITS, shipped
 from .source import IGNORE, PngLabelSource, missing_path_error
 
@@ -125,54 +127,6 @@ class ClassFolderSource(PngLabelSource):
         return mask.astype(self.dtype) * self.dtype(self.class_of[image_id] + 1)
 
 
-class ClassFolderFewShot(FewShotDataModule):
-    """The shared machinery of :class:`FSS1000` and :class:`FolderFewShot`: subclasses set
-    ``class_names``, ``num_classes``, ``folders`` (class name -> folder) and choose the fold's
-    novel and base class indices."""
-
-    protocol_family = "fss"
-    layout = FOLDER_LAYOUT
-    source_prefix = "folder"  # names the index cache files
-    #: HSNet's FSS-1000 recipe (400 px, every image usable: ``min_pixels`` 1)
-    dataset_defaults: ClassVar[dict[str, int]] = {
-        "image_size": 400,
-        "batch_size": 8,
-        "num_workers": 4,
-        "val_episodes": 1000,
-        "min_pixels": 1,
-    }
-    folders: dict[str, Path]
-
-    def base_class_indices(self) -> list[int]:
-        """0-based base classes of the fold (the training classes)."""
-        return [
-            c
-            for c, name in enumerate(self.class_names)
-            if c not in self.novel_classes and name != RESERVED_NAME
-        ]
-
-    def _finish_init(self) -> None:
-        """After :class:`FewShotDataModule`'s ``__init__``: the base classes are the split's,
-        never the reserved index."""
-        self.base_classes = self.base_class_indices()
-
-    def train_source_classes(self) -> list[int]:
-        """Classes whose images make the training list (the validation images among them)."""
-        return self.base_classes
-
-    def make_source(self, split: Split) -> ClassFolderSource:
-        classes = self.train_source_classes() if split == "train" else self.novel_classes
-        files: dict[str, tuple[Path, Path]] = {}
-        class_of: dict[str, int] = {}
-        for cls in classes:
-            name = self.class_names[cls]
-            for stem, paths in scan_class_folder(self.folders[name], self.layout).items():
-                image_id = f"{name}/{stem}"
-                files[image_id] = paths
-                class_of[image_id] = cls
-        return ClassFolderSource(f"{self.source_prefix}-{split}", self.num_classes, files, class_of)
-
-
 def read_class_list(path: Path) -> list[str]:
     """Class names, one a line (CRLF or LF; blank lines skipped)."""
     if not path.is_file():
@@ -185,8 +139,46 @@ def read_class_list(path: Path) -> list[str]:
     return names
 
 
-class FSS1000(ClassFolderFewShot):
-    """FSS-1000 episodes under HSNet's class split (``data/splits/fss/{trn,val,test}.txt`` of
+class ClassFolderDataset(SegmentationDataset):
+    """The shared machinery of :class:`FSS1000Dataset` and :class:`FolderDataset`: subclasses
+    set ``class_names`` and ``folders`` (class name -> folder) and choose the fold's novel and
+    base classes; one source, of :meth:`classes_in_use`, serves both splits."""
+
+    protocol_family = "fss"
+    layout: ClassVar[str] = FOLDER_LAYOUT
+    source_prefix: ClassVar[str] = "folder"  # names the index cache files
+    #: HSNet's FSS-1000 recipe (400 px, every image usable: ``min_pixels`` 1)
+    defaults: ClassVar[TaskDefaults] = {
+        "few_shot": {"image_size": 400, "batch_size": 8, "min_pixels": 1},
+    }
+    folders: dict[str, Path]
+
+    def fold_base_classes(self, fold: int) -> list[int]:
+        """Every class but the novel ones and the reserved index."""
+        return [c for c in super().fold_base_classes(fold) if self.class_names[c] != RESERVED_NAME]
+
+    def classes_in_use(self) -> list[int]:
+        """The classes whose images the source holds: every class but the reserved index."""
+        return [c for c, name in enumerate(self.class_names) if name != RESERVED_NAME]
+
+    def make_source(self, split: Split) -> ClassFolderSource:
+        return self._all_classes
+
+    @cached_property
+    def _all_classes(self) -> ClassFolderSource:
+        files: dict[str, tuple[Path, Path]] = {}
+        class_of: dict[str, int] = {}
+        for cls in self.classes_in_use():
+            name = self.class_names[cls]
+            for stem, paths in scan_class_folder(self.folders[name], self.layout).items():
+                image_id = f"{name}/{stem}"
+                files[image_id] = paths
+                class_of[image_id] = cls
+        return ClassFolderSource(self.source_prefix, self.num_classes, files, class_of)
+
+
+class FSS1000Dataset(ClassFolderDataset):
+    """FSS-1000 under HSNet's class split (``data/splits/fss/{trn,val,test}.txt`` of
     juhongm999/hsnet, shipped in ``datamodules/lists/hsnet/fss/``: 520 / 240 / 240 classes).
 
     Base classes: ``trn``; novel: ``test``; validation episodes: the ``val`` classes, as HSNet
@@ -201,7 +193,6 @@ class FSS1000(ClassFolderFewShot):
         test_split: the novel classes: HSNet's ``test`` or ``val`` split.
         splits_dir: folder holding ``trn.txt``, ``val.txt``, ``test.txt``; ``None``: the shipped
             HSNet lists.
-        **kwargs: see :class:`FewShotDataModule`.
     """
 
     num_folds = 1
@@ -213,46 +204,33 @@ class FSS1000(ClassFolderFewShot):
         root: str | None = None,
         test_split: Literal["test", "val"] = "test",
         splits_dir: str | None = None,
-        **kwargs: Any,
     ) -> None:
         if test_split not in ("test", "val"):
             raise ValueError(f"test_split must be 'test' or 'val', got {test_split!r}")
+        super().__init__(root)
         self.test_split = test_split
         lists = Path(splits_dir).expanduser() if splits_dir else shipped(FSS_SPLITS)
         self.splits = {s: sorted(read_class_list(lists / f"{s}.txt")) for s in FSS_SPLIT_NAMES}
         ordered = [name for s in FSS_SPLIT_NAMES for name in self.splits[s]]
         self.class_names = class_indices(ordered)
-        self.num_classes = len(self.class_names)
-        super().__init__(root=root, **kwargs)
         self.folders = {name: self.root / name for name in ordered}
-        self._finish_init()
 
     def default_root(self) -> Path:
         return data_dir() / "FSS-1000"
 
-    def fold_novel_classes(self) -> list[int]:
+    def fold_novel_classes(self, fold: int) -> list[int]:
         return self._indices(self.test_split)
 
-    def base_class_indices(self) -> list[int]:
+    def fold_base_classes(self, fold: int) -> list[int]:
         return self._indices("trn")
+
+    def validation_classes(self, fold: int) -> list[int] | None:
+        """The ``val`` classes (HSNet's validation split), unless they are the test."""
+        return self._indices("val") if self.test_split == "test" else None
 
     def _indices(self, split: str) -> list[int]:
         names = set(self.splits[split])
         return [c for c, name in enumerate(self.class_names) if name in names]
-
-    def train_source_classes(self) -> list[int]:
-        extra = self._indices("val") if self.test_split == "test" else []
-        return sorted(self.base_classes + extra)
-
-    def validation_images(self, counts: ClassCounts) -> set[str]:
-        """The ``val`` classes' images (HSNet's validation split), unless they are the test."""
-        if self.test_split == "val":
-            return super().validation_images(counts)
-        val = set(self._indices("val"))
-        return {i for i, c in self.source("train").class_of.items() if c in val}
-
-    def validation_classes(self) -> list[int]:
-        return self._indices("val") if self.test_split == "test" else self.base_classes
 
     def make_source(self, split: Split) -> ClassFolderSource:
         if not self.root.is_dir():
@@ -260,7 +238,7 @@ class FSS1000(ClassFolderFewShot):
         return super().make_source(split)
 
 
-class FolderFewShot(ClassFolderFewShot):
+class FolderDataset(ClassFolderDataset):
     """Your own classes: one folder per class under ``root`` (``FOLDER_LAYOUT``).
 
     The class split is given as lists (``test_classes``, optionally ``train_classes``: one fold)
@@ -273,10 +251,7 @@ class FolderFewShot(ClassFolderFewShot):
             relative to ``root`` or absolute); ``None``: by ``folds``.
         train_classes: the base classes, likewise; ``None``: every other class.
         folds: number of folds when ``test_classes`` is ``None``.
-        **kwargs: see :class:`FewShotDataModule`.
     """
-
-    source_prefix = "folder"
 
     def __init__(
         self,
@@ -284,9 +259,9 @@ class FolderFewShot(ClassFolderFewShot):
         test_classes: list[str] | str | None = None,
         train_classes: list[str] | str | None = None,
         folds: int = 4,
-        **kwargs: Any,
     ) -> None:
-        folder = Path(root).expanduser() if root is not None else self.default_root()
+        super().__init__(root)
+        folder = self.root
         if not folder.is_dir():
             raise missing_path_error(folder, "dataset root", FOLDER_LAYOUT)
         found = sorted(p.name for p in folder.iterdir() if visible(p) and p.is_dir())
@@ -315,10 +290,7 @@ class FolderFewShot(ClassFolderFewShot):
                 )
         self.folds = folds
         self.class_names = class_indices(found)
-        self.num_classes = len(self.class_names)
-        super().__init__(root=str(folder), **kwargs)
         self.folders = {name: self.root / name for name in found}
-        self._finish_init()
 
     @staticmethod
     def _names(
@@ -341,16 +313,67 @@ class FolderFewShot(ClassFolderFewShot):
     def default_root(self) -> Path:
         return data_dir() / "folders"
 
-    def fold_novel_classes(self) -> list[int]:
+    def fold_novel_classes(self, fold: int) -> list[int]:
         names = [n for n in self.class_names if n != RESERVED_NAME]
         if self.test_class_names is not None:
             novel = set(self.test_class_names)
         else:
-            novel = set(np.array_split(np.array(names), self.num_folds)[self.fold].tolist())
+            novel = set(np.array_split(np.array(names), self.num_folds)[fold].tolist())
         return [c for c, name in enumerate(self.class_names) if name in novel]
 
-    def base_class_indices(self) -> list[int]:
+    def fold_base_classes(self, fold: int) -> list[int]:
         if self.train_class_names is None:
-            return super().base_class_indices()
+            return super().fold_base_classes(fold)
         base = set(self.train_class_names)
         return [c for c, name in enumerate(self.class_names) if name in base]
+
+    def classes_in_use(self) -> list[int]:
+        """Every class, or those of ``train_classes`` and ``test_classes`` when both are given."""
+        if self.test_class_names is None or self.train_class_names is None:
+            return super().classes_in_use()
+        used = set(self.test_class_names) | set(self.train_class_names)
+        return [c for c, name in enumerate(self.class_names) if name in used]
+
+
+class FSS1000(FewShotDataModule):
+    """FSS-1000 episodes: :class:`FewShotDataModule` of an :class:`FSS1000Dataset`, under the
+    class path configs and checkpoints record.
+
+    Args:
+        root: see :class:`FSS1000Dataset`.
+        test_split: see :class:`FSS1000Dataset`.
+        splits_dir: see :class:`FSS1000Dataset`.
+        **kwargs: see :class:`FewShotDataModule`.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        test_split: Literal["test", "val"] = "test",
+        splits_dir: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(FSS1000Dataset(root, test_split, splits_dir), **kwargs)
+
+
+class FolderFewShot(FewShotDataModule):
+    """Episodes of your own class folders: :class:`FewShotDataModule` of a
+    :class:`FolderDataset`.
+
+    Args:
+        root: see :class:`FolderDataset`.
+        test_classes: see :class:`FolderDataset`.
+        train_classes: see :class:`FolderDataset`.
+        folds: see :class:`FolderDataset`.
+        **kwargs: see :class:`FewShotDataModule`.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        test_classes: list[str] | str | None = None,
+        train_classes: list[str] | str | None = None,
+        folds: int = 4,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(FolderDataset(root, test_classes, train_classes, folds), **kwargs)

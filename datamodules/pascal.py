@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from .datamodule import FewShotDataModule, Split, data_dir
-from .files import IMAGE_EXTENSIONS
+from .datamodule import FewShotDataModule
+from .dataset import SegmentationDataset, Split
+from .files import IMAGE_EXTENSIONS, data_dir
 from .lists import NODUPLICATE, shipped
-from .protocols import NODUPLICATE_LIST
+from .protocols import NODUPLICATE_LIST, TRAIN_AUG_LIST
 from .source import PngLabelSource, missing_path_error
 from .splits import pascal_novel_classes
 
@@ -22,6 +24,11 @@ VOC_CLASSES = [
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
     "tvmonitor",
 ]  # fmt: skip
+
+#: VOC2012 val, the PASCAL-5i test list
+VAL_LIST = "ImageSets/Segmentation/val.txt"
+#: SBD-augmented single-channel labels
+LABEL_DIR = "SegmentationClassAug"
 
 PASCAL_LAYOUT = """\
 <root>/
@@ -72,7 +79,7 @@ def pascal_source(
     list_file: str,
     name: str,
     image_dir: str = "JPEGImages",
-    label_dir: str = "SegmentationClassAug",
+    label_dir: str = LABEL_DIR,
     num_classes: int = 20,
 ) -> PngLabelSource:
     """A split of a VOC-layout tree, read from its list file (see ``PASCAL_LAYOUT``)."""
@@ -129,20 +136,21 @@ def listed_path(root: Path, field: str) -> Path:
     return root / field.lstrip("/")
 
 
-class PascalFewShot(FewShotDataModule):
-    """PASCAL-5i episodes: 20 VOC classes, fold ``i`` novel classes ``5i+1 .. 5i+5``.
+class PascalDataset(SegmentationDataset):
+    """PASCAL VOC 2012 with SBD-augmented labels (``PASCAL_LAYOUT``): 20 classes, PASCAL-5i's
+    folds (fold ``i`` novel classes ``5i+1 .. 5i+5``, OSLSM).
 
     Args:
-        train_list: training list relative to ``root``; ``None``: the protocol's (the clean
-            protocol and HSNet: the SBD-augmented ``train_aug.txt``; PFENet, ASGNet, BAM:
+        root: the VOC2012 folder; ``None``: ``data_dir()/VOC2012``.
+        train_list: training list relative to ``root``; ``None``: few-shot, the protocol's (the
+            clean protocol and HSNet: the SBD-augmented ``train_aug.txt``; PFENet, ASGNet, BAM:
             ``lists/pascal/voc_sbd_merge_noduplicate.txt``, 5953 images, from their repositories'
-            ``lists/pascal/``; read from ``datamodules/lists/`` when the tree has no copy).
-        test_list: test list relative to ``root`` (VOC2012 val).
+            ``lists/pascal/``; read from ``datamodules/lists/`` when the tree has no copy);
+            semantic, ``train_aug.txt`` (10582 images).
+        test_list: test list relative to ``root`` (VOC2012 val, 1449 images).
         label_dir: folder of the single-channel label PNGs.
-        **kwargs: see :class:`FewShotDataModule`; ``root`` defaults to ``data_dir()/VOC2012``.
     """
 
-    num_classes = 20
     class_names = VOC_CLASSES
     protocol_unused = ("coco_crowd",)
 
@@ -150,24 +158,50 @@ class PascalFewShot(FewShotDataModule):
         self,
         root: str | None = None,
         train_list: str | None = None,
-        test_list: str = "ImageSets/Segmentation/val.txt",
-        label_dir: str = "SegmentationClassAug",
-        **kwargs: Any,
+        test_list: str = VAL_LIST,
+        label_dir: str = LABEL_DIR,
     ) -> None:
-        self.given_train_list = train_list
-        self.test_list = test_list
-        self.label_dir = label_dir
-        super().__init__(root=root, **kwargs)
-
-    def dataset_protocol_options(self) -> dict[str, Any]:
-        return {"train_list": self.given_train_list}
+        super().__init__(root)
+        self.train_list, self.label_dir = train_list, label_dir
+        self.lists = {"train": train_list or TRAIN_AUG_LIST, "test": test_list}
 
     def default_root(self) -> Path:
         return data_dir() / "VOC2012"
 
-    def fold_novel_classes(self) -> list[int]:
-        return pascal_novel_classes(self.fold)
+    def fold_novel_classes(self, fold: int) -> list[int]:
+        return pascal_novel_classes(fold)
+
+    def protocol_options(self) -> dict[str, Any]:
+        return {"train_list": self.train_list}
+
+    def apply_protocol(self, protocol: Mapping[str, Any]) -> None:
+        self.lists["train"] = protocol["train_list"]
+        self._sources.clear()
 
     def make_source(self, split: Split) -> PngLabelSource:
-        list_file = self.protocol["train_list"] if split == "train" else self.test_list
-        return pascal_source(self.root, list_file, f"pascal-{split}", label_dir=self.label_dir)
+        return pascal_source(
+            self.root, self.lists[split], f"pascal-{split}", label_dir=self.label_dir
+        )
+
+
+class PascalFewShot(FewShotDataModule):
+    """PASCAL-5i episodes: :class:`FewShotDataModule` of a :class:`PascalDataset`, under the
+    class path configs and checkpoints record.
+
+    Args:
+        root: see :class:`PascalDataset`.
+        train_list: see :class:`PascalDataset`.
+        test_list: see :class:`PascalDataset`.
+        label_dir: see :class:`PascalDataset`.
+        **kwargs: see :class:`FewShotDataModule`.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        train_list: str | None = None,
+        test_list: str = VAL_LIST,
+        label_dir: str = LABEL_DIR,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(PascalDataset(root, train_list, test_list, label_dir), **kwargs)

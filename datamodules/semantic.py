@@ -1,5 +1,8 @@
 """Semantic segmentation data: every image labelled with all its classes, for base learners.
 
+:class:`SemanticDataModule` trains on any :class:`~datamodules.dataset.SegmentationDataset`; the
+named datamodules bind the shipped ones under the class paths configs record:
+
 * :class:`PascalSemantic`: VOC 2012 (SegmentationClassAug layout, as :mod:`datamodules.pascal`
   reads it): 21 classes with background, or with ``fold=k`` the base classes of PASCAL-5i fold
   ``k`` (16 with background).
@@ -29,7 +32,6 @@ each with its own augmentation seed, evaluation every image exactly once.
 # No ``from __future__ import annotations``: the ranges must reach jsonargparse
 # (datamodules.bounds).
 
-from abc import abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -45,9 +47,10 @@ from .bounds import (
     PositiveInt,
     Probability,
     check_bounds,
+    require,
 )
-from .coco import COCO_CLASSES, CocoInstancesSource, coco_mask_source
-from .datamodule import data_dir, require
+from .coco import CocoDataset
+from .dataset import SegmentationDataset
 from .episode import (
     Batch,
     Episode,
@@ -60,26 +63,28 @@ from .episode import (
 )
 from .global_batch import GlobalBatchDataModule
 from .index import class_counts
-from .pascal import VOC_CLASSES, pascal_source
+from .pascal import LABEL_DIR, VAL_LIST, PascalDataset
 from .predict import expand_images
-from .protocols import TRAIN_AUG_LIST, EvalPad, EvalResize, Scoring
+from .protocols import EvalPad, EvalResize, Scoring
 from .sampler import EpisodeSampler, rank_and_world_size
-from .shapes import SHAPE_CLASS_NAMES, TEST_LIST, TRAIN_LIST, ensure_shapes
+from .shapes import ShapesDataset
 from .source import IGNORE, SegmentationSource, open_image
-from .splits import NUM_FOLDS, CocoSplit, coco_novel_classes, hold_out, pascal_novel_classes
+from .splits import CocoSplit, hold_out
 from .transforms import eval_transform, train_transform
 
 BACKGROUND = "background"
 
 
-def relabel_table(num_source_classes: int, kept: Sequence[int]) -> np.ndarray:
+def relabel_table(
+    num_source_classes: int, kept: Sequence[int], ignored: int = IGNORE
+) -> np.ndarray:
     """A ``uint8 [256]`` lookup from source labels (0 background, ``c + 1`` class ``c``, 255
     ignore) to the kept classes ``1..len(kept)`` in the order given; every other class 0,
-    255 kept (BAM ``BaseData``: ``sub_list.index(cls) + 1``, others 0)."""
+    255 to ``ignored`` (BAM ``BaseData``: ``sub_list.index(cls) + 1``, others 0, 255 kept)."""
     if len(kept) > 254:
         raise ValueError(f"{len(kept)} classes do not fit uint8 labels with 255 ignored")
     table = np.zeros(256, dtype=np.uint8)
-    table[IGNORE] = IGNORE
+    table[IGNORE] = ignored
     for index, cls in enumerate(kept, start=1):
         if not 0 <= cls < num_source_classes:
             raise ValueError(f"class {cls} is not in 0..{num_source_classes - 1}")
@@ -151,8 +156,12 @@ class SemanticDataModule(GlobalBatchDataModule):
     :func:`datamodules.splits.hold_out`; ``None``: on the test list, as BAM's ``train_base.py``
     selects its ``best.pth``); ``test`` scores the test list. Class 0 is background.
 
+    Options that default to ``None`` take the dataset's own value (:data:`DEFAULTS`, then the
+    dataset's ``defaults["semantic"]``).
+
     Args:
-        root: dataset root (layout per subclass).
+        dataset: the data (:class:`datamodules.dataset.SegmentationDataset`); COCO's
+            ``coco_crowd: background`` makes crowd pixels background here too.
         fold: ``None``: every class of the dataset; ``k``: the base classes of fold ``k``, novel
             classes relabelled background (BAM's base annotations).
         exclude_novel_from_train: drop training images holding any pixel of a novel class
@@ -180,11 +189,9 @@ class SemanticDataModule(GlobalBatchDataModule):
         predict_images: ``predict`` only: image files or folders.
     """
 
-    #: the source's classes (without background), in label order
-    source_class_names: ClassVar[list[str]]
-    #: the values of the options left ``None`` (BAM's base learner; a config that switches
-    #: ``data.class_path`` so never inherits another dataset's sizes)
-    dataset_defaults: ClassVar[dict[str, Any]] = {
+    #: the values of the options left ``None`` unless the dataset sets its own (BAM's base
+    #: learner; a config that switches datasets so never inherits another dataset's sizes)
+    DEFAULTS: ClassVar[dict[str, Any]] = {
         "image_size": 417,
         "eval_size": None,
         "train_scale": (0.5, 2.0),
@@ -194,7 +201,7 @@ class SemanticDataModule(GlobalBatchDataModule):
 
     def __init__(
         self,
-        root: str | None = None,
+        dataset: SegmentationDataset,
         fold: int | None = None,
         exclude_novel_from_train: bool = False,
         image_size: AtLeast8 | None = None,
@@ -214,18 +221,19 @@ class SemanticDataModule(GlobalBatchDataModule):
     ) -> None:
         check_bounds(SemanticDataModule.__init__, dict(locals()))
         super().__init__()
-        default = self.dataset_defaults
+        default = dataset.task_defaults("semantic", self.DEFAULTS)
         image_size = default["image_size"] if image_size is None else image_size
         eval_size = default["eval_size"] if eval_size is None else eval_size
         train_scale = default["train_scale"] if train_scale is None else tuple(train_scale)
         batch_size = default["batch_size"] if batch_size is None else batch_size
         num_workers = default["num_workers"] if num_workers is None else num_workers
         low, high = train_scale
-        require("fold", fold, fold is None or fold in range(NUM_FOLDS),
-                f"None or one of {list(range(NUM_FOLDS))}")  # fmt: skip
+        folds = range(dataset.num_folds)
+        require("fold", fold, fold is None or fold in folds, f"None or one of {list(folds)}")
         require("train_scale", train_scale, 0 < low <= high, "(low, high) with 0 < low <= high")
-        self.save_hyperparameters()
-        self.root = Path(root).expanduser() if root is not None else self.default_root()
+        self.save_hyperparameters(ignore=["dataset"])
+        self.hparams["dataset"] = dataset.describe()
+        self.dataset = dataset
         self.fold = fold
         self.exclude_novel_from_train = exclude_novel_from_train
         self.image_size, self.train_scale = image_size, train_scale
@@ -233,43 +241,27 @@ class SemanticDataModule(GlobalBatchDataModule):
         self.batch_size, self.global_batch_size = batch_size, global_batch_size
         self.num_workers = num_workers
         self.val_fraction = val_fraction
-        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else self.default_cache_dir()
-        source_classes = len(self.source_class_names)
-        self.novel_classes = [] if fold is None else self.fold_novel_classes(fold)
-        self.kept_classes = [c for c in range(source_classes) if c not in self.novel_classes]
-        self.class_names = [BACKGROUND, *(self.source_class_names[c] for c in self.kept_classes)]
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir else dataset.default_cache_dir()
+        self.novel_classes = [] if fold is None else dataset.fold_novel_classes(fold)
+        self.kept_classes = [c for c in range(dataset.num_classes) if c not in self.novel_classes]
+        self.class_names = [BACKGROUND, *(dataset.class_names[c] for c in self.kept_classes)]
         self.num_classes = len(self.class_names)
-        self.table = relabel_table(source_classes, self.kept_classes)
-        self._sources: dict[str, SegmentationSource] = {}
+        crowd = dataset.protocol_options().get("coco_crowd")
+        ignored = 0 if crowd == "background" else IGNORE
+        self.table = relabel_table(dataset.num_classes, self.kept_classes, ignored)
         self._ids: dict[str, list[str]] = {}
 
-    # --- what a dataset defines -------------------------------------------------------------
-
-    @abstractmethod
-    def default_root(self) -> Path:
-        """Root used when ``root`` is ``None``."""
-
-    def default_cache_dir(self) -> Path:
-        return data_dir() / "index"
-
-    @abstractmethod
-    def fold_novel_classes(self, fold: int) -> list[int]:
-        """0-based source classes that are novel in ``fold``."""
-
-    @abstractmethod
-    def make_source(self, split: str) -> SegmentationSource:
-        """The ``train`` or ``test`` split; raises with the expected layout if files are
-        missing."""
-
-    # --- lists -------------------------------------------------------------------------------
+    @property
+    def root(self) -> Path:
+        return self.dataset.root
 
     def source(self, split: str) -> SegmentationSource:
-        if split not in self._sources:
-            self._sources[split] = self.make_source(split)
-        return self._sources[split]
+        return self.dataset.source(split)
 
     def prepare_data(self) -> None:
-        """The training list's class index, built once (held-out split, novel filter)."""
+        """A generated dataset written, then the training list's class index, built once
+        (held-out split, novel filter)."""
+        self.dataset.prepare()
         if self.val_fraction is not None or self.exclude_novel_from_train:
             class_counts(self.source("train"), self.cache_dir)
 
@@ -314,10 +306,10 @@ class SemanticDataModule(GlobalBatchDataModule):
     def summary(self) -> dict[str, Any]:
         """What the run trains and scores on (the W&B run's config)."""
         return {
-            "dataset": type(self).__name__,
+            "dataset": type(self.dataset).__name__,
             "fold": self.fold,
             "classes": self.num_classes,
-            "novel_classes": [self.source_class_names[c] for c in self.novel_classes],
+            "novel_classes": [self.dataset.class_names[c] for c in self.novel_classes],
             "exclude_novel_from_train": self.exclude_novel_from_train,
             "images": {stage: len(ids) for stage, ids in self._ids.items()},
             "excluded_train_images": getattr(self, "excluded_train_images", None),
@@ -398,61 +390,43 @@ class SemanticDataModule(GlobalBatchDataModule):
 
 
 class PascalSemantic(SemanticDataModule):
-    """VOC 2012 semantic segmentation (layout: ``datamodules.pascal.PASCAL_LAYOUT``): 21 classes,
-    or the 16 of PASCAL-5i fold ``k``'s base classes with ``fold=k``.
+    """VOC 2012 semantic segmentation: :class:`SemanticDataModule` of a
+    :class:`~datamodules.pascal.PascalDataset` (21 classes, or the 16 of PASCAL-5i fold ``k``'s
+    base classes with ``fold=k``), under the class path configs record.
 
     Args:
-        train_list: training list relative to ``root`` (``train_aug.txt``, 10582 images; BAM:
-            ``lists/pascal/voc_sbd_merge_noduplicate.txt``, 5953, read from
-            ``datamodules/lists/`` when the tree lacks it).
-        test_list: the test list (VOC val, 1449).
-        label_dir: folder of the single-channel label PNGs.
-        **kwargs: see :class:`SemanticDataModule`; ``root`` defaults to ``data_dir()/VOC2012``.
+        root: see :class:`~datamodules.pascal.PascalDataset`.
+        train_list: ``None``: ``train_aug.txt``; BAM's base learner:
+            ``lists/pascal/voc_sbd_merge_noduplicate.txt``
+            (:class:`~datamodules.pascal.PascalDataset`).
+        test_list: see :class:`~datamodules.pascal.PascalDataset`.
+        label_dir: see :class:`~datamodules.pascal.PascalDataset`.
+        **kwargs: see :class:`SemanticDataModule`.
     """
-
-    source_class_names = VOC_CLASSES
 
     def __init__(
         self,
         root: str | None = None,
-        train_list: str = TRAIN_AUG_LIST,
-        test_list: str = "ImageSets/Segmentation/val.txt",
-        label_dir: str = "SegmentationClassAug",
+        train_list: str | None = None,
+        test_list: str = VAL_LIST,
+        label_dir: str = LABEL_DIR,
         **kwargs: Any,
     ) -> None:
-        self.lists = {"train": train_list, "test": test_list}
-        self.label_dir = label_dir
-        super().__init__(root=root, **kwargs)
-
-    def default_root(self) -> Path:
-        return data_dir() / "VOC2012"
-
-    def fold_novel_classes(self, fold: int) -> list[int]:
-        return pascal_novel_classes(fold)
-
-    def make_source(self, split: str) -> SegmentationSource:
-        return pascal_source(
-            self.root, self.lists[split], f"pascal-{split}", label_dir=self.label_dir
-        )
+        super().__init__(PascalDataset(root, train_list, test_list, label_dir), **kwargs)
 
 
 class CocoSemantic(SemanticDataModule):
-    """COCO 2014 semantic segmentation (layout: ``datamodules.coco.COCO_LAYOUT``; train2014 to
-    train, val2014 to test): 81 classes, or the 61 of COCO-20i fold ``k``'s base classes.
+    """COCO 2014 semantic segmentation: :class:`SemanticDataModule` of a
+    :class:`~datamodules.coco.CocoDataset` (81 classes, or the 61 of COCO-20i fold ``k``'s base
+    classes), under the class path configs record.
 
     Args:
-        split: the fold convention, ``interleaved`` (BAM ``use_split_coco: True``) or
-            ``contiguous`` (PANet).
-        masks: folder (relative to ``root``) of pre-rendered label PNGs; ``None`` reads the JSON.
-        masks_partial: use only the images that have a mask.
-        **kwargs: see :class:`SemanticDataModule`; ``root`` defaults to ``data_dir()/coco``.
+        root: see :class:`~datamodules.coco.CocoDataset`.
+        split: see :class:`~datamodules.coco.CocoDataset`.
+        masks: see :class:`~datamodules.coco.CocoDataset`.
+        masks_partial: see :class:`~datamodules.coco.CocoDataset`.
+        **kwargs: see :class:`SemanticDataModule`.
     """
-
-    source_class_names = COCO_CLASSES
-    dataset_defaults: ClassVar[dict[str, Any]] = {
-        **SemanticDataModule.dataset_defaults,
-        "batch_size": 8,
-    }
 
     def __init__(
         self,
@@ -462,49 +436,23 @@ class CocoSemantic(SemanticDataModule):
         masks_partial: bool = False,
         **kwargs: Any,
     ) -> None:
-        self.split, self.masks, self.masks_partial = split, masks, masks_partial
-        super().__init__(root=root, **kwargs)
-
-    def default_root(self) -> Path:
-        return data_dir() / "coco"
-
-    def fold_novel_classes(self, fold: int) -> list[int]:
-        return coco_novel_classes(fold, self.split)
-
-    def make_source(self, split: str) -> SegmentationSource:
-        folder = {"train": "train2014", "test": "val2014"}[split]
-        if self.masks is not None:
-            masks = self.root / self.masks / folder
-            return coco_mask_source(
-                f"coco-masks-{split}", self.root / folder, masks, self.masks_partial
-            )
-        annotations = self.root / "annotations" / f"instances_{folder}.json"
-        return CocoInstancesSource(f"coco-{split}", self.root / folder, annotations)
+        super().__init__(CocoDataset(root, split, masks, masks_partial), **kwargs)
 
 
 class ShapesSemantic(SemanticDataModule):
-    """The generated ``shapes`` set (:mod:`datamodules.shapes`, 20 classes in 4 folds of 5) as
-    semantic segmentation: by default fold 0's 15 base classes and background. Sized for a CPU:
-    64 px crops of the 96-128 px images at scale 0.75-1.5 (BAM's 0.5 leaves small images mostly
-    padding), evaluation at the images' own 128 px, batch 8, 2 workers.
+    """The generated ``shapes`` set as semantic segmentation: :class:`SemanticDataModule` of a
+    :class:`~datamodules.shapes.ShapesDataset` (its sizes), by default fold 0's 15 base classes
+    and background.
 
     Args:
-        root: cache folder of generated sets; ``None``: ``data_dir()/shapes`` (shared with
+        root: see :class:`~datamodules.shapes.ShapesDataset` (shared with
             :class:`datamodules.ShapesFewShot`: the same images).
-        num_train, num_test: images of the training and test lists.
-        data_seed: seed of the generator.
+        num_train: see :class:`~datamodules.shapes.ShapesDataset`.
+        num_test: see :class:`~datamodules.shapes.ShapesDataset`.
+        data_seed: see :class:`~datamodules.shapes.ShapesDataset`.
         fold: default 0 (``None``: all 20 classes).
         **kwargs: see :class:`SemanticDataModule`.
     """
-
-    source_class_names = SHAPE_CLASS_NAMES
-    dataset_defaults: ClassVar[dict[str, Any]] = {
-        "image_size": 64,
-        "eval_size": 128,
-        "train_scale": (0.75, 1.5),
-        "batch_size": 8,
-        "num_workers": 2,
-    }
 
     def __init__(
         self,
@@ -515,27 +463,4 @@ class ShapesSemantic(SemanticDataModule):
         fold: int | None = 0,
         **kwargs: Any,
     ) -> None:
-        require("num_train", num_train, num_train >= 1, "an integer >= 1")
-        require("num_test", num_test, num_test >= 1, "an integer >= 1")
-        self.num_train, self.num_test, self.data_seed = num_train, num_test, data_seed
-        super().__init__(root=root, fold=fold, **kwargs)
-
-    def default_root(self) -> Path:
-        return data_dir() / "shapes"
-
-    def default_cache_dir(self) -> Path:
-        return self.root / "index"
-
-    def fold_novel_classes(self, fold: int) -> list[int]:
-        return pascal_novel_classes(fold)
-
-    def prepare_data(self) -> None:
-        ensure_shapes(self.root, self.num_train, self.num_test, self.data_seed)
-        super().prepare_data()
-
-    def make_source(self, split: str) -> SegmentationSource:
-        folder = ensure_shapes(self.root, self.num_train, self.num_test, self.data_seed)
-        list_file = TRAIN_LIST if split == "train" else TEST_LIST
-        return pascal_source(
-            folder, list_file, f"shapes-{split}", num_classes=len(SHAPE_CLASS_NAMES)
-        )
+        super().__init__(ShapesDataset(root, num_train, num_test, data_seed), fold, **kwargs)

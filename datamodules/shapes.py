@@ -27,14 +27,18 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from .datamodule import FewShotDataModule, Split, data_dir, write_once
-from .pascal import pascal_source, save_label_png
+from .bounds import require
+from .datamodule import FewShotDataModule
+from .dataset import SegmentationDataset, Split, TaskDefaults
+from .files import data_dir, write_once
+from .pascal import VAL_LIST, pascal_source, save_label_png
+from .protocols import TRAIN_AUG_LIST
 from .source import IGNORE, PngLabelSource
 from .splits import pascal_novel_classes
 
 GENERATOR_VERSION = 1
-TRAIN_LIST = "ImageSets/SegmentationAug/train_aug.txt"
-TEST_LIST = "ImageSets/Segmentation/val.txt"
+TRAIN_LIST = TRAIN_AUG_LIST
+TEST_LIST = VAL_LIST
 SHAPES = ("circle", "square", "triangle", "star", "cross")
 
 
@@ -246,13 +250,15 @@ def ensure_shapes(root: Path, num_train: int, num_test: int, seed: int) -> Path:
     return write_once(folder, lambda tmp: write_shapes(tmp, num_train, num_test, seed))
 
 
-class ShapesFewShot(FewShotDataModule):
-    """Few-shot episodes on the generated ``shapes`` set, read as PASCAL-5i (4 folds of 5).
+class ShapesDataset(SegmentationDataset):
+    """The generated ``shapes`` set, read as PASCAL-5i (20 classes in 4 folds of 5).
 
-    Defaults are sized for a fast CPU run (:attr:`dataset_defaults`: 96 px, batch 8, 2 workers,
-    300 validation episodes, epochs of 2000 training episodes). ``min_pixels = 128`` is OSLSM's
-    2 * 32 * 32 scaled by the image area (128 px here vs 500 px for VOC:
-    (128 / 512)^2 * 2048 = 128).
+    Its defaults are sized for a fast CPU run. Few-shot: 96 px, batch 8, 2 workers, 300
+    validation episodes, epochs of 2000 training episodes (the set is large and one pass over
+    it is not an epoch); ``min_pixels = 128`` is OSLSM's 2 * 32 * 32 scaled by the image area
+    (128 px here vs 500 px for VOC: (128 / 512)^2 * 2048 = 128). Semantic: 64 px crops of the
+    96-128 px images at scale 0.75-1.5 (BAM's 0.5 leaves small images mostly padding),
+    evaluation at the images' own 128 px, batch 8, 2 workers.
 
     Args:
         root: cache folder holding generated sets and their class index; ``None`` =
@@ -260,18 +266,26 @@ class ShapesFewShot(FewShotDataModule):
             ``~/.cache/fewshot-dilated/shapes``).
         num_train: images in the training list.
         num_test: images in the test list.
-        data_seed: seed of the generator (the episode seed is ``seed``).
-        **kwargs: see :class:`FewShotDataModule`.
+        data_seed: seed of the generator (the episode seed is the datamodule's ``seed``).
     """
 
-    num_classes = len(SHAPE_CLASSES)
     class_names = SHAPE_CLASS_NAMES
-    dataset_defaults: ClassVar[dict[str, int]] = {
-        "image_size": 96,
-        "batch_size": 8,
-        "num_workers": 2,
-        "val_episodes": 300,
-        "min_pixels": 128,
+    defaults: ClassVar[TaskDefaults] = {
+        "few_shot": {
+            "image_size": 96,
+            "batch_size": 8,
+            "num_workers": 2,
+            "train_episodes": 2000,
+            "val_episodes": 300,
+            "min_pixels": 128,
+        },
+        "semantic": {
+            "image_size": 64,
+            "eval_size": 128,
+            "train_scale": (0.75, 1.5),
+            "batch_size": 8,
+            "num_workers": 2,
+        },
     }
 
     def __init__(
@@ -280,14 +294,11 @@ class ShapesFewShot(FewShotDataModule):
         num_train: int = 2500,
         num_test: int = 500,
         data_seed: int = 0,
-        **kwargs: Any,
     ) -> None:
-        if num_train < 1 or num_test < 1:
-            raise ValueError(f"num_train and num_test must be >= 1, got {num_train}, {num_test}")
-        self.num_train = num_train
-        self.num_test = num_test
-        self.data_seed = data_seed
-        super().__init__(root=root, **kwargs)
+        require("num_train", num_train, num_train >= 1, "an integer >= 1")
+        require("num_test", num_test, num_test >= 1, "an integer >= 1")
+        super().__init__(root)
+        self.num_train, self.num_test, self.data_seed = num_train, num_test, data_seed
 
     def default_root(self) -> Path:
         return data_dir() / "shapes"
@@ -301,15 +312,37 @@ class ShapesFewShot(FewShotDataModule):
         """The generated set in PASCAL layout (written on first use)."""
         return ensure_shapes(self.root, self.num_train, self.num_test, self.data_seed)
 
-    def fold_novel_classes(self) -> list[int]:
-        return pascal_novel_classes(self.fold)
+    def prepare(self) -> None:
+        ensure_shapes(self.root, self.num_train, self.num_test, self.data_seed)
 
-    def train_epoch_length(self) -> int:
-        """2000 episodes: the generated set is large and one pass over it is not an epoch."""
-        return 2000
+    def fold_novel_classes(self, fold: int) -> list[int]:
+        return pascal_novel_classes(fold)
 
     def make_source(self, split: Split) -> PngLabelSource:
         list_file = TRAIN_LIST if split == "train" else TEST_LIST
         return pascal_source(
             self.data_folder, list_file, f"shapes-{split}", num_classes=self.num_classes
         )
+
+
+class ShapesFewShot(FewShotDataModule):
+    """Few-shot episodes on the generated ``shapes`` set: :class:`FewShotDataModule` of a
+    :class:`ShapesDataset` (its defaults), under the class path configs and checkpoints record.
+
+    Args:
+        root: see :class:`ShapesDataset`.
+        num_train: see :class:`ShapesDataset`.
+        num_test: see :class:`ShapesDataset`.
+        data_seed: see :class:`ShapesDataset`.
+        **kwargs: see :class:`FewShotDataModule`.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        num_train: int = 2500,
+        num_test: int = 500,
+        data_seed: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(ShapesDataset(root, num_train, num_test, data_seed), **kwargs)

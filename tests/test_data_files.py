@@ -16,7 +16,7 @@ import pytest
 import torch
 from fixtures_data import write_pascal_tree
 
-from datamodules.datamodule import write_once
+from datamodules.files import write_once
 from datamodules.index import class_counts, index_path
 from datamodules.pascal import pascal_source
 from datamodules.shapes import ensure_shapes

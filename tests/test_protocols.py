@@ -14,7 +14,7 @@ import torch
 from fixtures_data import pascal
 from test_segment import tiny_args
 
-from datamodules import CocoFewShot, PascalFewShot
+from datamodules import CocoDataset, CocoFewShot, PascalDataset
 from datamodules.bounds import PositiveInt
 from datamodules.datamodule import FewShotDataModule
 from datamodules.protocols import OPTIONS, PROTOCOLS, Protocol, ProtocolName, resolve_protocol
@@ -156,14 +156,14 @@ def _members(annotation: object) -> set:
 
 def test_each_protocol_option_is_defined_once_and_exposed_with_its_type_and_doc() -> None:
     """A :class:`Protocol` field is the option: ``OPTIONS`` is derived from the fields, and the
-    datamodule that takes the option (the shared one, or PASCAL's ``train_list`` and COCO's
-    ``coco_crowd``) has it as an argument of the field's type (``None``: the preset's value) and
-    documents it; nothing else lists the options."""
+    class that takes the option (the shared datamodule, or the PASCAL dataset's ``train_list``
+    and the COCO dataset's ``coco_crowd``) has it as an argument of the field's type (``None``:
+    the preset's value) and documents it; nothing else lists the options."""
     fields = {f.name: f for f in dataclasses.fields(Protocol)}
     assert set(OPTIONS) == set(fields) - {"source"}
     for option in OPTIONS:
         owner = next(
-            cls for cls in (FewShotDataModule, PascalFewShot, CocoFewShot)
+            cls for cls in (FewShotDataModule, PascalDataset, CocoDataset)
             if option in inspect.signature(cls.__init__).parameters
         )  # fmt: skip
         hints = get_type_hints(owner.__init__, include_extras=True)

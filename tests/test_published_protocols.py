@@ -24,7 +24,7 @@ from fixtures_data import WIDTH, pascal, write_coco_tree
 from test_segment import tiny_args
 
 from backbones import ResNet
-from datamodules import CocoFewShot
+from datamodules import CocoFewShot, FewShotDataModule
 from datamodules.episode import Evaluation, collate_episodes, image_tensor
 from datamodules.protocols import NODUPLICATE_LIST, PROTOCOLS, episodes_per_pass, resolve_protocol
 from datamodules.sampler import draw_episodes
@@ -424,19 +424,19 @@ def test_every_config_resolves_to_its_preset_with_nothing_overridden(config: Pat
     datamodule = datamodule_class(**data["init_args"])
     protocol = datamodule.protocol
     assert protocol["overridden"] == []
-    preset = resolve_protocol(
-        protocol["name"], datamodule.protocol_family, {}, datamodule.image_size
-    )
-    assert protocol == {k: v for k, v in preset.items() if k not in datamodule.protocol_unused}
+    dataset = datamodule.dataset
+    preset = resolve_protocol(protocol["name"], dataset.protocol_family, {}, datamodule.image_size)
+    assert protocol == {k: v for k, v in preset.items() if k not in dataset.protocol_unused}
     if config.name == "coco.yaml":
         assert protocol["name"] == "asgnet" and episodes_per_pass(protocol) == 20001
     if config.name == "pascal.yaml":
         assert protocol["name"] == "asgnet" and episodes_per_pass(protocol) == 1001
         assert data["init_args"]["train_episodes"] is None  # not the toy run's 2000
     if config.name == "default.yaml":
-        assert protocol["name"] == "clean" and datamodule.train_epoch_length() == 2000
+        assert protocol["name"] == "clean" and datamodule.train_episodes == 2000
     own = yaml.safe_load(config.read_text())["data"].get("init_args") or {}
-    for key, value in datamodule_class.dataset_defaults.items():  # never the toy run's
+    defaults = dataset.task_defaults("few_shot", FewShotDataModule.DEFAULTS)
+    for key, value in defaults.items():  # never the toy run's
         assert getattr(datamodule, key) == own.get(key, value), key
 
 

@@ -177,7 +177,7 @@ def test_base_classes_are_relabelled_as_bam_base_data(
     sub_list = bam_sub_list(dataset, split)
     np.testing.assert_array_equal(dm.table[label], bam_base_label(label, sub_list, num_classes))
     assert dm.num_classes == len(sub_list) + 1 == (16 if dataset == "pascal" else 61)
-    names = dm.source_class_names
+    names = dm.dataset.class_names
     assert dm.class_names == ["background", *(names[c - 1] for c in sub_list)]
     full = module(root=str(tmp_path))
     assert full.num_classes == num_classes + 1 and (full.table[label] == label).all()

@@ -8,8 +8,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..datamodule import data_dir
-from ..files import writable_folder
+from ..files import data_dir, writable_folder
 from .coco import prepare_coco
 from .common import PrepareError
 from .pascal import SBD, VOC, prepare_pascal
