@@ -234,6 +234,9 @@ class CocoFewShot(FewShotDataModule):
             ``batch_size`` to 8 (PFENet/ASGNet COCO settings).
     """
 
+    #: the dataset bound (what a checkpoint's data setting naming this class means)
+    dataset_class = CocoDataset
+
     def __init__(
         self,
         root: str | None = None,
@@ -243,5 +246,5 @@ class CocoFewShot(FewShotDataModule):
         coco_crowd: CocoCrowd | None = None,
         **kwargs: Any,
     ) -> None:
-        dataset = CocoDataset(root, split, masks, masks_partial, coco_crowd)
+        dataset = self.dataset_class(root, split, masks, masks_partial, coco_crowd)
         super().__init__(dataset, **kwargs)

@@ -352,7 +352,7 @@ class FewShotDataModule(GlobalBatchDataModule):
                 f"{self.class_names[c]!r} (class {c}): {n}" for c, n in short.items()
             )
             raise ValueError(
-                f"{type(self).__name__} fold {self.fold}, {stage} split: {self.shots}-shot "
+                f"{type(self.dataset).__name__} fold {self.fold}, {stage} split: {self.shots}-shot "
                 f"episodes need at least {self.shots + 1} images per class with "
                 f">= {self.min_pixels} pixels of it; too few for {details}"
             )

@@ -346,6 +346,9 @@ class FSS1000(FewShotDataModule):
         **kwargs: see :class:`FewShotDataModule`.
     """
 
+    #: the dataset bound (what a checkpoint's data setting naming this class means)
+    dataset_class = FSS1000Dataset
+
     def __init__(
         self,
         root: str | None = None,
@@ -353,7 +356,7 @@ class FSS1000(FewShotDataModule):
         splits_dir: str | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(FSS1000Dataset(root, test_split, splits_dir), **kwargs)
+        super().__init__(self.dataset_class(root, test_split, splits_dir), **kwargs)
 
 
 class FolderFewShot(FewShotDataModule):
@@ -368,6 +371,9 @@ class FolderFewShot(FewShotDataModule):
         **kwargs: see :class:`FewShotDataModule`.
     """
 
+    #: the dataset bound (what a checkpoint's data setting naming this class means)
+    dataset_class = FolderDataset
+
     def __init__(
         self,
         root: str | None = None,
@@ -376,4 +382,4 @@ class FolderFewShot(FewShotDataModule):
         folds: int = 4,
         **kwargs: Any,
     ) -> None:
-        super().__init__(FolderDataset(root, test_classes, train_classes, folds), **kwargs)
+        super().__init__(self.dataset_class(root, test_classes, train_classes, folds), **kwargs)

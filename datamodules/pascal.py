@@ -196,6 +196,9 @@ class PascalFewShot(FewShotDataModule):
         **kwargs: see :class:`FewShotDataModule`.
     """
 
+    #: the dataset bound (what a checkpoint's data setting naming this class means)
+    dataset_class = PascalDataset
+
     def __init__(
         self,
         root: str | None = None,
@@ -204,4 +207,4 @@ class PascalFewShot(FewShotDataModule):
         label_dir: str = LABEL_DIR,
         **kwargs: Any,
     ) -> None:
-        super().__init__(PascalDataset(root, train_list, test_list, label_dir), **kwargs)
+        super().__init__(self.dataset_class(root, train_list, test_list, label_dir), **kwargs)

@@ -404,6 +404,9 @@ class PascalSemantic(SemanticDataModule):
         **kwargs: see :class:`SemanticDataModule`.
     """
 
+    #: the dataset bound (what a checkpoint's data setting naming this class means)
+    dataset_class = PascalDataset
+
     def __init__(
         self,
         root: str | None = None,
@@ -412,7 +415,7 @@ class PascalSemantic(SemanticDataModule):
         label_dir: str = LABEL_DIR,
         **kwargs: Any,
     ) -> None:
-        super().__init__(PascalDataset(root, train_list, test_list, label_dir), **kwargs)
+        super().__init__(self.dataset_class(root, train_list, test_list, label_dir), **kwargs)
 
 
 class CocoSemantic(SemanticDataModule):
@@ -428,6 +431,9 @@ class CocoSemantic(SemanticDataModule):
         **kwargs: see :class:`SemanticDataModule`.
     """
 
+    #: the dataset bound (what a checkpoint's data setting naming this class means)
+    dataset_class = CocoDataset
+
     def __init__(
         self,
         root: str | None = None,
@@ -436,7 +442,7 @@ class CocoSemantic(SemanticDataModule):
         masks_partial: bool = False,
         **kwargs: Any,
     ) -> None:
-        super().__init__(CocoDataset(root, split, masks, masks_partial), **kwargs)
+        super().__init__(self.dataset_class(root, split, masks, masks_partial), **kwargs)
 
 
 class ShapesSemantic(SemanticDataModule):
@@ -454,6 +460,9 @@ class ShapesSemantic(SemanticDataModule):
         **kwargs: see :class:`SemanticDataModule`.
     """
 
+    #: the dataset bound (what a checkpoint's data setting naming this class means)
+    dataset_class = ShapesDataset
+
     def __init__(
         self,
         root: str | None = None,
@@ -463,4 +472,4 @@ class ShapesSemantic(SemanticDataModule):
         fold: int | None = 0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(ShapesDataset(root, num_train, num_test, data_seed), fold, **kwargs)
+        super().__init__(self.dataset_class(root, num_train, num_test, data_seed), fold, **kwargs)

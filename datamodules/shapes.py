@@ -337,6 +337,9 @@ class ShapesFewShot(FewShotDataModule):
         **kwargs: see :class:`FewShotDataModule`.
     """
 
+    #: the dataset bound (what a checkpoint's data setting naming this class means)
+    dataset_class = ShapesDataset
+
     def __init__(
         self,
         root: str | None = None,
@@ -345,4 +348,4 @@ class ShapesFewShot(FewShotDataModule):
         data_seed: int = 0,
         **kwargs: Any,
     ) -> None:
-        super().__init__(ShapesDataset(root, num_train, num_test, data_seed), **kwargs)
+        super().__init__(self.dataset_class(root, num_train, num_test, data_seed), **kwargs)

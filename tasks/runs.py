@@ -11,7 +11,7 @@ from typing import Any
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
-from tasks.callbacks.data_settings import DEFINING
+from tasks.callbacks.data_settings import DEFINING, dataset_path
 
 
 def last_checkpoint_places(trainer: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -55,13 +55,14 @@ def configured_data_settings(data: Any, subcommand: str | None) -> dict[str, Any
     """The settings a ``last``/``best`` run must share with ``subcommand``: those of
     :data:`~tasks.callbacks.data_settings.DEFINING` that a difference would refuse (dataset and
     fold; on ``fit`` also shots; ``predict`` runs on any images, so none) and that the ``--data``
-    config (``class_path`` + ``init_args``) gives; ``{}`` for data without folds
-    (classification)."""
+    config (``class_path`` + ``init_args``, the dataset's class path from its ``dataset`` or the
+    named datamodule's) gives; ``{}`` for data without folds (classification)."""
     init_args = getattr(data, "init_args", None)
     if init_args is None or init_args.get("fold") is None:
         return {}
-    kind = imported(str(data.class_path))
-    settings = {"dataset": f"{kind.__module__}.{kind.__qualname__}", **dict(init_args)}
+    dataset = init_args.get("dataset")
+    kind = dataset_path(str(data.class_path if dataset is None else dataset.class_path))
+    settings = {**dict(init_args), "dataset": kind}
     return {
         name: settings[name]
         for name, (_, refused_on) in DEFINING.items()
@@ -76,7 +77,7 @@ def same_experiment(stored: dict[str, Any], wanted: dict[str, Any]) -> bool:
 
 
 def describe_settings(settings: dict[str, Any], keys: dict[str, Any]) -> str:
-    """``ShapesFewShot fold 1 shots 2`` for the ``keys`` that ``settings`` records."""
+    """``ShapesDataset fold 1 shots 2`` for the ``keys`` that ``settings`` records."""
     words = []
     for key in keys:
         if key in settings:

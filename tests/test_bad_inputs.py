@@ -182,7 +182,7 @@ CASES = [
                  r"shots.*Input should be a valid integer.*Got value: two", None,
                  id="shots-not-a-number"),
     pytest.param(SEGMENT, ("test", *PASCAL, "--data.shots", "2"), ValueError,
-                 r"PascalFewShot fold 0, test split: 2-shot episodes need at least 3 images per "
+                 r"PascalDataset fold 0, test split: 2-shot episodes need at least 3 images per "
                  r"class .*too few for 'aeroplane' \(class 0\): 2", None,
                  id="class-with-too-few-images-for-the-shots"),
     # Optimisation and trainer

@@ -197,8 +197,9 @@ def fold0_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pa
          r"\(--data\.shots\): resuming would go on training another experiment"),
         ("fit", ("--data.protocol", "hsnet"), r"protocol 'clean' but this fit has protocol "
          r"'hsnet'"),
-        ("test", ("pascal",), r"trained with dataset 'datamodules\.pascal\.PascalFewShot' but "
-         r"this test has dataset 'datamodules\.shapes\.ShapesFewShot' \(--data \(class_path\)\)"),
+        ("test", ("pascal",), r"trained with dataset 'datamodules\.pascal\.PascalDataset' but "
+         r"this test has dataset 'datamodules\.shapes\.ShapesDataset' \(--data\.dataset \(or "
+         r"--data\)\)"),
     ],
     ids=["test-other-fold", "validate-other-fold", "resume-other-shots",
          "resume-other-protocol", "test-other-dataset"],

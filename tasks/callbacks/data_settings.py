@@ -15,6 +15,7 @@ settings were recorded is compared on what Lightning stored of the datamodule's 
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Literal
 
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
@@ -31,7 +32,7 @@ DataMismatch = Literal["error", "allow"]
 #: experiment's classes, or score classes the model trained on). A difference elsewhere (shots
 #: or the protocol at test: HSNet tests its 1-shot models with 5 shots) is reported, not refused.
 DEFINING: dict[str, tuple[str, tuple[str, ...]]] = {
-    "dataset": ("--data (class_path)", ("fit", "validate", "test")),
+    "dataset": ("--data.dataset (or --data)", ("fit", "validate", "test")),
     "fold": ("--data.fold", ("fit", "validate", "test")),
     "novel_classes": ("the fold's class split", ("fit", "validate", "test")),
     "shots": ("--data.shots", ("fit",)),
@@ -49,7 +50,7 @@ def data_settings(datamodule: LightningDataModule | None) -> dict[str, Any]:
     Datamodules without a class split (classification) have none."""
     if datamodule is None or getattr(datamodule, "fold", None) is None:
         return {}
-    kind = type(datamodule)
+    kind = type(getattr(datamodule, "dataset", datamodule))
     protocol = getattr(datamodule, "protocol", None)
     settings = {
         "dataset": f"{kind.__module__}.{kind.__qualname__}",
@@ -77,11 +78,27 @@ class RecordDataSettings(Callback):
             checkpoint[CHECKPOINT_KEY] = settings
 
 
+def dataset_path(path: str) -> str:
+    """A stored ``dataset`` setting as the dataset's class path: checkpoints written before
+    datasets were classes of their own name the datamodule (``datamodules.pascal.PascalFewShot``),
+    whose ``dataset_class`` it means; a path that does not import stays as it is."""
+    module, _, name = path.rpartition(".")
+    try:
+        bound = getattr(getattr(importlib.import_module(module), name), "dataset_class", None)
+    except (ImportError, AttributeError, ValueError):
+        return path
+    return path if bound is None else f"{bound.__module__}.{bound.__qualname__}"
+
+
 def stored_settings(checkpoint: dict[str, Any]) -> dict[str, Any]:
-    """The settings a checkpoint was written with: :data:`CHECKPOINT_KEY`, else the fold and
-    shots of Lightning's ``datamodule_hyper_parameters``."""
+    """The settings a checkpoint was written with: :data:`CHECKPOINT_KEY` (its ``dataset`` as
+    :func:`dataset_path`), else the fold and shots of Lightning's
+    ``datamodule_hyper_parameters``."""
     if isinstance(checkpoint.get(CHECKPOINT_KEY), dict):
-        return dict(checkpoint[CHECKPOINT_KEY])
+        settings = dict(checkpoint[CHECKPOINT_KEY])
+        if isinstance(settings.get("dataset"), str):
+            settings["dataset"] = dataset_path(settings["dataset"])
+        return settings
     hparams = checkpoint.get(LightningDataModule.CHECKPOINT_HYPER_PARAMS_KEY) or {}
     return {k: hparams[k] for k in ("fold", "shots") if hparams.get(k) is not None}
 
