@@ -5,6 +5,7 @@ settings the episodic datamodules rely on."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import sys
 from collections.abc import Iterator
@@ -68,6 +69,9 @@ class TaskCLI(LightningCLI):
     and compares the data with the checkpoint's (``--data_mismatch``)."""
 
     task_callbacks: ClassVar[dict[str, type[Callback]]] = {}
+    #: the ``--ckpt_path`` file (memory-mapped), read once by :meth:`parse_arguments` for the
+    #: checks made until the classes are built
+    _checkpoint: dict[str, Any] | None = None
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
@@ -113,7 +117,8 @@ class TaskCLI(LightningCLI):
         silently), then check ``--ckpt_path`` before LightningCLI reads its hyper-parameters
         into the config (the checkpoint's model description overrides the config's): an
         unreadable file, or one of another task, is named here rather than failing inside the
-        config merge."""
+        config merge, and each ``--model.*`` flag that merge will replace is warned about. The
+        file is read here once (memory-mapped) for every check of this command line."""
         argv = sys.argv[1:] if args is None else args
         self._argv = [str(arg) for arg in argv] if isinstance(argv, list | tuple) else []
         if isinstance(argv, list | tuple):
@@ -141,7 +146,7 @@ class TaskCLI(LightningCLI):
                 "takes a checkpoint written by this project's fit"
             )
         try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             hparams = dict(checkpoint.get("hyper_parameters", {}))
         except Exception as error:
             raise ValueError(
@@ -163,6 +168,8 @@ class TaskCLI(LightningCLI):
                 f"{self.model_class.__name__}; expected a checkpoint of the same task (another "
                 "task's encoder loads as --model.backbone.init_args.weights)"
             )
+        self._checkpoint = checkpoint
+        self.warn_replaced_model_flags(parser, hparams)
 
     def own_class_defaults(self, parser: LightningArgumentParser) -> bool:
         """Make the chosen head's defaults its own: jsonargparse keeps the options two classes
@@ -182,18 +189,25 @@ class TaskCLI(LightningCLI):
         parser.set_defaults({f"{prefix}{HEAD_OPTION}": {"class_path": chosen["class_path"]}})
         return True
 
-    def _parse_ckpt_path(self) -> None:
+    def warn_replaced_model_flags(
+        self, parser: LightningArgumentParser, hparams: dict[str, Any]
+    ) -> None:
         """LightningCLI replaces the model options with the ``--ckpt_path`` checkpoint's
-        (its model description): warn for each ``--model.*`` flag of the command line whose
-        value is replaced, as it would otherwise be dropped without a word."""
+        hyper-parameters (its model description) after this parse: warn for each ``--model.*``
+        flag of the command line whose value that merge replaces, as it would otherwise be
+        dropped without a word. The merge is tried on a copy of the config, as LightningCLI
+        makes it (``hyper_parameters`` without ``_instantiator``; ``_class_path`` as the class)."""
         subcommand = self.config.get("subcommand")
         model = self.config[subcommand].get("model") if subcommand else None
-        before = flatten(model.as_dict()) if model is not None else {}
-        super()._parse_ckpt_path()
-        if model is None:
-            return
-        after = flatten(self.config[subcommand].model.as_dict())
+        hparams = {k: v for k, v in hparams.items() if k != "_instantiator"}
         given = command_line_keys(getattr(self, "_argv", []), "model")
+        if model is None or not hparams or not given:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        merged = parser.parse_object({subcommand: {"model": hparams}}, copy.deepcopy(self.config))
+        before = flatten(model.as_dict())
+        after = flatten(merged[subcommand].model.as_dict())
         replaced = []
         for flag in sorted(given):
             keys = [k for k in before if (k == flag or k.startswith(f"{flag}."))]
@@ -320,12 +334,15 @@ class TaskCLI(LightningCLI):
         if self.subcommand not in ("fit", "validate", "test"):
             return
         config = self.config_init[self.subcommand]
-        path = config.get("ckpt_path")
-        if not path or not Path(path).is_file():
+        checkpoint, self._checkpoint = self._checkpoint, None
+        if checkpoint is None:
             return
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         check_data_settings(
-            checkpoint, self.datamodule, self.subcommand, str(path), config.get("data_mismatch")
+            checkpoint,
+            self.datamodule,
+            self.subcommand,
+            str(config.get("ckpt_path")),
+            config.get("data_mismatch"),
         )
 
 

@@ -291,7 +291,7 @@ def test_last_with_nothing_to_resume_names_where_it_looked(tmp_path: Path) -> No
         segment_main(["fit", *tiny_args(tmp_path), "--ckpt_path", "last"])
     runs = re.escape(str(tmp_path / "runs" / "fewshot-dilated" / "*" / "checkpoints"))
     assert re.fullmatch(
-        rf"--ckpt_path last: no last\.ckpt of a FewShotSegmentation run of ShapesFewShot fold 0 "
+        rf"--ckpt_path last: no last\.ckpt of a FewShotSegmentation run of ShapesDataset fold 0 "
         rf"shots 1 in {runs}/last\*\.ckpt; pass the checkpoint file itself",
         str(info.value),
     ), str(info.value)
@@ -320,9 +320,9 @@ def test_last_and_best_are_of_this_experiment(
     with pytest.raises(FileNotFoundError) as info:
         segment_main(["test", *tiny_args(tmp_path), "--data.fold", "2", "--ckpt_path", "best"])
     assert re.fullmatch(
-        r"--ckpt_path best: no last\.ckpt of a FewShotSegmentation run of ShapesFewShot fold 2 in "
-        r".*checkpoints/last\*\.ckpt \(2 of other experiments: ShapesFewShot fold 0; "
-        r"ShapesFewShot fold 1\); pass the checkpoint file itself",
+        r"--ckpt_path best: no last\.ckpt of a FewShotSegmentation run of ShapesDataset fold 2 in "
+        r".*checkpoints/last\*\.ckpt \(2 of other experiments: ShapesDataset fold 0; "
+        r"ShapesDataset fold 1\); pass the checkpoint file itself",
         str(info.value),
     ), str(info.value)
 
