@@ -16,23 +16,37 @@ from collections.abc import Callable, Mapping
 from typing import Annotated, Any
 
 from annotated_types import Ge, Gt, Le, Lt
-from pydantic import TypeAdapter, ValidationError
+from pydantic import AllowInfNan, BeforeValidator, TypeAdapter, ValidationError
 
-PositiveInt = Annotated[int, Gt(0)]
-NonNegativeInt = Annotated[int, Ge(0)]
+
+def not_boolean(value: Any) -> Any:
+    """Refuse ``true``/``false`` where a number goes: YAML's ``lr: true`` would otherwise be
+    read as 1.0 (a bool is an int to Python and to pydantic's lax mode)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got the boolean {str(value).lower()}")
+    return value
+
+
+#: A whole number, never a boolean.
+Integer = Annotated[int, BeforeValidator(not_boolean)]
+#: A finite number (no ``inf``/``nan``: a learning rate of ``inf`` fails only after a step),
+#: never a boolean.
+FiniteFloat = Annotated[float, BeforeValidator(not_boolean), AllowInfNan(False)]
+PositiveInt = Annotated[Integer, Gt(0)]
+NonNegativeInt = Annotated[Integer, Ge(0)]
 #: An image side: at least one pixel at output stride 8.
-AtLeast8 = Annotated[int, Ge(8)]
-PositiveFloat = Annotated[float, Gt(0)]
-NonNegativeFloat = Annotated[float, Ge(0)]
-Probability = Annotated[float, Ge(0), Le(1)]
+AtLeast8 = Annotated[Integer, Ge(8)]
+PositiveFloat = Annotated[FiniteFloat, Gt(0)]
+NonNegativeFloat = Annotated[FiniteFloat, Ge(0)]
+Probability = Annotated[FiniteFloat, Ge(0), Le(1)]
 #: A dropout probability or a momentum: 1 would zero every feature or never forget.
-BelowOne = Annotated[float, Ge(0), Lt(1)]
+BelowOne = Annotated[FiniteFloat, Ge(0), Lt(1)]
 #: A share strictly between none and all (a validation fraction).
-OpenFraction = Annotated[float, Gt(0), Lt(1)]
+OpenFraction = Annotated[FiniteFloat, Gt(0), Lt(1)]
 #: A share above none, up to all (a centre crop's ratio).
-PositiveFraction = Annotated[float, Gt(0), Le(1)]
+PositiveFraction = Annotated[FiniteFloat, Gt(0), Le(1)]
 #: A generated scene's side in pixels.
-AtLeast16 = Annotated[int, Ge(16)]
+AtLeast16 = Annotated[Integer, Ge(16)]
 
 
 def _is_constrained(annotation: Any) -> bool:

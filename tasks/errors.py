@@ -88,7 +88,9 @@ def unwrap_union_error(error: BaseException) -> BaseException:
 
 
 #: pydantic's pointers to its error catalogue, in the reports of ranges (datamodules.bounds)
-PYDANTIC_NOISE = re.compile(r"\s*\[type=[^\]]*\]|\s*For further information visit \S+")
+PYDANTIC_NOISE = re.compile(
+    r"\s*\[type=[^\]]*\]|\s*For further information visit \S+|(?<=\s)Value error, "
+)
 
 
 #: jsonargparse's reports of a value outside a closed set (that may also be null), on one line
@@ -103,17 +105,35 @@ LITERAL_REPORTS = (
 )
 
 
-#: jsonargparse's report of an optional number outside its range (``--data.image_size 4``)
-OPTIONAL_RANGE_REPORT = re.compile(
-    UNION_REPORT + r" Subtypes: \[typing\.Annotated\[[^\]]*\], <class 'NoneType'>\] Errors: - 1 "
-    r"validation error for constrained-\w+ (?P<reason>.*?) - Expected a <class 'NoneType'> .*?"
-    r"Given value: (?P<given>.*)$"
+#: pydantic's first line of a report, ``1 validation error for <the schema's repr>``: noise
+PYDANTIC_HEADER = re.compile(r"^(?P<bullet>\s*(?:- )?)\d+ validation errors? for .*$", re.M)
+
+#: jsonargparse's report of a number outside its range where the option also takes other types
+#: (``--data.image_size 4``: an ``int >= 8`` or null; ``--data.test_seeds 0``: an ``int > 0``, a
+#: list or null), the range's reason first
+RANGE_UNION_REPORT = re.compile(
+    UNION_REPORT + r" Subtypes: \[typing\.Annotated\[(?P<annotated>[^\]]*)\], (?P<others>.*?)\] "
+    r"Errors: - (?P<reason>.*?) - Expected .*?Given value: (?P<given>.*)$"
 )
 
+#: an ``annotated_types`` bound in a type's repr (``Gt(gt=0)``)
+BOUND = re.compile(r"\b(?:Gt|Ge|Lt|Le)\((?:gt|ge|lt|le)=(?P<bound>[^)]*)\)")
 
-def _range(match: re.Match) -> str:
+#: how the other alternatives of a union read in a one-line report
+OTHER_TYPES = {"<class 'NoneType'>": "null"}
+
+
+def _range_union(match: re.Match) -> str:
+    """``greater than 0, a list or null, got '0'``: jsonargparse drops the given value from
+    the alternatives' messages, so a bound equal to it is read back from the type."""
     reason = match["reason"][0].lower() + match["reason"][1:]
-    return f"{reason} or null, got {match['given']!r}"
+    bound = BOUND.search(match["annotated"])
+    if bound and reason.endswith((" than", " to")):
+        reason = f"{reason} {bound['bound']}"
+    others = [OTHER_TYPES.get(t, "a list" if t.startswith("list[") else t)
+              for t in re.split(r", (?![^\[]*\])", match["others"])]  # fmt: skip
+    listed = ", ".join([reason, *others[:-1]])
+    return f"{listed} or {others[-1]}, got {match['given']!r}"
 
 
 def _allowed_values(match: re.Match) -> str:
@@ -126,13 +146,13 @@ def condense_union_report(message: str) -> str:
     jsonargparse's multi-line report of a value no alternative of an optional class accepts;
     a closed set (``--data.protocol pfnet``) as its allowed values; another nested report (a
     ``class_path`` option) on one line."""
-    message = PYDANTIC_NOISE.sub("", message)
+    message = PYDANTIC_HEADER.sub(r"\g<bullet>", PYDANTIC_NOISE.sub("", message))
     joined = " ".join(line.strip() for line in message.splitlines() if line.strip())
     for report in LITERAL_REPORTS:
         if report.search(joined):
             return report.sub(_allowed_values, joined)
-    if OPTIONAL_RANGE_REPORT.search(joined):
-        return OPTIONAL_RANGE_REPORT.sub(_range, joined)
+    if RANGE_UNION_REPORT.search(joined):
+        return RANGE_UNION_REPORT.sub(_range_union, joined)
     if UNION_REPORT not in message:
         return " ".join(line.strip() for line in message.splitlines() if line.strip())
     lines = message.splitlines()
