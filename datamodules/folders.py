@@ -60,15 +60,31 @@ def class_indices(names: Sequence[str]) -> list[str]:
 
 
 def read_binary_mask(path: Path) -> np.ndarray:
-    """A mask PNG as ``bool [H, W]``: its values (a palette PNG's indices, other modes in
-    grayscale) 0/1 as they are, otherwise ``>= 128`` is the object (HSNet's ``data/fss.py``
-    thresholds FSS-1000's grayscale masks at 128)."""
+    """A mask PNG as ``bool [H, W]``, from its values (a palette PNG's indices, other modes in
+    grayscale, as HSNet's ``convert('L')``).
+
+    A mask of 0 and one other value ``k`` (0/1, 0/255, 0/2, one colour on black) is binary, ``k``
+    the object. A mask reaching 128 takes HSNet's ``data/fss.py`` rule for FSS-1000's anti-aliased
+    masks: the object is ``>= 128``. Several values all below 128 fit neither: an error naming
+    them, rather than an empty object (its images would silently leave the episodes)."""
     try:
         with Image.open(path) as image:
-            values = np.array(image if image.mode == "P" else image.convert("L"))
+            mode = image.mode
+            values = np.array(image if mode == "P" else image.convert("L"))
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
         raise ValueError(f"cannot read mask {path}: {error}") from error
-    return values == 1 if values.max(initial=0) <= 1 else values >= 128
+    top = int(values.max(initial=0))
+    if top >= 128:
+        return values >= 128
+    if not ((values > 0) & (values < top)).any():
+        return values > 0
+    found = np.unique(values).tolist()
+    listed = ", ".join(map(str, found[:10])) + (", ..." if len(found) > 10 else "")
+    read_as = "palette indices" if mode == "P" else f"{mode} read as grayscale"
+    raise ValueError(
+        f"mask {path} has values [{listed}] ({read_as}), several below 128: expected 0 and one "
+        "object value (0/1, 0/255, one colour on black), or an object of values >= 128 (FSS-1000)"
+    )
 
 
 def scan_class_folder(folder: Path, layout: str) -> dict[str, tuple[Path, Path]]:

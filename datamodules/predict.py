@@ -4,7 +4,9 @@ Every query is segmented with the same support set. Support masks are label PNGs
 any other non-zero value is the object (palette PNGs as VOC's work, so do 0/1 and 0/255 masks).
 Items carry the evaluation geometry of :mod:`datamodules.episode` (``query_size``,
 ``query_valid``, ``query_id``) and ``query_path``, so that the prediction is written at the
-query's original size beside an overlay.
+query's original size beside an overlay. Images are read as viewers show them (EXIF orientation
+applied, :func:`datamodules.source.open_image`): support masks match, and predictions come out
+at, the photo as shown.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from torch.utils.data import Dataset
 
 from .episode import Batch, JointTransform, image_tensor
 from .files import IMAGE_EXTENSIONS, visible
-from .source import IGNORE, open_image, open_label_png
+from .source import IGNORE, open_image, open_label_png, orientation_note
 from .transforms import resized_size
 
 
@@ -41,11 +43,14 @@ def expand_images(paths: Sequence[str]) -> list[Path]:
 
 
 def support_mask(path: Path, image_hw: tuple[int, int], image_path: Path) -> np.ndarray:
+    """The binary (0/1/255) mask of a support image of ``image_hw`` as shown (EXIF orientation
+    applied: users draw on the photo they see); the mask itself is not turned."""
     label = open_label_png(path)
     if label.shape != image_hw:
         raise ValueError(
             f"support mask {str(path)!r} is {label.shape[1]}x{label.shape[0]} but its image "
-            f"{str(image_path)!r} is {image_hw[1]}x{image_hw[0]} (width x height)"
+            f"{str(image_path)!r} is {image_hw[1]}x{image_hw[0]}{orientation_note(image_path)} "
+            "(width x height)"
         )
     binary = (label > 0).astype(np.uint8)
     if ((label > 0) & (label != IGNORE)).any():  # 255 is the object in a 0/255 mask

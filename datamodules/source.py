@@ -16,7 +16,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 IGNORE = 255
 
@@ -39,30 +39,58 @@ def missing_path_error(path: Path, what: str, layout: str) -> FileNotFoundError:
     return FileNotFoundError(f"{what} not found: {path}\nExpected layout:\n{layout}")
 
 
-def open_image(path: Path) -> np.ndarray:
-    """Decode an RGB image as ``uint8 [H, W, 3]``; a corrupt or missing file names itself.
+#: EXIF orientations that swap width and height (a quarter turn, with or without a flip)
+TRANSPOSING_ORIENTATIONS = (5, 6, 7, 8)
 
-    OpenCV decodes (libjpeg-turbo, faster than Pillow for JPEGs, as PFENet/BAM read), its EXIF
-    rotation off so pixels stay aligned with label maps; a format it cannot read goes to
-    Pillow, whose error then names the problem."""
-    try:
-        encoded = np.fromfile(path, dtype=np.uint8)
-    except OSError as error:
-        raise ValueError(f"cannot read image {path}: {error}") from error
-    pixels = cv2.imdecode(encoded, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if pixels is not None:
-        return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
+
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1..8; 1 when absent or invalid) that viewers apply to ``image``.
+
+    Phone photos are stored sideways with a tag saying how to turn them; users see, and draw
+    masks on, the turned photo. Read from the header only: a PNG's ``getexif()`` would decode
+    every pixel looking for EXIF after them (where OpenCV and torchvision do not look either)."""
+    if isinstance(image, PngImagePlugin.PngImageFile) and "exif" not in image.info:
+        return 1
+    orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    return orientation if orientation in range(1, 9) else 1
+
+
+def orientation_note(path: Path) -> str:
+    """``" as shown (EXIF orientation k applied)"`` for an image read turned, else ``""``: a size
+    error then says that the size is the photo's as shown, not as stored."""
+    with Image.open(path) as image:
+        orientation = exif_orientation(image)
+    return f" as shown (EXIF orientation {orientation} applied)" if orientation != 1 else ""
+
+
+def open_image(path: Path) -> np.ndarray:
+    """Decode an RGB image as ``uint8 [H, W, 3]`` as viewers show it (its EXIF orientation
+    applied, as ``ImageOps.exif_transpose``); a corrupt or missing file names itself.
+
+    OpenCV decodes (libjpeg-turbo, faster than Pillow for JPEGs, as PFENet/BAM read) with its
+    own EXIF rotation off, so that Pillow's header alone decides the orientation, as in
+    :func:`image_size`. A turned image (rare), or a format OpenCV cannot read, goes to Pillow,
+    whose error then names the problem."""
     try:
         with Image.open(path) as image:
-            return np.array(image.convert("RGB"))
+            if exif_orientation(image) != 1:
+                return np.array(ImageOps.exif_transpose(image).convert("RGB"))
+            encoded = np.fromfile(path, dtype=np.uint8)
+            pixels = cv2.imdecode(encoded, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+            if pixels is None:
+                return np.array(image.convert("RGB"))
+            return cv2.cvtColor(pixels, cv2.COLOR_BGR2RGB)
     except (OSError, UnidentifiedImageError, SyntaxError) as error:
         raise ValueError(f"cannot read image {path}: {error}") from error
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """``(height, width)`` from the image header, without decoding the pixels."""
+    """``(height, width)`` as :func:`open_image` returns the image (EXIF orientation applied),
+    from the header without decoding the pixels."""
     try:
         with Image.open(path) as image:
+            if exif_orientation(image) in TRANSPOSING_ORIENTATIONS:
+                return image.width, image.height
             return image.height, image.width
     except (OSError, UnidentifiedImageError, SyntaxError) as error:
         raise ValueError(f"cannot read image {path}: {error}") from error
@@ -140,8 +168,9 @@ class SegmentationSource(ABC):
 
     def _check_size(self, image_id: str, image_hw: Sequence[int], label_hw: Sequence[int]) -> None:
         if tuple(image_hw) != tuple(label_hw):
+            path = self.image_path(image_id)
             raise ValueError(
-                f"size mismatch: image {self.image_path(image_id)} is {tuple(image_hw)} but "
+                f"size mismatch: image {path} is {tuple(image_hw)}{orientation_note(path)} but "
                 f"label {self.label_origin(image_id)} is {tuple(label_hw)} (height, width)"
             )
 

@@ -10,9 +10,10 @@ import inspect
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar, NoReturn
+from typing import Any, ClassVar, Literal, NoReturn
 
 import torch
+import yaml
 from jsonargparse import Namespace
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar
@@ -54,6 +55,13 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 #: (:meth:`TaskCLI.own_class_defaults`)
 HEAD_OPTION = "model.head"
 
+#: ``--untrained``: ``validate``/``test``/``predict`` with no trained weights is an error
+#: (``error``) or runs (``allow``).
+Untrained = Literal["error", "allow"]
+
+#: The subcommands that evaluate a model, for which its weights must come from somewhere.
+EVALUATING = ("validate", "test", "predict")
+
 
 class TaskArgumentParser(LightningArgumentParser):
     """Command-line errors without jsonargparse's union report around the real one."""
@@ -69,6 +77,8 @@ class TaskCLI(LightningCLI):
     and compares the data with the checkpoint's (``--data_mismatch``)."""
 
     task_callbacks: ClassVar[dict[str, type[Callback]]] = {}
+    #: ``configs/<task>/default.yaml``: the defaults and the shipped callbacks
+    default_config: ClassVar[Path]
     #: the ``--ckpt_path`` file (memory-mapped), read once by :meth:`parse_arguments` for the
     #: checks made until the classes are built
     _checkpoint: dict[str, Any] | None = None
@@ -85,13 +95,35 @@ class TaskCLI(LightningCLI):
             "class split; on fit also shots and protocol) differing from the checkpoint's is an "
             "error; 'allow' runs anyway (tasks.callbacks.data_settings).",
         )
+        parser.add_argument(
+            "--untrained",
+            type=Untrained,
+            default="error",
+            help="validate, test or predict with neither --ckpt_path nor "
+            "--model.official_checkpoint would evaluate untrained weights: an error; 'allow' "
+            "runs anyway.",
+        )
+        parser.add_argument(
+            "--shipped_callbacks",
+            type=bool,
+            default=True,
+            help="The task's callbacks (checkpoints, learning-rate monitor, progress bar, "
+            "validation images) stay beside the trainer.callbacks a config or the command line "
+            "gives, unless one of the same class replaces them; false: exactly the configured "
+            "callbacks.",
+        )
 
     def instantiate_trainer(self, **kwargs: object) -> Trainer:
         """``trainer.sync_batchnorm`` (on by default) synchronises BatchNorm on every device
         (:mod:`tasks.callbacks.sync_batchnorm`), not only on GPUs; the default config's
         callbacks that need what ``--trainer.logger false`` or ``--trainer.enable_progress_bar
         false`` turn off are left out (:func:`without_unusable_callbacks`)."""
-        config = self.config_init.get(str(self.subcommand), self.config_init)["trainer"]
+        settings = self.config_init.get(str(self.subcommand), self.config_init)
+        config = settings["trainer"]
+        if settings.get("shipped_callbacks", True):
+            config["callbacks"] = with_shipped_callbacks(
+                config.get("callbacks"), self.default_config
+            )
         config["callbacks"] = without_unusable_callbacks(config)
         if config.get("sync_batchnorm"):
             plugins = config.get("plugins") or []
@@ -295,11 +327,36 @@ class TaskCLI(LightningCLI):
             return checkpoint
         return None
 
+    def refuse_untrained(self) -> None:
+        """``validate``, ``test`` and ``predict`` evaluate the weights of ``--ckpt_path`` or of
+        a released model (``--model.official_checkpoint``); with neither, a forgotten option
+        would score (and write results of) a randomly initialised model. An error before any
+        work, unless ``--untrained allow``."""
+        if self.subcommand not in EVALUATING:
+            return
+        config = self.config[self.subcommand]
+        model = config.get("model")
+        released = model.get("official_checkpoint") if isinstance(model, Namespace) else None
+        if config.get("ckpt_path") or released or config.get("untrained") == "allow":
+            return
+        if "official_checkpoint" in inspect.signature(self.model_class).parameters:
+            sources = ("neither --ckpt_path nor --model.official_checkpoint", ", a released model "
+                       "as --model.official_checkpoint <file>")  # fmt: skip
+        else:
+            sources = ("no --ckpt_path", "")
+        raise ValueError(
+            f"{self.subcommand} with {sources[0]} would evaluate untrained weights; pass "
+            f"--ckpt_path <checkpoint> (or last, best){sources[1]}, or --untrained allow to "
+            "evaluate them anyway"
+        )
+
     def before_instantiate_classes(self) -> None:
-        """``--model.official_checkpoint F`` replaces the configured encoder with the one the
+        """No evaluation of untrained weights (:meth:`refuse_untrained`).
+        ``--model.official_checkpoint F`` replaces the configured encoder with the one the
         file holds, but jsonargparse builds ``model.backbone`` first: a paper config's ImageNet
         weights (``pretrained/resnet50_v2.pth``, ``IMAGENET1K_V1``) would be read, or fail as
         missing, for an encoder thrown away. They are not loaded."""
+        self.refuse_untrained()
         config = self.config[self.subcommand] if self.subcommand else self.config
         model = config.get("model")
         if model is None or not model.get("official_checkpoint"):
@@ -346,6 +403,26 @@ class TaskCLI(LightningCLI):
         )
 
 
+def with_shipped_callbacks(configured: Any, default_config: Path) -> list[Callback]:
+    """The configured callbacks, with the task's shipped ones (``trainer.callbacks`` of its
+    default config) of every class the configuration does not name: a config's
+    ``trainer.callbacks`` (a mapping or a list, e.g. an ``EarlyStopping``) replaces the default
+    list, which would silently drop the checkpoints, so nothing could be resumed or tested. A
+    configured callback of a shipped class (a ``ModelCheckpoint`` of one's own) replaces the
+    shipped ones of that class."""
+    callbacks = (
+        list(configured or []) if isinstance(configured, list | tuple | None) else [configured]
+    )
+    kinds = {type(callback) for callback in callbacks}
+    shipped = yaml.safe_load(default_config.read_text())["trainer"]["callbacks"]
+    added = []
+    for spec in shipped:
+        kind = imported(spec["class_path"])
+        if kind not in kinds:
+            added.append(kind(**(spec.get("init_args") or {})))
+    return [*added, *callbacks]
+
+
 def without_unusable_callbacks(trainer_config: Any) -> list[Callback]:
     """The configured callbacks but a learning-rate monitor without a logger and a progress bar
     with the progress bar off (Lightning refuses both), each left out with a line saying so."""
@@ -377,7 +454,9 @@ def run_cli(
     experiment of ``configs/<task>/default.yaml``. From the command line (``args`` ``None``)
     a bad input is one line (:func:`input_errors_in_one_line`); called with ``args``, errors
     are raised."""
-    cli_class = type(f"{task.title()}CLI", (TaskCLI,), {"task_callbacks": callbacks or {}})
+    default_config = CONFIGS / task / "default.yaml"
+    attributes = {"task_callbacks": callbacks or {}, "default_config": default_config}
+    cli_class = type(f"{task.title()}CLI", (TaskCLI,), attributes)
     short = contextlib.nullcontext() if args is not None else input_errors_in_one_line()
     with short, finished_wandb_run(), sigterm_exit_code():
         return cli_class(
@@ -394,7 +473,7 @@ def run_cli(
                 "plugins": [{"class_path": "tasks.callbacks.checkpointing.AtomicCheckpointIO"}],
             },
             parser_kwargs={
-                subcommand: {"default_config_files": [str(CONFIGS / task / "default.yaml")]}
+                subcommand: {"default_config_files": [str(default_config)]}
                 for subcommand in LightningCLI.subcommands()
             },
             args=args,

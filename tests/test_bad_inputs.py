@@ -73,6 +73,8 @@ FOLDER = ("--data", "ImageFolderData", "--data.root", "{folder}", "--data.image_
           "--data.batch_size", "2", "--data.num_workers", "0")  # fmt: skip
 CIFAR = ("--data", "CifarData", "--data.root", "{cifar}", "--data.batch_size", "2",
          "--data.num_workers", "0")  # fmt: skip
+# Evaluating untrained weights, where a case checks another input of validate/test/predict.
+UNTRAINED = ("--untrained", "allow")
 # Appended to every command: a case that wrongly does not fail stops after two steps.
 BOUNDED = ("--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
            "--trainer.limit_test_batches", "1", "--trainer.limit_predict_batches", "1")  # fmt: skip
@@ -110,6 +112,10 @@ def missing_cifar_batch(paths: dict[str, Path]) -> None:
 
 def block_output(paths: dict[str, Path]) -> None:
     (paths["tmp"] / "taken").write_text("a file where the output folder should be")
+
+
+def boolean_lr(paths: dict[str, Path]) -> None:
+    (paths["tmp"] / "bool.yaml").write_text("model:\n  lr: true\n")
 
 
 def unknown_yaml_key(paths: dict[str, Path]) -> None:
@@ -181,7 +187,7 @@ CASES = [
     pytest.param(SEGMENT, ("fit", *SHAPES, "--data.shots", "two"), 2,
                  r"shots.*Input should be a valid integer.*Got value: two", None,
                  id="shots-not-a-number"),
-    pytest.param(SEGMENT, ("test", *PASCAL, "--data.shots", "2"), ValueError,
+    pytest.param(SEGMENT, ("test", *PASCAL, "--data.shots", "2", *UNTRAINED), ValueError,
                  r"PascalDataset fold 0, test split: 2-shot episodes need at least 3 images per "
                  r"class .*too few for 'aeroplane' \(class 0\): 2", None,
                  id="class-with-too-few-images-for-the-shots"),
@@ -193,6 +199,28 @@ CASES = [
     pytest.param(SEGMENT, ("fit", *SHAPES, "--model.lr", "-0.1"), 2,
                  r'Parser key "model.lr": .*Input should be greater than 0 Got value: -0\.1$',
                  None, id="negative-lr"),
+    pytest.param(SEGMENT, ("fit", *SHAPES, "--config", "{tmp}/bool.yaml"), 2,
+                 r'Parser key "model.lr": expected a number, got the boolean true', boolean_lr,
+                 id="lr-true-in-a-config"),
+    pytest.param(SEGMENT, ("fit", *SHAPES, "--model.lr", "inf"), 2,
+                 r'Parser key "model.lr": Input should be a finite number Got value: inf$', None,
+                 id="lr-inf"),
+    pytest.param(SEGMENT, ("test", *SHAPES, "--data.test_seeds", "0"), 2,
+                 r'Parser key "test_seeds": input should be greater than 0, a list or null, '
+                 r"got '0'$", None, id="test-seeds-0"),
+    pytest.param(SEGMENT, ("test", *SHAPES), ValueError,
+                 r"^test with neither --ckpt_path nor --model\.official_checkpoint would evaluate "
+                 r"untrained weights; pass --ckpt_path <checkpoint> \(or last, best\), a released "
+                 r"model as --model\.official_checkpoint <file>, or --untrained allow", None,
+                 id="test-without-weights"),
+    pytest.param(SEGMENT, ("predict", *SHAPES, "--data.predict_support", "[{image}]",
+                           "--data.predict_support_masks", "[{mask}]",
+                           "--data.predict_queries", "[{image}]"), ValueError,
+                 r"^predict with neither --ckpt_path nor --model\.official_checkpoint would", None,
+                 id="predict-without-weights"),
+    pytest.param(CLASSIFY, ("validate", *FOLDER), ValueError,
+                 r"^validate with no --ckpt_path would evaluate untrained weights", None,
+                 id="classify-validate-without-weights"),
     pytest.param(CLASSIFY, ("fit", *FOLDER, "--model.dropout", "1.0"), 2,
                  r'Parser key "model.dropout": .*Input should be less than 1 Got value: 1\.0$',
                  None, id="classify-dropout-1"),
@@ -235,28 +263,28 @@ CASES = [
                  r"CIFAR batch file not found: .*data_batch_3$", missing_cifar_batch,
                  id="cifar-missing-batch"),
     # Prediction
-    pytest.param(SEGMENT, ("predict", *SHAPES, "--data.predict_support", "[{image}]",
+    pytest.param(SEGMENT, ("predict", *SHAPES, *UNTRAINED, "--data.predict_support", "[{image}]",
                            "--data.predict_queries", "[{image}]"), ValueError,
                  r"one mask per support image: got 1 support images \(data\.predict_support\) "
                  r"and 0 masks", None, id="predict-support-without-mask"),
-    pytest.param(SEGMENT, ("predict", *SHAPES, "--data.predict_support", "[{image}]",
+    pytest.param(SEGMENT, ("predict", *SHAPES, *UNTRAINED, "--data.predict_support", "[{image}]",
                            "--data.predict_support_masks", "[{tmp}/missing.png]",
                            "--data.predict_queries", "[{image}]"), FileNotFoundError,
                  r"support mask '.*missing\.png' does not exist", None,
                  id="predict-support-mask-missing"),
-    pytest.param(SEGMENT, ("predict", *SHAPES, "--data.predict_support", "[{image}]",
+    pytest.param(SEGMENT, ("predict", *SHAPES, *UNTRAINED, "--data.predict_support", "[{image}]",
                            "--data.predict_support_masks", "[{mask}]",
                            "--data.predict_queries", "[{tmp}]"), FileNotFoundError,
                  r"predict query folder '.*' holds no images", None,
                  id="predict-query-folder-without-images"),
-    pytest.param(SEGMENT, ("predict", *SHAPES, "--data.predict_support", "[{image}]",
+    pytest.param(SEGMENT, ("predict", *SHAPES, *UNTRAINED, "--data.predict_support", "[{image}]",
                            "--data.predict_support_masks", "[{mask}]",
                            "--data.predict_queries", "[{image}]",
                            "--prediction_writer.output_dir", "{tmp}/taken/predictions"),
                  PermissionError, r"cannot write predictions to '.*taken/predictions' .*pass a "
                  r"writable path as --prediction_writer\.output_dir", block_output,
                  id="segment-output-folder-not-writable"),
-    pytest.param(CLASSIFY, ("predict", *FOLDER, "--prediction_writer.output_file",
+    pytest.param(CLASSIFY, ("predict", *FOLDER, *UNTRAINED, "--prediction_writer.output_file",
                             "{tmp}/taken/predictions.csv"),
                  PermissionError, r"cannot write predictions to '.*taken/predictions\.csv' .*pass "
                  r"a writable path as --prediction_writer\.output_file", block_output,

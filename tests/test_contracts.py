@@ -548,3 +548,32 @@ def test_a_switched_head_keeps_its_own_defaults(
     head = printed_head(capsys, "--model.head.init_args.decoder_dropout", "0.4", "--model.head",
                         own, "--model.head.init_args.reduce_dim", "64")  # fmt: skip
     assert head["init_args"] == {"reduce_dim": 64, "dropout": 0.2, "decoder_dropout": 0.4}
+
+
+@pytest.mark.parametrize("form", ["mapping", "list"])
+def test_a_configs_callback_adds_to_the_shipped_ones(tmp_path: Path, form: str) -> None:
+    """A ``trainer.callbacks`` entry of a config (an ``EarlyStopping`` a user adds) replaces
+    jsonargparse's default list; the shipped callbacks stay beside it, so the run still writes
+    ``last.ckpt`` and its best checkpoint; ``--shipped_callbacks false`` keeps only the config's
+    (and Lightning's default checkpoint)."""
+    stopping = {"class_path": "lightning.pytorch.callbacks.EarlyStopping",
+                "init_args": {"monitor": "val/miou", "mode": "max"}}  # fmt: skip
+    config = tmp_path / "callbacks.yaml"
+    config.write_text(yaml.safe_dump({"trainer": {"callbacks": stopping if form == "mapping"
+                                                               else [stopping]}}))  # fmt: skip
+    steps = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+             "--trainer.limit_val_batches", "1",
+             "--data.root", str(tmp_path / "shapes")]  # fmt: skip
+    cli = segment.main(["fit", "--config", str(config), *SHAPES, *steps, *run_dir(tmp_path)])
+    kinds = [type(callback).__name__ for callback in cli.trainer.callbacks]
+    assert "EarlyStopping" in kinds and kinds.count("ModelCheckpoint") == 2
+    assert "LogValidationEpisodes" in kinds
+    assert {p.name for p in (tmp_path / "runs").rglob("*.ckpt")} == {
+        "last.ckpt",
+        "best-epoch=000.ckpt",
+    }
+    only = segment.main(["fit", "--config", str(config), *SHAPES, *steps, *run_dir(tmp_path / "b"),
+                         "--shipped_callbacks", "false"])  # fmt: skip
+    kinds = [type(callback).__name__ for callback in only.trainer.callbacks]
+    assert "EarlyStopping" in kinds and "LogValidationEpisodes" not in kinds
+    assert kinds.count("ModelCheckpoint") == 1  # Lightning's own default, not the shipped two

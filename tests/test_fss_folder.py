@@ -322,3 +322,30 @@ def test_fss1000_missing_class_folder_fails_before_training(
               "--data.splits_dir", str(fss[1]), "--data.cache_dir", str(tmp_path / "cache"),
               *SMALL, *runs(tmp_path)])  # fmt: skip
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+# --- mask conventions ---------------------------------------------------------------------------
+
+
+def test_folder_masks_of_0_k_or_one_colour_give_episodes(tmp_path: Path) -> None:
+    """0/2 and red-on-black masks are their object (they were read empty, and the class then
+    failed as having too few images); several grey levels below 128 name the mask instead."""
+    root = write_class_folders(tmp_path / "own", ["a", "b", "c", "d"], per_class=4)
+    masks = sorted((root / "a").glob("*.png"))
+    for k, path in enumerate(masks):
+        binary = np.array(Image.open(path)).astype(bool)
+        red = np.zeros((*binary.shape, 3), dtype=np.uint8)
+        red[binary] = (255, 0, 0)
+        Image.fromarray(red if k % 2 else binary.astype(np.uint8) * 2).save(path)
+    settings = {"test_classes": ["c", "d"], "image_size": 32, "batch_size": 2, "num_workers": 0,
+                "val_fraction": 0.5, "min_pixels": 1}  # fmt: skip
+    data = FolderFewShot(root=str(root), cache_dir=str(tmp_path / "cache"), **settings)
+    data.setup("fit")
+    assert sorted(data.pools("train")[0] + data.pools("val")[0]) == [f"a/img_{k}" for k in range(4)]
+    expected = (object_mask(0 + 1, 24) > 0).astype(np.uint8)  # class a (index 0) -> 1
+    np.testing.assert_array_equal(data.source("train").read("a/img_1")[1], expected)
+    Image.fromarray((np.arange(24 * 24) % 3).reshape(24, 24).astype(np.uint8)).save(masks[2])
+    again = FolderFewShot(root=str(root), cache_dir=str(tmp_path / "cache2"), **settings)
+    message = rf"mask {masks[2]} has values \[0, 1, 2\] \(L read as grayscale\), several below 128"
+    with pytest.raises(ValueError, match=message):
+        again.setup("fit")

@@ -23,11 +23,13 @@ from fixtures_archives import (
     VOC_ROOT,
     PascalArchives,
     add_coco_overlaps,
+    palette_png_bytes,
     sbd_mat_bytes,
     truncated_copy,
     write_pascal_archives,
+    write_tar,
 )
-from fixtures_data import BIG, SMALL, write_coco_tree
+from fixtures_data import BIG, HEIGHT, SMALL, WIDTH, write_coco_tree
 from PIL import Image
 
 from datamodules import CocoFewShot, PascalFewShot
@@ -177,7 +179,6 @@ def test_published_counts_are_required_of_the_published_archives() -> None:
         ("bad_value", r"cls/\S+\.mat: label values \[21\] are not classes \(expected 0..20\)"),
         ("truncated_voc", r"VOCtrainval_11-May-2012.tar is truncated or corrupt"),
         ("swapped", r"benchmark.tgz has no member VOCdevkit/VOC2012/ImageSets/Segmentation/train"),
-        ("missing", r"archive not found: \S+/nothing.tar \(expected VOCtrainval_11-May-2012.tar"),
     ],
 )  # fmt: skip
 def test_a_bad_archive_is_named(
@@ -204,8 +205,6 @@ def test_a_bad_archive_is_named(
         voc_tar = truncated_copy(archives.voc_tar, tmp_path / archives.voc_tar.name, 0.5)
     elif case == "swapped":
         voc_tar = archives.sbd_tgz
-    elif case == "missing":
-        voc_tar = tmp_path / "nothing.tar"
     with pytest.raises(PrepareError, match=message):
         prepare_pascal(tmp_path / "out", voc_tar, sbd_tgz, log=quiet)
     assert not (tmp_path / "out" / ".prepared-pascal.json").exists()
@@ -412,3 +411,178 @@ def test_download_checks_the_md5_and_builds_the_same_tree(
     monkeypatch.setattr(prepare_pascal_module, "VOC", wrong)
     with pytest.raises(PrepareError, match=r"cannot download http://127.0.0.1:\d+/VOCtrainval"):
         prepare_pascal(tmp_path / "again", download_to=tmp_path / "fresh", log=quiet)
+
+
+# --- Rerunning on an earlier run's tree, and inputs checked first --------------------------------
+
+
+def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, list[str]]:
+    """``python -m datamodules.prepare ARGV``: exit code, stdout, stderr lines."""
+    code = prepare_main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.strip().splitlines()
+
+
+def mtimes(folder: Path) -> dict[Path, int]:
+    return {path: path.stat().st_mtime_ns for path in sorted(folder.glob("*.png"))}
+
+
+@pytest.fixture
+def small_coco(tmp_path: Path) -> Path:
+    return write_coco_tree(tmp_path / "coco", num_images=4)
+
+
+def test_coco_renders_the_splits_a_first_run_left_out(
+    small_coco: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """After ``--splits val2014``, a plain run renders train2014 (and only it); the record then
+    names both splits and a third run has nothing to do."""
+    root, annotations = small_coco, small_coco / "annotations"
+    code, out, _ = run_cli(["coco", "--root", root, "--splits", "val2014"], capsys)
+    assert code == 0 and "written this run: {'val2014': 4}" in out
+    val = mtimes(annotations / "val2014")
+    assert len(val) == 4
+    code, out, _ = run_cli(["coco", "--root", root], capsys)
+    assert code == 0 and "written this run: {'train2014': 4}" in out
+    assert len(list((annotations / "train2014").glob("*.png"))) == 4
+    assert mtimes(annotations / "val2014") == val
+    record = json.loads((annotations / ".prepared-coco.json").read_text())
+    assert record["splits"] == ["train2014", "val2014"]
+    assert record["counts"] == {"train2014": 4, "val2014": 4}
+    code, out, _ = run_cli(["coco", "--root", root], capsys)
+    assert code == 0 and "nothing to do" in out
+
+
+def test_a_finished_coco_tree_missing_label_maps_renders_them(
+    small_coco: Path, capsys: pytest.CaptureFixture
+) -> None:
+    root, annotations = small_coco, small_coco / "annotations"
+    assert run_cli(["coco", "--root", root], capsys)[0] == 0
+    reference = tree_bytes(annotations)
+    (annotations / "train2014" / "COCO_train2014_000000000002.png").unlink()
+    code, out, _ = run_cli(["coco", "--root", root], capsys)
+    assert code == 0 and "holds 3 of the 4 label maps recorded" in out
+    assert "written this run: {'train2014': 1}" in out
+    assert tree_bytes(annotations) == reference
+
+
+@pytest.mark.parametrize("finished", [True, False], ids=["finished", "interrupted"])
+def test_empty_or_broken_coco_label_maps_are_rendered_again(
+    small_coco: Path, finished: bool, capsys: pytest.CaptureFixture
+) -> None:
+    """A 0-byte PNG (a finished tree's, or an interrupted run's) and a truncated one are not
+    kept: the rerun renders both again."""
+    root, annotations = small_coco, small_coco / "annotations"
+    assert run_cli(["coco", "--root", root], capsys)[0] == 0
+    reference = tree_bytes(annotations)
+    val = annotations / "val2014"
+    (val / "COCO_val2014_000000000001.png").write_bytes(b"")
+    truncated_copy(val / "COCO_val2014_000000000003.png", val / "COCO_val2014_000000000003.png")
+    if not finished:
+        (annotations / ".prepared-coco.json").unlink()
+    code, out, _ = run_cli(["coco", "--root", root], capsys)
+    assert code == 0 and "'val2014': 2}" in out
+    assert tree_bytes(annotations) == reference
+
+
+def test_a_finished_pascal_tree_missing_files_is_rebuilt_from_the_archives(
+    voc: Path, archives: PascalArchives, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Without the archives the rerun fails in one line naming what is missing and how to
+    rebuild it, and unmarks the tree; with them it writes the missing files again."""
+    out = Path(shutil.copytree(voc, tmp_path / "VOC2012"))
+    label = out / "SegmentationClassAug" / f"{archives.val[0]}.png"
+    label.unlink()
+    (out / TRAIN_AUG_LIST).unlink()
+    code, _, error = run_cli(["pascal", "--out", out], capsys)
+    assert code == 1 and len(error) == 1
+    assert error[0].startswith(f"error: {out} is incomplete ({out / TRAIN_AUG_LIST} is missing)")
+    assert "give both archives" in error[0]
+    assert not (out / ".prepared-pascal.json").exists()
+    argv = ["pascal", "--out", out, "--voc-tar", archives.voc_tar, "--sbd-tgz", archives.sbd_tgz]
+    (out / TRAIN_AUG_LIST).write_text("")  # an empty list is missing too
+    assert run_cli(argv, capsys)[0] == 0
+    assert tree_bytes(out) == tree_bytes(voc)
+
+
+@pytest.mark.parametrize("finished", [True, False], ids=["finished", "interrupted"])
+def test_empty_or_broken_pascal_labels_are_written_again(
+    voc: Path, archives: PascalArchives, tmp_path: Path, finished: bool,
+    capsys: pytest.CaptureFixture,
+) -> None:  # fmt: skip
+    """A 0-byte VOC label and a truncated SBD one are not kept, record or not."""
+    out = Path(shutil.copytree(voc, tmp_path / "VOC2012"))
+    voc_id = archives.val[1]  # labelled by VOC only
+    sbd_id = next(i for i in archives.train_aug if i.startswith("2011_99000"))  # by SBD only
+    (out / "SegmentationClassAug" / f"{voc_id}.png").write_bytes(b"")
+    sbd_label = out / "SegmentationClassAug" / f"{sbd_id}.png"
+    truncated_copy(sbd_label, sbd_label)
+    if not finished:
+        (out / ".prepared-pascal.json").unlink()
+    argv = ["pascal", "--out", out, "--voc-tar", archives.voc_tar, "--sbd-tgz", archives.sbd_tgz]
+    code, stdout, _ = run_cli(argv, capsys)
+    assert code == 0 and "'voc_labels': 1, 'sbd_labels': 1}" in stdout
+    assert tree_bytes(out) == tree_bytes(voc)
+
+
+@pytest.mark.parametrize("order", ["images_first", "labels_first"])
+def test_a_voc_label_of_another_size_than_its_image_is_an_error(
+    voc: Path, archives: PascalArchives, tmp_path: Path, order: str,
+    capsys: pytest.CaptureFixture,
+) -> None:  # fmt: skip
+    """Named with both files and sizes, whichever of the two the archive holds first; the tree
+    is not marked finished, and the correct archive then replaces the label."""
+    victim = archives.val[2]
+    member = f"{VOC_ROOT}SegmentationClass/{victim}.png"
+    small = palette_png_bytes(np.zeros((HEIGHT // 2, WIDTH // 2), dtype=np.uint8))
+    members = [(name, small if name == member else data) for name, data in archives.voc_members]
+    if order == "labels_first":
+        members.reverse()
+    voc_tar = write_tar(tmp_path / archives.voc_tar.name, members, "w")
+    out = tmp_path / "VOC2012"
+    argv = ["pascal", "--out", out, "--voc-tar", voc_tar, "--sbd-tgz", archives.sbd_tgz]
+    code, _, error = run_cli(argv, capsys)
+    label = f"{voc_tar}: {member}" if order == "images_first" else out / "SegmentationClassAug"
+    assert code == 1 and len(error) == 1
+    assert error[0].startswith(f"error: {label}")
+    assert error[0].endswith(
+        f"label is (40, 48) but image {out / 'JPEGImages' / victim}.jpg is (80, 96) (height, width)"
+    )
+    assert not (out / ".prepared-pascal.json").exists()
+    argv[4] = archives.voc_tar
+    assert run_cli(argv, capsys)[0] == 0
+    assert tree_bytes(out) == tree_bytes(voc)
+
+
+def test_a_mistyped_input_is_named_before_any_work(
+    archives: PascalArchives, small_coco: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A wrong ``--sbd-tgz`` is reported before the VOC archive is read, a folder given as an
+    archive too; a wrong ``--root`` before a folder is made in it; a split without its JSON
+    before another split is rendered."""
+    out, typo = tmp_path / "VOC2012", tmp_path / "benchmark.tg"
+    argv = ["pascal", "--out", out, "--voc-tar", archives.voc_tar, "--sbd-tgz", typo]
+    code, _, error = run_cli(argv, capsys)
+    assert code == 1 and error == [
+        f"error: --sbd-tgz {typo} does not exist; expected the file benchmark.tgz (1.4 GB, "
+        f"{prepare_pascal_module.SBD.url})"
+    ]
+    assert not list(out.iterdir())
+    argv = ["pascal", "--out", out, "--voc-tar", tmp_path, "--sbd-tgz", archives.sbd_tgz]
+    code, _, error = run_cli(argv, capsys)
+    assert code == 1 and error[0].startswith(f"error: --voc-tar {tmp_path} is a folder;")
+    code, _, error = run_cli(["coco", "--root", tmp_path / "cocoo"], capsys)
+    assert code == 1 and error == [
+        f"error: --root {tmp_path / 'cocoo'} is not a folder (expected COCO 2014: train2014/, "
+        "val2014/, annotations/instances_*.json)"
+    ]
+    assert not (tmp_path / "cocoo").exists()
+    train_json = small_coco / "annotations" / "instances_train2014.json"
+    train_json.unlink()
+    code, _, error = run_cli(["coco", "--root", small_coco, "--splits", "val2014", "train2014"],
+                             capsys)  # fmt: skip
+    assert code == 1 and error == [
+        f"error: annotation file not found: {train_json} (expected COCO 2014's "
+        "annotations_trainval2014.zip unzipped into --root)"
+    ]
+    assert not (small_coco / "annotations" / "val2014").exists()

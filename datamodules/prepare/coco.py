@@ -7,6 +7,12 @@ an instance 255 (``coco_crowd`` then decides: ignored, or background under ``hsn
 layout is the one :class:`datamodules.CocoFewShot` reads with ``masks=`` and HSNet reads
 (``annotations/{train,val}2014/<file name>.png``, juhongm999/hsnet ``data/coco.py``), so by
 default the PNGs go to ``<root>/annotations`` and ``--data.masks annotations`` reads them.
+
+The record lists the splits rendered and their image counts; it is written once all the splits
+of a run are rendered, and rewritten first to the splits whose folders still hold the counted
+non-empty PNGs. A run renders the requested splits it does not list: the ones never rendered, and
+those that lost files since. An existing PNG is kept only when it is complete and of its image's
+size, so only the missing, empty or broken ones are rendered again.
 """
 
 from __future__ import annotations
@@ -16,13 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from ..coco import CocoInstancesSource
-from ..source import image_size
 from .common import (
     Log,
     PrepareError,
+    count_files,
     encode_label_png,
+    image_shape,
+    png_shape,
     read_record,
     remove_partial_files,
+    remove_record,
     write_bytes,
     write_record,
 )
@@ -34,18 +43,23 @@ _folder: Path | None = None
 
 
 def render(image_id: str, source: CocoInstancesSource, folder: Path) -> bool:
-    """Write ``folder/<image id>.png`` unless it exists; ``True`` when written."""
+    """Write ``folder/<image id>.png`` unless a complete PNG of the image's size is there;
+    ``True`` when written."""
     target = folder / f"{image_id}.png"
-    if target.is_file():
-        return False
     image = source.image_path(image_id)
     if not image.is_file():
         raise PrepareError(f"image {image} of {source.annotation_file} not found")
-    label = source.read_label(image_id)  # validated: 0..80 and 255
-    if image_size(image) != label.shape:
+    size = image_shape(image)
+    if png_shape(target) == size:
+        return False
+    try:
+        label = source.read_label(image_id)  # validated: 0..80 and 255
+    except ValueError as error:  # a bad annotation, named by the message
+        raise PrepareError(str(error)) from error
+    if size != label.shape:
         raise PrepareError(
-            f"image {image} is {image_size(image)} but {source.annotation_file} says "
-            f"{label.shape} (height, width)"
+            f"image {image} is {size} but {source.annotation_file} says {label.shape} "
+            "(height, width)"
         )
     write_bytes(target, encode_label_png(label))
     return True
@@ -83,6 +97,54 @@ def prepare_split(root: Path, out: Path, split: str, workers: int, log: Log) -> 
     return {"images": len(ids), "written": written}
 
 
+def check_inputs(root: Path, splits: list[str]) -> None:
+    """The folders and JSON files of ``splits``, checked before any is read: a missing val2014
+    JSON would otherwise show only after train2014 is rendered (minutes)."""
+    if not root.is_dir():
+        raise PrepareError(
+            f"--root {root} is not a folder (expected COCO 2014: train2014/, val2014/, "
+            "annotations/instances_*.json)"
+        )
+    for split in splits:
+        annotations = root / "annotations" / f"instances_{split}.json"
+        if not annotations.is_file():
+            raise PrepareError(
+                f"annotation file not found: {annotations} (expected COCO 2014's "
+                "annotations_trainval2014.zip unzipped into --root)"
+            )
+        if not (root / split).is_dir():
+            raise PrepareError(
+                f"image folder not found: {root / split} (expected {split}.zip unzipped into "
+                "--root)"
+            )
+
+
+def rendered_splits(out: Path, log: Log) -> dict[str, int]:
+    """The splits the record of ``out`` lists whose folders still hold every label map (counted,
+    not opened) -> their image counts; the record is rewritten to these alone, so that it never
+    claims a split that is not all there."""
+    record = read_record(out, "coco")
+    if record is None:
+        return {}
+    complete: dict[str, int] = {}
+    for split, images in sorted(record["counts"].items()):
+        found = count_files(out / split, ".png")
+        if found >= images:
+            complete[split] = images
+        else:
+            log(f"{out / split} holds {found} of the {images} label maps recorded: not done")
+    if complete != record["counts"]:
+        if complete:
+            write_record(out, "coco", coco_record(complete))
+        else:
+            remove_record(out, "coco")
+    return complete
+
+
+def coco_record(counts: dict[str, int]) -> dict[str, Any]:
+    return {"dataset": "coco", "splits": sorted(counts), "counts": dict(sorted(counts.items()))}
+
+
 def prepare_coco(
     root: Path,
     out: Path | None = None,
@@ -94,27 +156,29 @@ def prepare_coco(
     ``root/annotations``, HSNet's layout); returns the record of ``out/.prepared-coco.json``."""
     root = Path(root)
     out = Path(out) if out is not None else root / "annotations"
-    record = read_record(out, "coco")
-    if record is not None:
-        log(f"{out} is already prepared ({record['counts']}); nothing to do")
-        return record
     unknown = [split for split in splits if split not in SPLITS]
     if unknown:
         raise PrepareError(f"splits {unknown}: expected some of {list(SPLITS)}")
+    counts = rendered_splits(out, log)
+    todo = [split for split in dict.fromkeys(splits) if split not in counts]
+    if not todo:
+        log(f"{out} is already prepared ({counts}); nothing to do")
+        return coco_record(counts)
+    check_inputs(root, todo)
     out.mkdir(parents=True, exist_ok=True)
-    for split in splits:
+    for split in todo:
         removed = remove_partial_files(out / split)
         if removed:
             log(f"resuming: removed {removed} partial files of an interrupted run")
-    counts, written = {}, {}
-    for split in splits:
+    written: dict[str, int] = {}
+    for split in todo:
         result = prepare_split(root, out, split, workers, log)
         counts[split], written[split] = result["images"], result["written"]
-    record = {"dataset": "coco", "splits": list(splits), "counts": counts}
-    write_record(out, "coco", record)
+    write_record(out, "coco", coco_record(counts))
     relative = out.relative_to(root) if out.is_relative_to(root) else out
     log(
-        f"COCO label maps ready in {out}: {counts}; written this run: {written}. "
-        f"Train with --data datamodules.CocoFewShot --data.root {root} --data.masks {relative}"
+        f"COCO label maps ready in {out}: {dict(sorted(counts.items()))}; written this run: "
+        f"{written}. Train with --data datamodules.CocoFewShot --data.root {root} --data.masks "
+        f"{relative}"
     )
-    return record
+    return coco_record(counts)

@@ -1,9 +1,11 @@
-"""What the preparation steps share: their error, the finished-tree record, PNG writing."""
+"""What the preparation steps share: their error, the finished-tree record, PNG writing and the
+checks of what an earlier run left."""
 
 from __future__ import annotations
 
 import io
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,56 @@ def write_record(out: Path, dataset: str, record: dict[str, Any]) -> None:
     """The finished-tree record, last: its presence means every other file is complete."""
     text = json.dumps({"version": RECORD_VERSION, **record}, indent=1, sort_keys=True)
     write_atomic(record_path(out, dataset), text + "\n")
+
+
+def remove_record(out: Path, dataset: str) -> None:
+    """Unmark a tree found incomplete before rebuilding it, so that a failed rebuild leaves no
+    record claiming a finished tree."""
+    record_path(out, dataset).unlink(missing_ok=True)
+
+
+def count_files(folder: Path, suffix: str) -> int:
+    """The non-empty visible files of ``folder`` ending in ``suffix``, counted without opening
+    one (a stat each), so checking a finished tree stays instant; a 0-byte file is a failed
+    copy, not an output."""
+    if not folder.is_dir():
+        return 0
+    with os.scandir(folder) as entries:
+        return sum(
+            entry.name.endswith(suffix)
+            and not entry.name.startswith(".")
+            and entry.is_file()
+            and entry.stat().st_size > 0
+            for entry in entries
+        )
+
+
+def non_empty(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 0
+
+
+def png_shape(path: Path) -> tuple[int, int] | None:
+    """``(height, width)`` of the complete PNG at ``path``; ``None`` when it is missing, empty,
+    truncated or not a PNG. Checked (chunk checksums, no decoding: microseconds) before an
+    earlier run's output is kept: such a file is rendered again, never trusted."""
+    try:
+        with Image.open(path) as image:
+            if image.format != "PNG":
+                return None
+            image.verify()
+            return image.height, image.width
+    except (OSError, SyntaxError, ValueError):  # PIL's errors for a broken file
+        return None
+
+
+def image_shape(path: Path) -> tuple[int, int]:
+    """``(height, width)`` from the header of the image at ``path``; an unreadable one is an
+    error naming it."""
+    try:
+        with Image.open(path) as image:
+            return image.height, image.width
+    except (OSError, SyntaxError) as error:  # PIL's UnidentifiedImageError is an OSError
+        raise PrepareError(f"image {path} is not readable ({error})") from error
 
 
 def remove_partial_files(folder: Path) -> int:

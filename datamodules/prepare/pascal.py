@@ -13,6 +13,13 @@ layout):
 * ``SegmentationClassAug`` (as distributed with DeepLab and used by PFENet, ASGNet, HSNet, BAM):
   VOC's label where VOC has one, SBD's otherwise (12031 maps); its training list
   ``train_aug.txt`` is (VOC train + SBD train + SBD val) - VOC val = 10582 ids.
+
+A label map is kept from an earlier run only when it is a complete PNG of its image's size, and
+written only when its size is its image's: every label is checked against its image before the
+tree is marked finished. A tree marked finished is checked before "nothing to do": its lists,
+with the counts the record holds, and the image and label of every listed id (a stat each);
+when any is missing or empty the record is removed and the missing files are rebuilt from the
+archives (which the run then needs).
 """
 
 from __future__ import annotations
@@ -36,8 +43,12 @@ from .common import (
     Log,
     PrepareError,
     encode_label_png,
+    image_shape,
+    non_empty,
+    png_shape,
     read_record,
     remove_partial_files,
+    remove_record,
     write_bytes,
     write_record,
 )
@@ -118,8 +129,6 @@ def iterate_archive(path: Path, what: Archive) -> Iterator[tuple[tarfile.TarInfo
     needs), each with a reader of its bytes; a truncated or corrupt archive is named with what
     it should have been. A plain tar cut at a member boundary reads as a shorter archive, so
     its end-of-archive blocks are required."""
-    if not path.is_file():
-        raise PrepareError(f"archive not found: {path} (expected {what.filename}, {what.url})")
     with path.open("rb") as file:
         compressed = file.read(2) == b"\x1f\x8b"
     try:
@@ -219,9 +228,50 @@ def check_published_counts(counts: dict[str, int]) -> None:
                 )
 
 
-def image_hw(path: Path) -> tuple[int, int]:
-    with Image.open(path) as image:
-        return image.height, image.width
+def given_archive(path: Path | None, option: str, what: Archive) -> Path | None:
+    """A given archive must be a file, checked before any is read: a typo in ``--sbd-tgz``
+    would otherwise show only once the 1.9 GB VOC archive is read."""
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_file():
+        state = "is a folder" if path.is_dir() else "does not exist"
+        raise PrepareError(
+            f"{option} {path} {state}; expected the file {what.filename} ({what.size}, {what.url})"
+        )
+    return path
+
+
+def tree_shortfall(out: Path, record: dict[str, Any]) -> str | None:
+    """What a tree marked finished lacks (``None``: nothing): every list the run writes, with
+    the counts the record holds, and a non-empty image and label for every id of the training
+    and validation lists. Reads the lists and stats files, opens no image: a rerun on a
+    finished tree stays instant."""
+    counts = record["counts"]
+    lists = {TRAIN_AUG_LIST: counts["train_aug"], NODUPLICATE_LIST: counts["noduplicate"]}
+    for key, expected in counts.items():  # voc_train, voc_val, ...: VOC's own lists
+        if key.startswith("voc_"):
+            lists[f"ImageSets/Segmentation/{key[4:]}.txt"] = expected
+    listed: dict[str, list[str]] = {}
+    for name, expected in lists.items():
+        path = out / name
+        if not non_empty(path):
+            return f"{path} is missing"
+        listed[name] = read_ids(path.read_bytes())
+        if len(listed[name]) != expected:
+            return f"{path} lists {len(listed[name])} images, not the {expected} recorded"
+    hsnet = shipped(HSNET_PASCAL)
+    for source in sorted(hsnet.rglob("*.txt")):
+        copy = out / "lists" / HSNET_PASCAL / source.relative_to(hsnet)
+        if not non_empty(copy):
+            return f"{copy} is missing"
+    ids = listed[TRAIN_AUG_LIST] + listed[VAL_LIST]
+    files = [out / "JPEGImages" / f"{i}.jpg" for i in ids]
+    files += [out / "SegmentationClassAug" / f"{i}.png" for i in ids]
+    missing = [path for path in files if not non_empty(path)]
+    if missing:
+        return f"{len(missing)} listed files are missing or empty ({missing[0]}, ...)"
+    return None
 
 
 class PascalBuilder:
@@ -240,6 +290,27 @@ class PascalBuilder:
     def label_path(self, image_id: str) -> Path:
         return self.labels / f"{image_id}.png"
 
+    def image_path(self, image_id: str) -> Path:
+        return self.images / f"{image_id}.jpg"
+
+    def label_kept(self, image_id: str) -> bool:
+        """Whether an earlier run's label map can stay: a complete PNG of its image's size. A
+        0-byte, truncated or mis-sized file (or one whose image is not written yet) is rendered
+        again from the archive."""
+        image = self.image_path(image_id)
+        shape = png_shape(self.label_path(image_id))
+        return shape is not None and image.is_file() and shape == image_shape(image)
+
+    def check_size(self, shape: tuple[int, ...], image_id: str, origin: str) -> None:
+        """A label map of another size than its image (once written) is an error before it is
+        written; the loaders would refuse the pair, or the training misalign them."""
+        image = self.image_path(image_id)
+        if image.is_file() and image_shape(image) != shape:
+            raise PrepareError(
+                f"{origin}: label is {shape} but image {image} is {image_shape(image)} "
+                "(height, width)"
+            )
+
     def voc_pass(self, path: Path) -> None:
         """JPEGImages, VOC's labels (converted to grayscale PNGs) and the segmentation lists."""
         seen_images = 0
@@ -257,9 +328,10 @@ class PascalBuilder:
                     self.written["images"] += 1
             elif folder == "SegmentationClass" and name.endswith(".png"):
                 self.voc_labelled.add(stem)
-                if not self.label_path(stem).is_file():
+                if not self.label_kept(stem):
                     origin = f"{path}: {member.name}"
                     label = voc_label(reader.read(), origin)
+                    self.check_size(label.shape, stem, origin)
                     write_bytes(self.label_path(stem), encode_label_png(label))
                     self.written["voc_labels"] += 1
             elif folder == "ImageSets/Segmentation" and name.endswith(".txt"):
@@ -294,19 +366,14 @@ class PascalBuilder:
                 origin = f"{path}: {member.name}"
                 if stem in self.voc_labelled:  # VOC's label wins (it has the 255 borders)
                     sbd_label(reader.read(), origin)  # checked all the same
-                elif not self.label_path(stem).is_file():
+                elif not self.label_kept(stem):
                     label = sbd_label(reader.read(), origin)
-                    image = self.images / f"{stem}.jpg"
-                    if not image.is_file():
+                    if not self.image_path(stem).is_file():
                         raise PrepareError(
                             f"{origin}: no image {stem}.jpg in the VOC archive (SBD's images are "
                             "VOC2012's); is the VOC archive the 2012 trainval one?"
                         )
-                    if image_hw(image) != label.shape:
-                        raise PrepareError(
-                            f"{origin}: label is {label.shape} but image {image} is "
-                            f"{image_hw(image)} (height, width)"
-                        )
+                    self.check_size(label.shape, stem, origin)
                     write_bytes(self.label_path(stem), encode_label_png(label))
                     self.written["sbd_labels"] += 1
                 self.sbd_labelled.add(stem)
@@ -333,7 +400,7 @@ class PascalBuilder:
         train_aug = sorted(train - val)
         for image_id in [*train_aug, *lists["voc_val"]]:
             for path, what in (
-                (self.images / f"{image_id}.jpg", "image"),
+                (self.image_path(image_id), "image"),
                 (self.label_path(image_id), "label"),
             ):
                 if not path.is_file():
@@ -341,6 +408,10 @@ class PascalBuilder:
                         f"listed image {image_id} has no {what} ({path} missing): the archives "
                         "do not hold every listed image"
                     )
+        for image_id in sorted(self.voc_labelled | self.sbd_labelled):
+            # VOC's archive may hold a label before its image: checked once both are written
+            label = self.label_path(image_id)
+            self.check_size(image_shape(label), image_id, str(label))
         write_atomic(self.out / TRAIN_AUG_LIST, "".join(f"{i}\n" for i in train_aug))
         shipped_lines = shipped(NODUPLICATE).read_text().splitlines()
         trainable = set(train_aug)
@@ -379,21 +450,28 @@ def prepare_pascal(
 
     From the given archives, or those downloaded into ``download_to`` (checksums checked).
     Returns the record written to ``out/.prepared-pascal.json``: list sizes and the archives'
-    names and sizes. A finished tree is left as it is.
+    names and sizes. A finished tree that holds what its record says is left as it is.
     """
     out = Path(out)
+    voc_tar = given_archive(voc_tar, "--voc-tar", VOC)
+    sbd_tgz = given_archive(sbd_tgz, "--sbd-tgz", SBD)
     record = read_record(out, "pascal")
-    if record is not None:
+    shortfall = tree_shortfall(out, record) if record is not None else None
+    if record is not None and shortfall is None:
         log(f"{out} is already prepared (from {sorted(record['archives'])}); nothing to do")
         return record
+    if shortfall is not None:
+        log(f"{out} was prepared but {shortfall}: rebuilding the missing files from the archives")
+        remove_record(out, "pascal")
     if download_to is not None:
         download_to.mkdir(parents=True, exist_ok=True)
         voc_tar = voc_tar or download(VOC, download_to, log)
         sbd_tgz = sbd_tgz or download(SBD, download_to, log)
     if voc_tar is None or sbd_tgz is None:
+        why = f"{out} is incomplete ({shortfall}): " if shortfall is not None else ""
         raise PrepareError(
-            f"give both archives ({VOC.filename} as --voc-tar, {SBD.filename} as --sbd-tgz) "
-            "or --download"
+            f"{why}give both archives ({VOC.filename} as --voc-tar, {SBD.filename} as "
+            "--sbd-tgz) or --download"
         )
     out.mkdir(parents=True, exist_ok=True)
     removed = remove_partial_files(out)
@@ -401,9 +479,9 @@ def prepare_pascal(
         log(f"resuming: removed {removed} partial files of an interrupted run")
     builder = PascalBuilder(out, log)
     log(f"reading {voc_tar}")
-    builder.voc_pass(Path(voc_tar))
+    builder.voc_pass(voc_tar)
     log(f"reading {sbd_tgz}")
-    builder.sbd_pass(Path(sbd_tgz))
+    builder.sbd_pass(sbd_tgz)
     counts = builder.write_lists()
     record = {
         "dataset": "pascal",

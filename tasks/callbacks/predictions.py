@@ -1,4 +1,5 @@
-"""Write ``predict`` outputs: each query's mask as a PNG at its original size, and an overlay."""
+"""Write ``predict`` outputs: each query's mask as a PNG at its original size (as shown: EXIF
+orientation applied, as the loaders read it), and an overlay."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 from PIL import Image
 
 from datamodules.files import writable_folder
+from datamodules.source import open_image
 
 PALETTE = [0, 0, 0, 255, 40, 40] + [0, 0, 0] * 254  # 0 background, 1 foreground
 
@@ -95,7 +97,7 @@ class MaskWriter(BasePredictionWriter):
             name = self.output_dir / self.names.get(str(path), query_id)
             name.parent.mkdir(parents=True, exist_ok=True)
             png.save(name.with_name(f"{name.name}.png"))
-            image = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+            image = open_image(Path(path)).astype(np.float32)  # as shown, as the prediction
             tint = (label > 0)[..., None] * self.alpha
             overlay = image * (1 - tint) + colours[label] * tint
             Image.fromarray(overlay.round().astype(np.uint8)).save(
