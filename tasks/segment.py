@@ -14,6 +14,7 @@ import shutil
 import sys
 import warnings
 from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, get_args
 
 import torch
@@ -133,6 +134,9 @@ class FewShotSegmentation(BaseTask):
         )
         self.save_hyperparameters(ignore=["backbone", "head"])
         self.backbone_norm = "frozen"
+        #: the released file the weights came from (results name it; the hyper-parameters
+        #: forget it, as the checkpoints hold its tensors)
+        self.released_file = Path(official_checkpoint) if official_checkpoint else None
         if official_checkpoint is not None:
             backbone, head = official_model(official_checkpoint, official_trusted, head)
         if backbone is DEFAULT_BACKBONE:  # the shared default object must not be shared

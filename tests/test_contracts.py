@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 from collections.abc import Iterator, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -21,6 +22,7 @@ from torch import Tensor, nn
 from backbones import Backbone, FeatureInfo, FeaturePyramid, ResNet, WeightsError
 from backbones.testing import check_backbone
 from tasks import classify, segment
+from tasks.callbacks.results import file_sha256
 from tasks.heads import ASGNetHead, FewShotHead, HeadOutput, HSNetHead, PFENetHead, PrototypeHead
 from tasks.segment import FewShotSegmentation
 
@@ -384,14 +386,20 @@ def test_official_model_option_from_the_command_line(tmp_path: Path) -> None:
     encoder = ResNet("resnet50", stem="deep", output_stride=8, dilation_scheme="uniform")
     source = FewShotSegmentation(encoder, head=ASGNetHead, freeze_backbone=True)
     path = write_official(source, tmp_path / "asgnet_fold0_resnet50.pth")
-    data = [*SHAPES, "--data.root", str(tmp_path / "shapes"), *run_dir(tmp_path),
-            "--results.output_dir", str(tmp_path / "results")]  # fmt: skip
+    data = [*SHAPES, "--data.root", str(tmp_path / "shapes"), *run_dir(tmp_path)]
     cli = segment.main(["test", *data, "--model.official_checkpoint", str(path)])
     assert cli.model.backbone.summary()[1] == "resnet50-deep-os8-uniform"
     assert isinstance(cli.model.head, ASGNetHead) and cli.model.hparams.freeze_backbone
     for key, value in source.state_dict().items():
         assert torch.equal(cli.model.state_dict()[key], value), key
     assert "test/miou" in test_metrics(cli)
+    # the results name the released file, with its hash, in the run's folder (not the cwd)
+    (results,) = (tmp_path / "runs").rglob("*.results.json")
+    assert results.name.startswith("asgnet_fold0_resnet50.ShapesDataset-fold0-1shot-clean")
+    assert results.parent.parent.name == "fewshot-dilated"  # <save_dir>/<project>/<run id>/
+    recorded = json.loads(results.read_text())["checkpoint"]
+    assert recorded == {"path": str(path), "sha256": file_sha256(path),
+                        "kind": "official_checkpoint"}  # fmt: skip
 
 
 # Options captured from the signature, not copied -----------------------------------------------

@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -416,7 +416,9 @@ def test_download_checks_the_md5_and_builds_the_same_tree(
 # --- Rerunning on an earlier run's tree, and inputs checked first --------------------------------
 
 
-def run_cli(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, list[str]]:
+def run_cli(
+    argv: Sequence[str | Path], capsys: pytest.CaptureFixture
+) -> tuple[int, str, list[str]]:
     """``python -m datamodules.prepare ARGV``: exit code, stdout, stderr lines."""
     code = prepare_main([str(arg) for arg in argv])
     captured = capsys.readouterr()
@@ -507,9 +509,12 @@ def test_a_finished_pascal_tree_missing_files_is_rebuilt_from_the_archives(
 
 @pytest.mark.parametrize("finished", [True, False], ids=["finished", "interrupted"])
 def test_empty_or_broken_pascal_labels_are_written_again(
-    voc: Path, archives: PascalArchives, tmp_path: Path, finished: bool,
+    voc: Path,
+    archives: PascalArchives,
+    tmp_path: Path,
+    finished: bool,
     capsys: pytest.CaptureFixture,
-) -> None:  # fmt: skip
+) -> None:
     """A 0-byte VOC label and a truncated SBD one are not kept, record or not."""
     out = Path(shutil.copytree(voc, tmp_path / "VOC2012"))
     voc_id = archives.val[1]  # labelled by VOC only
@@ -527,9 +532,12 @@ def test_empty_or_broken_pascal_labels_are_written_again(
 
 @pytest.mark.parametrize("order", ["images_first", "labels_first"])
 def test_a_voc_label_of_another_size_than_its_image_is_an_error(
-    voc: Path, archives: PascalArchives, tmp_path: Path, order: str,
+    voc: Path,
+    archives: PascalArchives,
+    tmp_path: Path,
+    order: str,
     capsys: pytest.CaptureFixture,
-) -> None:  # fmt: skip
+) -> None:
     """Named with both files and sizes, whichever of the two the archive holds first; the tree
     is not marked finished, and the correct archive then replaces the label."""
     victim = archives.val[2]
@@ -545,11 +553,13 @@ def test_a_voc_label_of_another_size_than_its_image_is_an_error(
     label = f"{voc_tar}: {member}" if order == "images_first" else out / "SegmentationClassAug"
     assert code == 1 and len(error) == 1
     assert error[0].startswith(f"error: {label}")
+    image = out / "JPEGImages" / f"{victim}.jpg"
     assert error[0].endswith(
-        f"label is (40, 48) but image {out / 'JPEGImages' / victim}.jpg is (80, 96) (height, width)"
+        f"label is {(HEIGHT // 2, WIDTH // 2)} but image {image} is {(HEIGHT, WIDTH)} (height, "
+        "width)"
     )
     assert not (out / ".prepared-pascal.json").exists()
-    argv[4] = archives.voc_tar
+    argv = ["pascal", "--out", out, "--voc-tar", archives.voc_tar, "--sbd-tgz", archives.sbd_tgz]
     assert run_cli(argv, capsys)[0] == 0
     assert tree_bytes(out) == tree_bytes(voc)
 
@@ -579,8 +589,8 @@ def test_a_mistyped_input_is_named_before_any_work(
     assert not (tmp_path / "cocoo").exists()
     train_json = small_coco / "annotations" / "instances_train2014.json"
     train_json.unlink()
-    code, _, error = run_cli(["coco", "--root", small_coco, "--splits", "val2014", "train2014"],
-                             capsys)  # fmt: skip
+    argv = ["coco", "--root", small_coco, "--splits", "val2014", "train2014"]
+    code, _, error = run_cli(argv, capsys)
     assert code == 1 and error == [
         f"error: annotation file not found: {train_json} (expected COCO 2014's "
         "annotations_trainval2014.zip unzipped into --root)"

@@ -115,7 +115,7 @@ def test_multi_seed_test_writes_results_that_match_single_seed_runs(tmp_path: Pa
     main([*test, str(out / "single"), "--data.test_seeds", "[4]"])
     (both,) = (out / "both").glob("*.results.json")
     (single,) = (out / "single").glob("*.results.json")
-    assert both.name == "last.ShapesFewShot-fold0-1shot-clean.results.json"
+    assert both.name == "last.ShapesDataset-fold0-1shot-clean.results.json"
     result, alone = json.loads(both.read_text()), json.loads(single.read_text())
     assert result["seeds"] == [3, 4] and result["protocol"]["test_seeds"] == [3, 4]
     assert result["per_seed"][1] == alone["per_seed"][0]
@@ -138,7 +138,8 @@ def test_results_folder_that_cannot_be_written_fails_before_testing(tmp_path: Pa
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(PermissionError, match=r"cannot write test results to .*--results"):
-        main(["test", *tiny_args(tmp_path), "--results.output_dir", str(blocker / "sub")])
+        main(["test", *tiny_args(tmp_path), "--untrained", "allow",
+              "--results.output_dir", str(blocker / "sub")])  # fmt: skip
 
 
 def test_protocol_names_type_lists_every_preset() -> None:

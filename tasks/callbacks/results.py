@@ -2,12 +2,13 @@
 
 After ``python -m tasks.segment test`` the per-seed scores computed by
 :class:`tasks.segment.FewShotSegmentation` are printed as a table and written beside the
-checkpoint (or to ``--results.output_dir``) as
-``<checkpoint stem>.<Dataset>-fold<k>-<K>shot-<protocol>.results.json`` and ``.csv``, and logged
-to W&B as the table ``test/results`` when a W&B run is active. The JSON (format
-``fewshot-dilated/test-results`` version 1, read by :mod:`tasks.report`) records what the numbers
-depend on: the resolved protocol, fold, shots, seeds, backbone configuration, the checkpoint's
-SHA-256, and the project's version and git commit.
+checkpoint (a released model's results: in the run's folder, where its checkpoints would be;
+or to ``--results.output_dir``) as
+``<checkpoint or released file stem>.<Dataset>-fold<k>-<K>shot-<protocol>.results.json`` and
+``.csv``, and logged to W&B as the table ``test/results`` when a W&B run is active. The JSON
+(format ``fewshot-dilated/test-results`` version 1, read by :mod:`tasks.report`) records what the
+numbers depend on: the resolved protocol, fold, shots, seeds, backbone configuration, the
+checkpoint's or released file's path and SHA-256, and the project's version and git commit.
 """
 
 from __future__ import annotations
@@ -108,8 +109,17 @@ def provenance() -> dict[str, Any]:
     }
 
 
+def weights_file(trainer: Trainer, module: LightningModule) -> tuple[str, Path] | None:
+    """What the tested weights came from: ``("checkpoint", --ckpt_path)`` or
+    ``("official_checkpoint", the released file)``; ``None`` for untrained weights."""
+    if trainer.ckpt_path:
+        return "checkpoint", Path(trainer.ckpt_path)
+    released = module.released_file
+    return ("official_checkpoint", released) if released else None
+
+
 def build_result(
-    module: LightningModule, datamodule: Any, checkpoint: str | None
+    module: LightningModule, datamodule: Any, weights: tuple[str, Path] | None
 ) -> dict[str, Any]:
     """The results record of a finished ``test`` (see the module docstring)."""
     per_seed = module.test_results
@@ -120,7 +130,7 @@ def build_result(
         "method": type(module.head).__name__,
         "backbone": backbone,
         "backbone_label": label,
-        "dataset": type(datamodule).__name__,
+        "dataset": type(getattr(datamodule, "dataset", datamodule)).__name__,
         "fold": datamodule.fold,
         "shots": datamodule.shots,
         "protocol": datamodule.protocol,
@@ -130,8 +140,8 @@ def build_result(
         "per_seed": per_seed,
         "summary": summarise(per_seed),
         "checkpoint": (
-            {"path": str(checkpoint), "sha256": file_sha256(Path(checkpoint))}
-            if checkpoint
+            {"path": str(weights[1]), "sha256": file_sha256(weights[1]), "kind": weights[0]}
+            if weights
             else None
         ),
         "provenance": provenance(),
@@ -160,8 +170,9 @@ class TestResults(Callback):
     """Prints and writes the results of ``test`` (see the module docstring).
 
     Args:
-        output_dir: folder of the results files; default the checkpoint's folder, or the
-            trainer's ``default_root_dir`` when testing without a checkpoint.
+        output_dir: folder of the results files; default the checkpoint's folder, else the
+            run's (``<save_dir>/<name>/<version>`` of the first logger, where its checkpoints
+            would go), else the trainer's ``default_root_dir``.
     """
 
     def __init__(self, output_dir: str | None = None) -> None:
@@ -172,6 +183,12 @@ class TestResults(Callback):
             return self.output_dir
         if trainer.ckpt_path:
             return Path(trainer.ckpt_path).parent
+        logger = trainer.loggers[0] if trainer.loggers else None
+        if logger is not None and logger.save_dir is not None:
+            version = (
+                logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
+            )
+            return Path(logger.save_dir) / str(logger.name) / version
         return Path(trainer.default_root_dir)
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -182,9 +199,9 @@ class TestResults(Callback):
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.is_global_zero:
             return
-        datamodule = trainer.datamodule
-        result = build_result(pl_module, datamodule, trainer.ckpt_path)
-        stem = Path(trainer.ckpt_path).stem if trainer.ckpt_path else "model"
+        weights = weights_file(trainer, pl_module)
+        result = build_result(pl_module, trainer.datamodule, weights)
+        stem = weights[1].stem if weights else "model"
         name = (
             f"{stem}.{result['dataset']}-fold{result['fold']}-{result['shots']}shot-"
             f"{result['protocol']['name']}.results"
@@ -210,9 +227,12 @@ class TestResults(Callback):
             f"{result['method']} {result['backbone_label']}, {result['dataset']} fold "
             f"{result['fold']}, {result['shots']}-shot, protocol {result['protocol']['name']}"
         )
-        table = Table(title=title, caption=f"written to {path}")
+        table = Table()
         for column in columns[:3]:
             table.add_column(column, justify="right")
         for row in rows:
             table.add_row(*(v if isinstance(v, str) else f"{100 * v:.2f}" for v in row[:3]))
-        Console().print(table)
+        console = Console()  # title and path unwrapped: a rich title wraps at the table's width
+        console.print(title, soft_wrap=True, highlight=False)
+        console.print(table)
+        console.print(f"written to {path}", soft_wrap=True, highlight=False)
