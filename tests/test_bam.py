@@ -194,8 +194,8 @@ def test_official_checkpoint_matches_official_forward(shots: int, tmp_path: Path
     official forward's final, meta and base outputs (eval mode) to float32 precision."""
     reference = official_bam(shots)
     path = write_official(reference, tmp_path / "train_epoch_200.pth")
-    model = FewShotSegmentation(official_checkpoint=str(path),
-                                head=partial(BAMHead, shots=shots)).eval()  # fmt: skip
+    model = FewShotSegmentation(official_checkpoint=str(path)).eval()  # K read from the file
+    assert isinstance(model.head, BAMHead) and model.head.shots == shots
     assert model.backbone.summary()[1] == "resnet50-deep-os8-uniform"
     assert model.hparams.freeze_backbone and model.head.base_learner_ready
     query, support, masks = episode(2, shots)
@@ -349,3 +349,24 @@ def test_two_stage_recipe_on_the_embedded_set(tmp_path: Path) -> None:
     runs = ["--trainer.logger.init_args.save_dir", str(tmp_path / "runs")]
     tested = segment.main(["test", *data, "--ckpt_path", str(last), *runs])
     assert 0 <= tested.trainer.callback_metrics["test/miou"].item() <= 1
+
+
+def test_a_released_k_shot_model_is_tested_with_no_head_option(tmp_path: Path) -> None:
+    """``test --model.official_checkpoint <3-shot BAM file> --data.shots 3`` needs no head
+    option (K is ``kshot_rw``'s); other episodes are refused before any step naming both
+    options, and a configured K that disagrees with the file is replaced with a warning."""
+    path = write_official(official_bam(3), tmp_path / "train_epoch_200.pth")
+    data = ["--data.root", str(tmp_path / "shapes"), "--data.num_train", "200",
+            "--data.num_test", "80", "--data.image_size", "65", "--data.batch_size", "2",
+            "--data.num_workers", "0", "--data.test_episodes", "5", "--data.min_pixels", "32",
+            "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / "runs"),
+            "--model.official_checkpoint", str(path)]  # fmt: skip
+    cli = segment.main(["test", *data, "--data.shots", "3"])
+    assert cli.model.head.shots == 3 and 0 <= cli.trainer.callback_metrics["test/miou"] <= 1
+    with pytest.raises(ValueError, match=r"BAMHead is built for 3-shot episodes .* but "
+                       r"--data\.shots is 1: pass --data\.shots 3"):  # fmt: skip
+        segment.main(["test", *data])
+    with pytest.warns(UserWarning, match=r"built with shots=3 \(configured 5\)"):
+        model = FewShotSegmentation(official_checkpoint=str(path),
+                                    head=partial(BAMHead, shots=5))  # fmt: skip
+    assert model.head.shots == 3

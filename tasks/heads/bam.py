@@ -253,6 +253,23 @@ class BAMHead(OfficialCheckpoint):
             merge.weight.copy_(torch.tensor([1.0, 0.0]).view_as(merge.weight))
         return merge
 
+    @classmethod
+    def official_options(cls, head_state: Mapping[str, Tensor]) -> dict[str, Any]:
+        """K from ``kshot_rw`` (``K -> kshot_trans_dim -> K`` convs, or one ``K -> K`` conv;
+        none in a 1-shot file) and the base classes from the base learner's classifier
+        (``learner_base.1.4``: background + classes): a released K-shot or COCO model loads
+        with no head option."""
+        options: dict[str, Any] = {"shots": 1}
+        if "kshot_rw.0.weight" in head_state:
+            hidden, shots = head_state["kshot_rw.0.weight"].shape[:2]
+            options = {"shots": int(shots), "kshot_trans_dim": int(hidden)}
+        elif "kshot_rw.weight" in head_state:
+            options = {"shots": int(head_state["kshot_rw.weight"].shape[0]), "kshot_trans_dim": 0}
+        classifier = head_state.get("learner_base.1.4.weight")
+        if classifier is not None:
+            options["num_base_classes"] = int(classifier.shape[0]) - 1
+        return options
+
     def prepare_backbone(self, backbone: Backbone) -> Backbone:
         """The configured encoder with the base learner file's encoder tensors, once (a model
         rebuilt from a checkpoint has them in its state)."""
@@ -260,8 +277,17 @@ class BAMHead(OfficialCheckpoint):
         return backbone if source is None else base_learner_encoder(source, backbone)
 
     def setup(self, datamodule: Any) -> None:
-        """Refuse a base learner of another class split; map each dataset class to its
-        base-learner channel; the protocol's ``base_learner_dropout`` (the ``bam`` preset)."""
+        """Refuse episodes of another K than ``kshot_rw``'s and a base learner of another class
+        split; map each dataset class to its base-learner channel; the protocol's
+        ``base_learner_dropout`` (the ``bam`` preset)."""
+        shots = getattr(datamodule, "shots", self.shots)
+        if shots != self.shots:
+            raise ValueError(
+                f"{type(self).__name__} is built for {self.shots}-shot episodes (its K-shot "
+                f"reweighting kshot_rw; a released file sets it) but --data.shots is {shots}: "
+                f"pass --data.shots {self.shots}, or build the head for {shots} with "
+                f"--model.head.init_args.shots {shots}"
+            )
         protocol = getattr(datamodule, "protocol", None) or {}
         self.base_learner_dropout = protocol.get("base_learner_dropout", False)
         if self.base_learner_record is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
 from backbones import VGG, Backbone, FeaturePyramid, ResNet, WeightsError
@@ -39,6 +40,12 @@ class OfficialCheckpoint(FewShotHead):
     official_signature: ClassVar[str]
     official_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
     official_encoder: ClassVar[Mapping[str, Any]]
+
+    @classmethod
+    def official_options(cls, head_state: Mapping[str, Tensor]) -> dict[str, Any]:
+        """The head options a released file records in its tensors' shapes (BAM: the shots
+        its ``kshot_rw`` is built for); by default none."""
+        return {}
 
     def load_official_state_dict(self, checkpoint: Mapping[str, Any]) -> dict[str, Tensor]:
         """Load the head part of an official checkpoint strictly, key by key (``module.``
@@ -135,7 +142,9 @@ def official_model(
     model the file holds, both loaded strictly from the one file. The head takes the paper's
     options, or those of ``head`` when it builds that same head class (the bins are not in the
     file: PFENet's COCO models use 1.0/0.5/0.25/0.125, set in
-    ``configs/segment/pfenet_coco.yaml``).
+    ``configs/segment/pfenet_coco.yaml``); the options the file records
+    (:meth:`OfficialCheckpoint.official_options`, BAM's shots) are the file's, with a warning
+    naming each configured value they replace.
     """
     checkpoint = read_checkpoint(path, trusted, option="--model.official_trusted true")
     head_state, encoder = split_official_state_dict(checkpoint)
@@ -165,7 +174,19 @@ def official_model(
         )
     features = backbone.output_info
     built = head if head is None or isinstance(head, nn.Module) else head(features)
-    model_head = built if isinstance(built, head_class) else head_class(features)
+    recorded = head_class.official_options(head_state)
+    configured = built.init_args if isinstance(built, head_class) else {}
+    replaced = {k: v for k, v in recorded.items() if k in configured and configured[k] != v}
+    if replaced:
+        rank_zero_warn(
+            f"official_checkpoint={path!r} holds a {head_class.official_paper} model built with "
+            + ", ".join(f"{k}={v!r} (configured {configured[k]!r})" for k, v in replaced.items())
+            + ": the file's values are used"
+        )
+    if isinstance(built, head_class) and not replaced:
+        model_head = built
+    else:
+        model_head = head_class(features, **{**configured, **recorded})
     assert isinstance(model_head, OfficialCheckpoint)
     model_head.load_official_state_dict(checkpoint)
     return backbone, model_head
