@@ -37,7 +37,8 @@ RESERVED_NAME = "(reserved: label 255 is ignore)"
 
 FOLDER_LAYOUT = f"""\
 <root>/<class>/<name>.jpg        an image (any of {", ".join(IMAGE_EXTENSIONS)})
-<root>/<class>/<name>.png        its binary mask beside it (0 background; 255 or 1 the object)
+<root>/<class>/<name>.png        its mask beside it (0 background, one other value or colour
+                                 the object; grey masks: >= 128, as FSS-1000's)
 or, with the masks in a sibling folder (then images may be PNGs too):
 <root>/<class>/<name>.<ext>
 <root>/<class>/{MASK_FOLDER}/<name>.png

@@ -585,3 +585,19 @@ def test_a_configs_callback_adds_to_the_shipped_ones(tmp_path: Path, form: str) 
     kinds = [type(callback).__name__ for callback in only.trainer.callbacks]
     assert "EarlyStopping" in kinds and "LogValidationEpisodes" not in kinds
     assert kinds.count("ModelCheckpoint") == 1  # Lightning's own default, not the shipped two
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", sorted(p.name for p in (CONFIGS / "backbones").glob("*.yaml")))
+def test_every_encoder_config_runs_the_default_experiment_offline(
+    tmp_path: Path, config: str
+) -> None:
+    """An encoder config describes an architecture: swapped into the default experiment it
+    trains on a machine with no downloaded weights."""
+    spec = yaml.safe_load((CONFIGS / "backbones" / config).read_text())
+    assert "weights" not in (spec.get("init_args") or {}), f"{config} names weights"
+    cli = segment.main(["fit", "--model.backbone", str(CONFIGS / "backbones" / config), *SHAPES,
+                        "--data.root", str(tmp_path / "shapes"), "--trainer.max_steps", "1",
+                        "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
+                        "--trainer.default_root_dir", str(tmp_path / "runs")])  # fmt: skip
+    assert cli.trainer.global_step == 1
