@@ -22,7 +22,7 @@ from test_segment import tiny_args
 from wandb_records import OfflineRun
 
 from backbones import ResNet
-from tasks.callbacks.checkpointing import atomic_file, save_interruptible
+from tasks.callbacks.checkpointing import AtomicCheckpointIO, atomic_file, save_interruptible
 from tasks.classify import ImageClassification
 from tasks.segment import main as segment_main
 
@@ -135,6 +135,38 @@ class KillOnSecondSave(Callback):
         if self.saves == 2:
             checkpoint["kill"] = KillWhenPickled()
 """
+
+
+class InterruptedBestWrite(AtomicCheckpointIO):
+    """Ctrl-C in the middle of the first best checkpoint's write."""
+
+    interrupted = False
+
+    def save_checkpoint(self, checkpoint: dict, path: str | Path, storage_options=None) -> None:
+        if Path(path).name.startswith("best") and not InterruptedBestWrite.interrupted:
+            InterruptedBestWrite.interrupted = True
+            with atomic_file(Path(path)) as file:
+                file.write(b"PK half a checkpoint")
+                raise KeyboardInterrupt
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+
+def test_ctrl_c_while_the_best_is_written_leaves_no_phantom_best(tmp_path: Path) -> None:
+    """The ``last.ckpt`` saved on the interrupt does not name the unwritten best file: the
+    resumed run writes its own best, and ``--ckpt_path best`` finds it."""
+    data = [*tiny_args(tmp_path), "--trainer.limit_train_batches", "2",
+            "--trainer.limit_val_batches", "1"]  # fmt: skip
+    with pytest.raises((SystemExit, KeyboardInterrupt)):
+        segment_main(["fit", *data, "--trainer.max_epochs", "1",
+                      "--trainer.plugins", "test_resume.InterruptedBestWrite"])  # fmt: skip
+    last = next((tmp_path / "runs").rglob("last.ckpt"))
+    assert not list(last.parent.glob("best*.ckpt"))
+    states = torch.load(last, weights_only=True, map_location="cpu")["callbacks"]
+    assert all(not s.get("best_model_path") for k, s in states.items() if "ModelCheckpoint" in k)
+    segment_main(["fit", *data, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    (best,) = last.parent.glob("best*.ckpt")
+    cli = segment_main(["test", *tiny_args(tmp_path), *ONE_STEP, "--ckpt_path", "best"])
+    assert Path(cli.trainer.ckpt_path).resolve() == best.resolve()
 
 
 def test_atomic_file_leaves_the_target_untouched_when_writing_fails(tmp_path: Path) -> None:

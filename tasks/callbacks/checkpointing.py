@@ -16,6 +16,12 @@
   preempting, and :func:`tasks.cli.run_cli` turns the exception (a ``SystemExit`` with no code,
   which would exit 0) into exit code 143 (128 + SIGTERM).
 
+  A stop while a best checkpoint is written leaves no such file (the write is atomic), but its
+  ``ModelCheckpoint`` has already recorded it as the best: the ``last.ckpt`` saved here would
+  resume with a best that does not exist, and a resumed run that never beats its score ends with
+  no best file at all. The records of unwritten files are dropped first
+  (:func:`forget_unwritten`).
+
   A stop during ``fit``'s validation saves too, with the validation rewound to its start
   (:func:`rewind_validation`): the metrics of the batches already run are not in a checkpoint,
   so the resumed run scores the whole validation again.
@@ -165,6 +171,9 @@ class SaveLastOnInterrupt(Callback):
             for callback in trainer.checkpoint_callbacks
             if isinstance(callback, ModelCheckpoint) and callback.save_last and callback.dirpath
         }
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint):
+                forget_unwritten(callback)
         self._stopped_in_validation = trainer.validating
         where = " (validation rewound to its start)" if trainer.validating else ""
         try:
@@ -182,6 +191,32 @@ class SaveLastOnInterrupt(Callback):
     ) -> None:
         if self._stopped_in_validation:
             rewind_validation(checkpoint)
+
+
+def forget_unwritten(callback: ModelCheckpoint) -> None:
+    """Drop from ``callback``'s top-k record the checkpoints whose files are not there (a write
+    the stop interrupted), and take its best and k-th best from what is left, as
+    ``ModelCheckpoint`` itself ranks them."""
+    written = {
+        path: score for path, score in callback.best_k_models.items() if Path(path).is_file()
+    }
+    if len(written) == len(callback.best_k_models):
+        return
+    rank_zero_info(
+        "not written before the stop, forgotten as best checkpoints: "
+        + ", ".join(sorted(set(callback.best_k_models) - set(written)))
+    )
+    callback.best_k_models = written
+    maximise = callback.mode == "max"
+    if written:
+        best = (max if maximise else min)(written, key=lambda path: float(written[path]))
+        kth = (min if maximise else max)(written, key=lambda path: float(written[path]))
+        callback.best_model_path, callback.best_model_score = best, written[best]
+        callback.kth_best_model_path, callback.kth_value = kth, written[kth]
+    else:
+        callback.best_model_path, callback.best_model_score = "", None
+        callback.kth_best_model_path = ""
+        callback.kth_value = torch.tensor(-torch.inf if maximise else torch.inf)
 
 
 #: Where ``fit``'s checkpoints keep the progress of its validation loop.
