@@ -71,6 +71,17 @@ def _listing(keys: list[str], limit: int = 12) -> str:
 TRUST_OPTION = "--model.backbone.init_args.weights_trusted true"
 
 
+def unreadable_reason(error: Exception) -> str:
+    """Why ``torch.load`` failed, without torch's advice to retry with ``weights_only=False``:
+    for a file that is no pickle at all (random bytes, another format) that advice is wrong and
+    unsafe; the unpickler's own reason (``Unsupported operand 76``) is kept."""
+    detail = re.search(r"WeightsUnpickler error:\s*(.*?)\s*(?:Check the documentation|$)",
+                       str(error), re.S)  # fmt: skip
+    if detail:
+        return f"not a pickle torch reads: {' '.join(detail[1].split())}"
+    return f"{type(error).__name__}: {error}"
+
+
 def read_checkpoint(
     path: str | os.PathLike, trusted: bool = False, option: str = TRUST_OPTION
 ) -> dict:
@@ -92,7 +103,7 @@ def read_checkpoint(
                 f"trust its source, pass {option}"
             ) from error
         raise WeightsError(
-            f"could not read checkpoint {str(path)!r} ({type(error).__name__}: {error}); "
+            f"could not read checkpoint {str(path)!r} ({unreadable_reason(error)}); "
             "expected a file written by torch.save"
         ) from error
     if not isinstance(checkpoint, Mapping):

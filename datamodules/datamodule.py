@@ -351,10 +351,14 @@ class FewShotDataModule(GlobalBatchDataModule):
             details = ", ".join(
                 f"{self.class_names[c]!r} (class {c}): {n}" for c, n in short.items()
             )
+            held = ""
+            if stage == "train" and self.dataset.validation_classes(self.fold) is None:
+                held = (f" (data.val_fraction={self.val_fraction} of each class's images is held "
+                        "out for validation)")  # fmt: skip
             raise ValueError(
                 f"{type(self.dataset).__name__} fold {self.fold}, {stage} split: {self.shots}-shot "
                 f"episodes need at least {self.shots + 1} images per class with "
-                f">= {self.min_pixels} pixels of it; too few for {details}"
+                f">= {self.min_pixels} pixels of it; too few for {details}{held}"
             )
         return pools
 

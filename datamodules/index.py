@@ -53,6 +53,13 @@ def class_counts(source: SegmentationSource, cache_dir: Path) -> ClassCounts:
             log.warning("class index %s is damaged (%s); rebuilding it", path, error)
     log.info("indexing %d labels of %s (once; cached at %s)", len(source.ids), source.name, path)
     counts = {image_id: source.class_pixels(image_id) for image_id in source.ids}
+    if counts and not any(counts.values()):
+        raise ValueError(
+            f"{source.name}: no label of its {len(counts)} images marks a class pixel (only 0, "
+            f"background, and 255, ignore; e.g. {source.label_origin(next(iter(counts)))}): "
+            "labels hold class c as c + 1 (0 background, 255 ignore); a binary 0/255 mask "
+            "marks nothing"
+        )
     try:
         with atomic_file(path, "w") as file:  # concurrent ranks never see a partial file
             json.dump(counts, file)

@@ -30,7 +30,7 @@ from tasks.callbacks.data_settings import (
 )
 from tasks.callbacks.sync_batchnorm import AnyDeviceSyncBatchNorm
 from tasks.callbacks.tracking import SaveConfigToRun, finish_wandb
-from tasks.config_files import command_line_keys, config_files, duplicate_key, flatten
+from tasks.config_files import command_line_keys, config_file_problem, config_files, flatten
 from tasks.errors import (
     condense_union_report,
     input_errors_in_one_line,
@@ -155,7 +155,7 @@ class TaskCLI(LightningCLI):
         self._argv = [str(arg) for arg in argv] if isinstance(argv, list | tuple) else []
         if isinstance(argv, list | tuple):
             for path in config_files([str(arg) for arg in argv]):
-                problem = duplicate_key(Path(path))
+                problem = config_file_problem(Path(path))
                 if problem:
                     parser.error(problem)
         probe = [arg for arg in self._argv if not arg.startswith("--print_config")]

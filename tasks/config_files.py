@@ -36,12 +36,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def duplicate_key(path: Path) -> str | None:
+def config_file_problem(path: Path) -> str | None:
     """``<file>:<line>: duplicate key ...`` for a YAML file with a key written twice in one
-    mapping, ``<file>:<line>:<column>: not valid YAML ...`` (a tab, a bad token), else ``None``
-    (an unreadable file is jsonargparse's to report)."""
+    mapping, ``<file>:<line>:<column>: not valid YAML ...`` (a tab, a bad token), ``<file>: ...
+    expected a mapping`` for a file that is a list or a scalar, else ``None`` (an unreadable file
+    is jsonargparse's to report)."""
     try:
-        yaml.load(path.read_text(encoding="utf-8-sig"), Loader=_UniqueKeyLoader)
+        content = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=_UniqueKeyLoader)
     except _DuplicateKeyError as error:
         line = error.problem_mark.line + 1 if error.problem_mark else "?"
         return (
@@ -56,6 +57,11 @@ def duplicate_key(path: Path) -> str | None:
         return f"{path}:{where}: not valid YAML ({error.problem}){hint}"
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return None
+    if content is not None and not isinstance(content, dict):
+        return (
+            f"{path}: a config is a mapping of options (trainer:, model:, data: ...), got a "
+            f"YAML {'list' if isinstance(content, list) else type(content).__name__}"
+        )
     return None
 
 

@@ -114,6 +114,21 @@ def block_output(paths: dict[str, Path]) -> None:
     (paths["tmp"] / "taken").write_text("a file where the output folder should be")
 
 
+def random_bytes_file(paths: dict[str, Path]) -> None:
+    (paths["tmp"] / "random.pth").write_bytes(np.random.default_rng(0).bytes(2000))
+
+
+def yaml_list_config(paths: dict[str, Path]) -> None:
+    (paths["tmp"] / "list.yaml").write_text("- model\n- data\n")
+
+
+def binary_labels(paths: dict[str, Path]) -> None:
+    """Every PASCAL label rewritten as a 0/255 mask (a binary mask given as a label map)."""
+    for label in (paths["voc"] / "SegmentationClassAug").glob("*.png"):
+        values = np.array(Image.open(label))
+        save_label_png(np.where(values > 0, 255, 0).astype(np.uint8), label)
+
+
 def boolean_lr(paths: dict[str, Path]) -> None:
     (paths["tmp"] / "bool.yaml").write_text("model:\n  lr: true\n")
 
@@ -153,6 +168,11 @@ CASES = [
                  WeightsError, r"weights file '.*pickled\.pth' holds Python objects other than "
                  r"tensors .*--model\.backbone\.init_args\.weights_trusted true", None,
                  id="weights-file-needing-unpickling"),
+    pytest.param(SEGMENT, ("fit", *SHAPES, "--model.head", "tasks.heads.BAMHead",
+                           "--model.head.init_args.base_learner", "{tmp}/random.pth"),
+                 WeightsError, r"could not read checkpoint '.*random\.pth' \(not a pickle torch "
+                 r"reads: [^)]*\); expected a file written by torch\.save$", random_bytes_file,
+                 id="base-learner-of-random-bytes"),
     # Segmentation data
     pytest.param(SEGMENT, ("fit", *SHAPES, "--data.protocol", "pfnet"),
                  2, r"Parser key \"protocol\": expected one of \['clean', 'pfenet', 'asgnet', "
@@ -180,6 +200,13 @@ CASES = [
                  r"label .*2008_train0007\.png has values \[21\] that are not classes "
                  r"\(allowed: 0\.\.20 and 255\)", label_outside_the_classes,
                  id="label-values-outside-the-classes"),
+    pytest.param(SEGMENT, ("fit", *PASCAL), ValueError,
+                 r"pascal-train: no label of its \d+ images marks a class pixel \(only 0, "
+                 r"background, and 255, ignore; .*a binary 0/255 mask marks nothing",
+                 binary_labels, id="binary-0-255-labels"),
+    pytest.param(SEGMENT, ("fit", *SHAPES, "--data.val_fraction", "0.99"), ValueError,
+                 r"train split: .*too few for .*\(data\.val_fraction=0\.99 of each class's "
+                 r"images is held out for validation\)", None, id="val-fraction-0.99"),
     pytest.param(SEGMENT, ("fit", *PASCAL, "--data.fold", "4"), ValueError,
                  r"fold must be one of \[0, 1, 2, 3\], got 4", None, id="fold-4"),
     pytest.param(SEGMENT, ("fit", *SHAPES, "--data.shots", "0"), 2,
@@ -236,6 +263,9 @@ CASES = [
     pytest.param(SEGMENT, ("fit", "--config", "{tmp}/bad.yaml"), 2,
                  r"does not accept option 'model\.learning_rate'", unknown_yaml_key,
                  id="unknown-yaml-key"),
+    pytest.param(SEGMENT, ("fit", "--config", "{tmp}/list.yaml"), 2,
+                 r"list\.yaml: a config is a mapping of options \(trainer:, model:, data: "
+                 r"\.\.\.\), got a YAML list", yaml_list_config, id="config-a-yaml-list"),
     pytest.param(SEGMENT, ("fit", "--config", "{tmp}/missing.yaml"), 2,
                  r"Parser key \"config\": File does not exist: '.*missing\.yaml'", None,
                  id="config-file-not-found"),
