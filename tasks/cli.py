@@ -200,6 +200,18 @@ class TaskCLI(LightningCLI):
                 f"{self.model_class.__name__}; expected a checkpoint of the same task (another "
                 "task's encoder loads as --model.backbone.init_args.weights)"
             )
+        for option, described in hparams.items():
+            kind = described.get("class_path") if isinstance(described, dict) else None
+            if not isinstance(kind, str):
+                continue
+            try:
+                imported(kind)
+            except (ImportError, AttributeError, ValueError) as error:
+                parser.error(
+                    f"--ckpt_path {path!r} describes its {option} as {kind!r}, which does not "
+                    f"import here ({error}); expected a checkpoint of classes this installation "
+                    "has (a module of your own on PYTHONPATH)"
+                )
         self._checkpoint = checkpoint
         self.warn_replaced_model_flags(parser, hparams)
 

@@ -275,6 +275,10 @@ CASES = [
                  id="ckpt-path-missing"),
     pytest.param(SEGMENT, ("test", *SHAPES, "--ckpt_path", "{truncated_ckpt}"), Exception,
                  r"truncated\.ckpt", None, id="ckpt-path-truncated"),
+    pytest.param(SEGMENT, ("test", *SHAPES, "--ckpt_path", "{unknown_backbone_ckpt}"), 2,
+                 r"--ckpt_path '.*unknown_backbone\.ckpt' describes its backbone as "
+                 r"'my_encoders\.NoSuchNet', which does not import here \(No module named "
+                 r"'my_encoders'\)", None, id="checkpoint-of-an-unknown-backbone-class"),
     pytest.param(SEGMENT, ("test", *SHAPES, "--ckpt_path", "{classify_ckpt}"), 2,
                  r"ckpt_path .*classify\.ckpt", None, id="classify-checkpoint-to-segment-test"),
     pytest.param(CLASSIFY, ("test", *FOLDER, "--ckpt_path", "{segment_ckpt}"), 2,
@@ -352,6 +356,15 @@ def pickled(path: Path, name: str) -> Path:
     return copy
 
 
+def of_unknown_backbone(path: Path, name: str) -> Path:
+    """A checkpoint whose model description names an encoder class this installation lacks
+    (one of a user's own modules, not on the path)."""
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["hyper_parameters"]["backbone"]["class_path"] = "my_encoders.NoSuchNet"
+    torch.save(checkpoint, path.with_name(name))
+    return path.with_name(name)
+
+
 def truncated(path: Path, name: str) -> Path:
     copy = path.with_name(name)
     copy.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -398,6 +411,7 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "pickled_weights": pickled(weights, "pickled.pth"),
         "segment_ckpt": segment_ckpt,
         "truncated_ckpt": truncated(segment_ckpt, "truncated.ckpt"),
+        "unknown_backbone_ckpt": of_unknown_backbone(segment_ckpt, "unknown_backbone.ckpt"),
         "classify_ckpt": save_checkpoint(classify, root / "classify.ckpt"),
         "undescribed_ckpt": undescribed(root / "classify.ckpt", "undescribed.ckpt"),
     }
