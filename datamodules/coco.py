@@ -120,13 +120,24 @@ class CocoInstancesSource(SegmentationSource):
         return label
 
     def _mask(self, annotation: dict[str, Any]) -> np.ndarray:
+        """The annotation's mask, checked to be its image's size (an RLE records its own
+        size; a JSON whose image sizes were edited would not fit it)."""
         try:
-            return self.coco.annToMask(annotation)
+            mask = self.coco.annToMask(annotation)
         except (KeyError, TypeError, ValueError, IndexError) as error:
             raise ValueError(
                 f"annotation {annotation.get('id')} in {self.annotation_file}: bad segmentation "
                 f"({error!r})"
             ) from error
+        image = self.coco.imgs[annotation["image_id"]]
+        if mask.shape != (image["height"], image["width"]):
+            raise ValueError(
+                f"annotation {annotation.get('id')} in {self.annotation_file} is "
+                f"{mask.shape[0]}x{mask.shape[1]} (height x width) but its image "
+                f"{image['file_name']} is listed as {image['height']}x{image['width']}; expected "
+                "the sizes the annotations were made at"
+            )
+        return mask
 
     def fingerprint(self) -> str:
         stat = self.annotation_file.stat()

@@ -115,6 +115,23 @@ def test_bad_annotations_name_the_file(coco_root: Path, tmp_path: Path) -> None:
     assert str(path) in str(error.value)
 
 
+def test_image_sizes_other_than_the_annotations_are_named(coco_root: Path, tmp_path: Path):
+    """A JSON whose image sizes differ from its RLEs' (edited, or of resized images) is an error
+    naming the annotation and both sizes, not pycocotools' or NumPy's."""
+    root = Path(shutil.copytree(coco_root, tmp_path / "coco"))
+
+    def taller(content: dict) -> None:
+        for image in content["images"]:
+            image["height"] += 10
+
+    path = _rewrite_json(root, taller)
+    message = (r"annotation \d+ in .* is \d+x\d+ \(height x width\) but its image "
+               r"COCO_val2014_\w+\.jpg is listed as \d+x\d+")  # fmt: skip
+    with pytest.raises(ValueError, match=message) as error:
+        make_dm(root, tmp_path / "cache").setup("test")
+    assert str(path) in str(error.value)
+
+
 def test_categories_other_than_cocos_80_are_named(coco_root: Path, tmp_path: Path) -> None:
     """80 categories, but not COCO's: every class index and fold would shift silently."""
     root = Path(shutil.copytree(coco_root, tmp_path / "coco"))
