@@ -72,6 +72,11 @@ class Backbone(CapturesArguments, nn.Module, metaclass=ABCMeta):
             "support_mask_at (PFENet) need"
         )
 
+    @property
+    def resumable(self) -> bool:
+        """Whether :meth:`forward_from` works, which heads with ``support_mask_at`` need."""
+        return type(self).forward_from is not Backbone.forward_from
+
     def describe(self) -> dict[str, Any]:
         """``{"class_path": ..., "init_args": ...}`` rebuilding this encoder's architecture:
         its constructor's arguments as recorded (:class:`backbones.arguments.CapturesArguments`);

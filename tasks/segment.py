@@ -173,6 +173,13 @@ class FewShotSegmentation(BaseTask):
         frozen = []
         mask_at = self.support_mask_at
         if mask_at is not None:  # the stages after it run without gradient (tasks.heads)
+            if not self.backbone.resumable:
+                raise ValueError(
+                    f"head {type(self.head).__name__} multiplies the support's {mask_at!r} by "
+                    f"its mask and runs the encoder on (support_mask_at), which "
+                    f"{type(self.backbone).__name__} cannot (no forward_from); expected an "
+                    "encoder that resumes from an output (a hierarchical one)"
+                )
             order = list(backbone.output_info)
             if mask_at not in in_features:
                 raise ValueError(
