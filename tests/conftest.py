@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 from fixtures_data import write_pascal_tree
 
+from datamodules.shapes import ensure_shapes
+
 
 @pytest.fixture(autouse=True)
 def offline_wandb(
@@ -25,3 +27,12 @@ def offline_wandb(
 def pascal_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The PASCAL tree of :func:`fixtures_data.write_pascal_tree`, once per test module."""
     return write_pascal_tree(tmp_path_factory.mktemp("voc") / "VOC2012")
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ``--data.root`` of the shapes set of ``tiny_args`` (200 / 80 images), written once per
+    test module."""
+    root = tmp_path_factory.mktemp("shapes")
+    ensure_shapes(root, 200, 80, 0)
+    return root

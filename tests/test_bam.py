@@ -307,7 +307,7 @@ def test_a_base_learner_of_another_fold_is_refused(tmp_path: Path) -> None:
     checkpoint[CHECKPOINT_KEY] = {"dataset": "datamodules.semantic.ShapesSemantic", "fold": 1,
                                   "novel_classes": [5, 6, 7, 8, 9]}  # fmt: skip
     torch.save(checkpoint, path)
-    data = ["--data.root", str(tmp_path / "shapes"), "--data.num_train", "200",
+    data = ["--data.root", str(shapes_root), "--data.num_train", "200",
             "--data.num_test", "80", "--data.image_size", "64", "--data.num_workers", "0",
             "--data.min_pixels", "32"]  # fmt: skip
     with pytest.raises(ValueError, match=(
@@ -351,12 +351,14 @@ def test_two_stage_recipe_on_the_embedded_set(tmp_path: Path) -> None:
     assert 0 <= tested.trainer.callback_metrics["test/miou"].item() <= 1
 
 
-def test_a_released_k_shot_model_is_tested_with_no_head_option(tmp_path: Path) -> None:
+def test_a_released_k_shot_model_is_tested_with_no_head_option(
+    tmp_path: Path, shapes_root: Path
+) -> None:
     """``test --model.official_checkpoint <3-shot BAM file> --data.shots 3`` needs no head
     option (K is ``kshot_rw``'s); other episodes are refused before any step naming both
     options, and a configured K that disagrees with the file is replaced with a warning."""
     path = write_official(official_bam(3), tmp_path / "train_epoch_200.pth")
-    data = ["--data.root", str(tmp_path / "shapes"), "--data.num_train", "200",
+    data = ["--data.root", str(shapes_root), "--data.num_train", "200",
             "--data.num_test", "80", "--data.image_size", "65", "--data.batch_size", "2",
             "--data.num_workers", "0", "--data.test_episodes", "5", "--data.min_pixels", "32",
             "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / "runs"),

@@ -558,46 +558,43 @@ def test_a_switched_head_keeps_its_own_defaults(
     assert head["init_args"] == {"reduce_dim": 64, "dropout": 0.2, "decoder_dropout": 0.4}
 
 
-@pytest.mark.parametrize("form", ["mapping", "list"])
-def test_a_configs_callback_adds_to_the_shipped_ones(tmp_path: Path, form: str) -> None:
-    """A ``trainer.callbacks`` entry of a config (an ``EarlyStopping`` a user adds) replaces
-    jsonargparse's default list; the shipped callbacks stay beside it, so the run still writes
-    ``last.ckpt`` and its best checkpoint; ``--shipped_callbacks false`` keeps only the config's
-    (and Lightning's default checkpoint)."""
+def test_a_configs_callback_adds_to_the_shipped_ones(tmp_path: Path, shapes_root: Path) -> None:
+    """A ``trainer.callbacks`` entry of a config (an ``EarlyStopping`` a user adds, as a mapping
+    or a list) replaces jsonargparse's default list; the shipped callbacks stay beside it, so the
+    run still writes ``last.ckpt`` and its best checkpoint; ``--shipped_callbacks false`` keeps
+    only the config's (and Lightning's default checkpoint)."""
     stopping = {"class_path": "lightning.pytorch.callbacks.EarlyStopping",
                 "init_args": {"monitor": "val/miou", "mode": "max"}}  # fmt: skip
-    config = tmp_path / "callbacks.yaml"
-    config.write_text(yaml.safe_dump({"trainer": {"callbacks": stopping if form == "mapping"
-                                                               else [stopping]}}))  # fmt: skip
-    steps = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
-             "--trainer.limit_val_batches", "1",
-             "--data.root", str(tmp_path / "shapes")]  # fmt: skip
-    cli = segment.main(["fit", "--config", str(config), *SHAPES, *steps, *run_dir(tmp_path)])
-    kinds = [type(callback).__name__ for callback in cli.trainer.callbacks]
-    assert "EarlyStopping" in kinds and kinds.count("ModelCheckpoint") == 2
-    assert "LogValidationEpisodes" in kinds
-    assert {p.name for p in (tmp_path / "runs").rglob("*.ckpt")} == {
-        "last.ckpt",
-        "best-epoch=000.ckpt",
-    }
-    only = segment.main(["fit", "--config", str(config), *SHAPES, *steps, *run_dir(tmp_path / "b"),
-                         "--shipped_callbacks", "false"])  # fmt: skip
-    kinds = [type(callback).__name__ for callback in only.trainer.callbacks]
-    assert "EarlyStopping" in kinds and "LogValidationEpisodes" not in kinds
-    assert kinds.count("ModelCheckpoint") == 1  # Lightning's own default, not the shipped two
+    run = [*SHAPES, "--data.root", str(shapes_root), "--trainer.max_epochs", "1",
+           "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
+           "--trainer.logger", "false"]  # fmt: skip
+    for form, shipped in ((stopping, "true"), ([stopping], "false")):
+        config = tmp_path / f"{shipped}.yaml"
+        config.write_text(yaml.safe_dump({"trainer": {"callbacks": form}}))
+        runs = tmp_path / shipped
+        cli = segment.main(["fit", "--config", str(config), *run, "--shipped_callbacks", shipped,
+                            "--trainer.default_root_dir", str(runs)])  # fmt: skip
+        kinds = [type(callback).__name__ for callback in cli.trainer.callbacks]
+        assert "EarlyStopping" in kinds
+        if shipped == "true":
+            assert kinds.count("ModelCheckpoint") == 2 and "LogValidationEpisodes" in kinds
+            written = {path.name for path in runs.rglob("*.ckpt")}
+            assert written == {"last.ckpt", "best-epoch=000.ckpt"}
+        else:  # Lightning's own default checkpoint, not the shipped two
+            assert kinds.count("ModelCheckpoint") == 1 and "LogValidationEpisodes" not in kinds
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", sorted(p.name for p in (CONFIGS / "backbones").glob("*.yaml")))
 def test_every_encoder_config_runs_the_default_experiment_offline(
-    tmp_path: Path, config: str
+    tmp_path: Path, shapes_root: Path, config: str
 ) -> None:
     """An encoder config describes an architecture: swapped into the default experiment it
     trains on a machine with no downloaded weights."""
     spec = yaml.safe_load((CONFIGS / "backbones" / config).read_text())
     assert "weights" not in (spec.get("init_args") or {}), f"{config} names weights"
     cli = segment.main(["fit", "--model.backbone", str(CONFIGS / "backbones" / config), *SHAPES,
-                        "--data.root", str(tmp_path / "shapes"), "--trainer.max_steps", "1",
+                        "--data.root", str(shapes_root), "--trainer.max_steps", "1",
                         "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
                         "--trainer.default_root_dir", str(tmp_path / "runs")])  # fmt: skip
     assert cli.trainer.global_step == 1
