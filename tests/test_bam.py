@@ -307,7 +307,7 @@ def test_a_base_learner_of_another_fold_is_refused(tmp_path: Path) -> None:
     checkpoint[CHECKPOINT_KEY] = {"dataset": "datamodules.semantic.ShapesSemantic", "fold": 1,
                                   "novel_classes": [5, 6, 7, 8, 9]}  # fmt: skip
     torch.save(checkpoint, path)
-    data = ["--data.root", str(shapes_root), "--data.num_train", "200",
+    data = ["--data.root", str(tmp_path / "shapes"), "--data.num_train", "200",
             "--data.num_test", "80", "--data.image_size", "64", "--data.num_workers", "0",
             "--data.min_pixels", "32"]  # fmt: skip
     with pytest.raises(ValueError, match=(
