@@ -31,6 +31,8 @@ from typing import Any
 
 import timm
 import torch
+from timm.layers import resample_abs_pos_embed_nhwc
+from timm.models.vision_transformer_sam import VisionTransformerSAM
 from torch import Tensor, nn
 
 from .features import FeatureInfo, FeaturePyramid
@@ -82,6 +84,8 @@ class PreActivationTap(nn.Module):
 
     def __init__(self, activation: nn.Module) -> None:
         super().__init__()
+        if getattr(activation, "inplace", False):
+            activation.inplace = False  # an in-place ReLU would overwrite the recorded sum
         self.activation = activation
         self.recorded: Tensor | None = None
 
@@ -91,8 +95,9 @@ class PreActivationTap(nn.Module):
 
 
 class ViTEmbedding(nn.Module):
-    """A ViT's patch embedding, position embedding (interpolated to the input's grid), prefix
-    tokens and pre-norm: what runs before its first block."""
+    """What runs before a ViT's first block, as its ``forward_features`` does: the patch
+    embedding, the position embedding interpolated to the input's grid (with the prefix tokens:
+    ``_pos_embed``; SAM's is added to its channels-last map), patch dropout and the pre-norm."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -101,7 +106,12 @@ class ViTEmbedding(nn.Module):
     def forward(self, image: Tensor) -> Tensor:
         model = self.model[0]
         x = model.patch_embed(image)
-        x = model._pos_embed(x)
+        if isinstance(model, VisionTransformerSAM):
+            if model.pos_embed is not None:
+                x = x + resample_abs_pos_embed_nhwc(model.pos_embed, x.shape[1:3])
+            x = model.pos_drop(x)
+        else:
+            x = model._pos_embed(x)
         x = model.patch_drop(x)
         return model.norm_pre(x)
 
@@ -148,11 +158,20 @@ class TimmEncoder(Backbone):
                 f"(e.g. {timm.list_models(f'*{architecture[:4]}*')[:5]})"
             )
         self.is_vit = architecture in timm.list_models(["vit_*", "samvit_*"])
-        if self.is_vit:
-            options["dynamic_img_size"] = True
+        if self.is_vit and "dinov3" in architecture:
+            raise ValueError(
+                f"{model_name}: timm builds DINOv3 as an Eva model (rotary position embeddings "
+                "passed to each block), which this encoder does not run yet"
+            )
+        if self.is_vit and not architecture.startswith("samvit"):
+            options |= {"dynamic_img_size": True, "dynamic_img_pad": True}  # any input size
+        if architecture in timm.list_models("swin*"):
+            options["strict_img_size"] = False  # windows padded: any input size
         self.model = timm.create_model(model_name, **options)
         if weights is not None:
             load_timm_weights(self.model, weights, weights_trusted)
+        if final_norm and not isinstance(getattr(self.model, "norm", None), nn.LayerNorm):
+            raise ValueError(f"final_norm: {model_name} has no final norm (SAM's is its neck)")
         self.model_name, self.final_norm = model_name, final_norm
         self.channels_last_maps = getattr(self.model, "output_fmt", "NCHW") == "NHWC"
         self._grid: tuple[int, int] = (0, 0)
@@ -253,23 +272,24 @@ class TimmEncoder(Backbone):
         return FeaturePyramid(infos)
 
     def _input_size(self) -> int:
-        """The model's own input size (a Swin's windows fix it)."""
-        embed = getattr(self.model, "patch_embed", None)
-        size = getattr(embed, "img_size", None)
-        if isinstance(size, tuple | list) and size[0]:
-            return int(size[0])
-        return int(self.model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+        """A probe size every output's stride divides: 224, or 8 patches of a ViT (SAM's own
+        1024 px would make building slow)."""
+        if self.is_vit:
+            return 8 * self.model.patch_embed.patch_size[0]
+        return 224
 
     # --- running --------------------------------------------------------------------------
 
     def _to_map(self, x: Tensor) -> Tensor:
         """A step's output as ``[B, C, H, W]`` (a ViT's patch tokens, a Swin's NHWC map)."""
-        if self.is_vit:
+        if self.is_vit and x.dim() == 3:  # tokens
             if self.final_norm:
                 x = self.model.norm(x)
             patches = x[:, getattr(self.model, "num_prefix_tokens", 0) :]
             return patches.transpose(1, 2).reshape(x.shape[0], -1, *self._grid)
-        return x.permute(0, 3, 1, 2) if self.channels_last_maps else x
+        if self.channels_last_maps or isinstance(self.model, VisionTransformerSAM):
+            return x.permute(0, 3, 1, 2)
+        return x
 
     def _run(
         self, x: Tensor, start: str | None, until: str | None, wanted: set[str]
@@ -300,8 +320,9 @@ class TimmEncoder(Backbone):
         return found
 
     def _grid_of(self, image: Tensor) -> tuple[int, int]:
+        """The token grid of an image (padded up to whole patches)."""
         patch = self.model.patch_embed.patch_size
-        return image.shape[-2] // patch[0], image.shape[-1] // patch[1]
+        return -(-image.shape[-2] // patch[0]), -(-image.shape[-1] // patch[1])
 
     # --- the Backbone contract --------------------------------------------------------------
 

@@ -51,9 +51,9 @@ from tasks.runs import (
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-#: the model option whose class a config or the command line switches
+#: the model options whose class a config or the command line switches
 #: (:meth:`TaskCLI.own_class_defaults`)
-HEAD_OPTION = "model.head"
+SWITCHED_OPTIONS = ("head", "backbone")
 
 #: ``--untrained``: ``validate``/``test``/``predict`` with no trained weights is an error
 #: (``error``) or runs (``allow``).
@@ -216,22 +216,29 @@ class TaskCLI(LightningCLI):
         self.warn_replaced_model_flags(parser, hparams)
 
     def own_class_defaults(self, parser: LightningArgumentParser) -> bool:
-        """Make the chosen head's defaults its own: jsonargparse keeps the options two classes
-        share when a config or the command line switches ``--model.head``, so the default
-        head's values would silently replace the new head's defaults (a head with
-        ``reduce_dim: int = 128`` was built with the prototype head's 256). The chosen class
+        """Make a switched head's or encoder's defaults its own: jsonargparse keeps the options
+        two classes share when a config or the command line switches ``--model.head`` or
+        ``--model.backbone``, so the default's values would silently replace the new class's
+        defaults (a head with ``reduce_dim: int = 128`` was built with the prototype head's 256;
+        a timm encoder with the default ResNet's ``output_stride: 8``). Each chosen class
         becomes the default and the arguments are parsed again (``True``): only values given
         explicitly carry over."""
         subcommand = self.config.get("subcommand")
         prefix = f"{subcommand}." if subcommand else ""
-        chosen = self.config.get(f"{prefix}{HEAD_OPTION}")
-        default = inspect.signature(self.model_class).parameters.get("head")
-        if default is None or not isinstance(chosen, Namespace) or "class_path" not in chosen:
-            return False
-        if imported(chosen["class_path"]) is default.default:
-            return False
-        parser.set_defaults({f"{prefix}{HEAD_OPTION}": {"class_path": chosen["class_path"]}})
-        return True
+        parameters = inspect.signature(self.model_class).parameters
+        switched = {}
+        for option in SWITCHED_OPTIONS:
+            chosen = self.config.get(f"{prefix}model.{option}")
+            parameter = parameters.get(option)
+            if parameter is None or not isinstance(chosen, Namespace) or "class_path" not in chosen:
+                continue
+            default = parameter.default  # a class, or a lazy instance of one
+            default_class = default if isinstance(default, type) else type(default)
+            if not issubclass(default_class, imported(chosen["class_path"])):
+                switched[f"{prefix}model.{option}"] = {"class_path": chosen["class_path"]}
+        if switched:
+            parser.set_defaults(switched)
+        return bool(switched)
 
     def warn_replaced_model_flags(
         self, parser: LightningArgumentParser, hparams: dict[str, Any]

@@ -598,3 +598,10 @@ def test_every_encoder_config_runs_the_default_experiment_offline(
                         "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
                         "--trainer.default_root_dir", str(tmp_path / "runs")])  # fmt: skip
     assert cli.trainer.global_step == 1
+    # its own defaults, not the default experiment's ResNet options (output_stride 8, arch)
+    built = cli.model.backbone.describe()["init_args"]
+    kind = type(cli.model.backbone)
+    defaults = {k: p.default for k, p in inspect.signature(kind.__init__).parameters.items()}
+    for name, value in built.items():
+        expected = spec["init_args"].get(name, defaults[name])
+        assert value == (list(expected) if isinstance(expected, tuple) else expected), name

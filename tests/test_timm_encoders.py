@@ -1,0 +1,142 @@
+"""timm encoders behind the Backbone contract, against timm's own feature code and the project's
+ResNet on the same weights (random weights, no download)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from backbones import ResNet, WeightsError
+from backbones.testing import check_backbone
+from backbones.timm_encoders import TimmEncoder
+from tasks.heads import HSNetHead, PFENetHead, PrototypeHead
+from tasks.segment import FewShotSegmentation
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "size"),
+    [
+        ("resnet18", {}, (64, 72)),
+        ("resnet50", {"output_stride": 8}, (64, 72)),
+        ("convnext_atto", {}, (64, 72)),
+        ("swin_tiny_patch4_window7_224", {}, (64, 96)),
+        ("vit_small_patch14_dinov2", {"img_size": 70, "stage_ends": [2, 6, 9, 12]}, (70, 84)),
+        ("samvit_base_patch16", {"img_size": 64}, (64, 80)),
+    ],
+)
+def test_every_family_passes_the_contract(name: str, options: dict, size: tuple) -> None:
+    torch.manual_seed(0)
+    check_backbone(TimmEncoder(name, **options), size)
+
+
+def resnet_file(tmp_path: Path, arch: str = "resnet50") -> Path:
+    """A timm ResNet's random weights, saved as a state dict (timm's and torchvision's names)."""
+    torch.manual_seed(0)
+    path = tmp_path / f"{arch}.pth"
+    torch.save(timm.create_model(arch).state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize(("output_stride", "scheme"), [(None, "contracted"), (8, "contracted")])
+def test_resnet_taps_equal_the_projects_resnet_on_the_same_weights(
+    tmp_path: Path, output_stride: int | None, scheme: str
+) -> None:
+    """Every block's output and pre-activation sum (HSNet's taps) of timm's ResNet-50 equals
+    the project's (torchvision's bottlenecks) on the same file, at output stride 32, and at 8
+    with the project's ``contracted`` dilation, timm's rule (not PSPNet's ``uniform``)."""
+    path = resnet_file(tmp_path)
+    ours = TimmEncoder("resnet50", weights=str(path), output_stride=output_stride).eval()
+    reference = ResNet("resnet50", weights=str(path), output_stride=output_stride or 32,
+                       dilation_scheme=scheme).eval()  # fmt: skip
+    blocks = [n for n in ours.output_info if n.startswith("layer") and "." in n]
+    assert any(n.endswith(".pre_relu") for n in blocks)
+    ours.select_outputs(blocks)
+    reference.select_outputs(blocks)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        got, want = ours(x), reference(x)
+    for name in blocks:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-6, atol=1e-5, msg=name)
+        assert ours.output_info[name].stride == reference.output_info[name].stride, name
+
+
+@pytest.mark.parametrize("final_norm", [False, True])
+def test_vit_blocks_equal_timms_forward_intermediates(final_norm: bool) -> None:
+    """Every block of DINOv2 ViT-S/14 as timm's own ``forward_intermediates`` gives it (prefix
+    tokens dropped, NCHW), with or without the final norm, at a size other than the model's."""
+    torch.manual_seed(0)
+    encoder = TimmEncoder("vit_small_patch14_dinov2", img_size=98, final_norm=final_norm).eval()
+    blocks = [f"blocks.{i}" for i in range(12)]
+    encoder.select_outputs(blocks)
+    x = torch.randn(1, 3, 112, 84)
+    with torch.no_grad():
+        got = encoder(x)
+        want = encoder.model.forward_intermediates(
+            x, indices=12, norm=final_norm, output_fmt="NCHW", intermediates_only=True
+        )
+    assert [tuple(got[n].shape) for n in blocks] == [(1, 384, 8, 6)] * 12
+    for name, reference in zip(blocks, want, strict=True):
+        torch.testing.assert_close(got[name], reference, rtol=1e-5, atol=1e-5, msg=name)
+    assert encoder.output_info.stages[-1].name == "stage3"  # 4 groups of 3 blocks
+
+
+def test_swin_taps_every_block() -> None:
+    """Every Swin block's output (DCAMA's taps), recorded from timm's own forward."""
+    torch.manual_seed(0)
+    encoder = TimmEncoder("swin_tiny_patch4_window7_224").eval()
+    names = [n for n, info in encoder.output_info.items() if info.block is not None]
+    assert len(names) == sum(encoder.model.layers[i].depth for i in range(4)) == 12
+    recorded = []
+    hooks = [block.register_forward_hook(lambda m, i, o: recorded.append(o.permute(0, 3, 1, 2)))
+             for stage in encoder.model.layers for block in stage.blocks]  # fmt: skip
+    encoder.select_outputs(names)
+    x = torch.randn(1, 3, 96, 64)
+    with torch.no_grad():
+        encoder.model.forward_features(x)
+        for hook in hooks:
+            hook.remove()
+        got = encoder(x)
+    for name, want in zip(names, recorded, strict=True):
+        torch.testing.assert_close(got[name], want, msg=name)
+
+
+def test_a_weights_file_loads_strictly_and_is_not_needed_to_reload(tmp_path: Path) -> None:
+    path = resnet_file(tmp_path, "resnet18")
+    encoder = TimmEncoder("resnet18", weights=str(path))
+    assert torch.equal(encoder.model.conv1.weight, torch.load(path)["conv1.weight"])
+    assert encoder.describe()["init_args"]["weights"] is None  # the checkpoint holds them
+    state = torch.load(path)
+    del state["layer4.1.bn2.weight"]
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, tmp_path / "broken.pth")
+    with pytest.raises(WeightsError, match=r"missing \['layer4\.1\.bn2\.weight'\], unexpected "
+                       r"\['extra\.weight'\]"):  # fmt: skip
+        TimmEncoder("resnet18", weights=str(tmp_path / "broken.pth"))
+    with pytest.raises(ValueError, match=r"unknown timm model 'resnet19'"):
+        TimmEncoder("resnet19")
+
+
+def episode(size: int = 64, shots: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    masks = torch.zeros(2, shots, size, size, dtype=torch.long)
+    masks[..., size // 4 : size // 2, size // 4 : size // 2] = 1
+    return torch.randn(2, 3, size, size), torch.randn(2, shots, 3, size, size), masks
+
+
+@pytest.mark.parametrize("head", [PrototypeHead, PFENetHead, HSNetHead])
+def test_the_heads_run_on_a_hierarchical_timm_encoder(head: type) -> None:
+    torch.manual_seed(0)
+    model = FewShotSegmentation(TimmEncoder("resnet18"), head=head)
+    output = model(*episode())
+    assert output.logits.shape[:2] == (2, 2) and torch.isfinite(output.logits).all()
+
+
+def test_a_head_that_resumes_the_encoder_refuses_a_vit_in_one_line() -> None:
+    encoder = TimmEncoder("vit_small_patch14_dinov2", img_size=56)
+    model = FewShotSegmentation(encoder, head=PrototypeHead)  # reads stage outputs only
+    assert model(*episode(56)).logits.shape[:2] == (2, 2)
+    with pytest.raises(ValueError, match=r"^head PFENetHead multiplies the support's 'stage2' "
+                       r"by its mask .* TimmEncoder cannot \(no forward_from\)"):  # fmt: skip
+        FewShotSegmentation(TimmEncoder("vit_small_patch14_dinov2", img_size=56), head=PFENetHead)
