@@ -12,7 +12,7 @@ import torch
 from backbones import ResNet, WeightsError
 from backbones.testing import check_backbone
 from backbones.timm_encoders import TimmEncoder
-from tasks.heads import HSNetHead, PFENetHead, PrototypeHead
+from tasks.heads import ASGNetHead, HSNetHead, PFENetHead, PrototypeHead
 from tasks.segment import FewShotSegmentation
 
 
@@ -125,18 +125,24 @@ def episode(size: int = 64, shots: int = 1) -> tuple[torch.Tensor, torch.Tensor,
     return torch.randn(2, 3, size, size), torch.randn(2, shots, 3, size, size), masks
 
 
-@pytest.mark.parametrize("head", [PrototypeHead, PFENetHead, HSNetHead])
-def test_the_heads_run_on_a_hierarchical_timm_encoder(head: type) -> None:
+@pytest.mark.parametrize("head", [PrototypeHead, PFENetHead, ASGNetHead, HSNetHead])
+@pytest.mark.parametrize("encoder", ["resnet18", "convnext_atto"])
+def test_the_heads_run_on_hierarchical_timm_encoders(encoder: str, head: type) -> None:
+    """HSNet reads ResNet's pre-activation taps, ConvNeXt's block outputs (it has none)."""
     torch.manual_seed(0)
-    model = FewShotSegmentation(TimmEncoder("resnet18"), head=head)
+    model = FewShotSegmentation(TimmEncoder(encoder), head=head)
     output = model(*episode())
     assert output.logits.shape[:2] == (2, 2) and torch.isfinite(output.logits).all()
+    if head is HSNetHead:
+        pre = [n for n in model.head.in_features if n.endswith(".pre_relu")]
+        assert bool(pre) == (encoder == "resnet18") and len(model.head.in_features) > 3
 
 
 def test_a_head_that_resumes_the_encoder_refuses_a_vit_in_one_line() -> None:
     encoder = TimmEncoder("vit_small_patch14_dinov2", img_size=56)
-    model = FewShotSegmentation(encoder, head=PrototypeHead)  # reads stage outputs only
-    assert model(*episode(56)).logits.shape[:2] == (2, 2)
+    for head in (PrototypeHead, ASGNetHead, HSNetHead):  # HSNet: FoundationFSS's block taps
+        model = FewShotSegmentation(encoder, head=head)
+        assert model(*episode(56)).logits.shape[:2] == (2, 2), head
     with pytest.raises(ValueError, match=r"^head PFENetHead multiplies the support's 'stage2' "
                        r"by its mask .* TimmEncoder cannot \(no forward_from\)"):  # fmt: skip
         FewShotSegmentation(TimmEncoder("vit_small_patch14_dinov2", img_size=56), head=PFENetHead)

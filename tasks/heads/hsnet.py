@@ -192,7 +192,8 @@ class HSNetHead(OfficialCheckpoint):
 
     Args:
         features: The encoder's outputs; the pre-activation taps of every block of its last
-            three stages are read, at least one per stage.
+            three stages are read, at least one per stage (an encoder without such taps: its
+            block outputs).
         mask_support: multiply the support features by the mask before correlating. ``False``
             is the paper's Tab. 1 setting (the README's "evaluation without support feature
             masking", line 51 of ``hsnet.py`` commented out): the support mask is then unused.
@@ -206,8 +207,12 @@ class HSNetHead(OfficialCheckpoint):
     def __init__(self, features: FeaturePyramid, mask_support: bool = True) -> None:
         super().__init__()
         self.mask_support = mask_support
+        # Block outputs before their last activation; an encoder that has no such taps at all
+        # (ConvNeXt, Swin, ViTs) gives its block outputs, as DCAMA correlates Swin's and
+        # FoundationFSS DINOv2's.
+        taps = any(info.pre_activation for info in features.values())
         self.stage_blocks = {
-            level: [info.name for info in features.blocks(stage, pre_activation=True)]
+            level: [info.name for info in features.blocks(stage, pre_activation=taps)]
             for level, stage in CORRELATED_STAGES.items()
         }
         empty = [
@@ -217,8 +222,9 @@ class HSNetHead(OfficialCheckpoint):
         ]
         if empty:
             raise ValueError(
-                f"the encoder declares no pre-activation block outputs in its stages {empty}; "
-                "HSNet correlates every block of the last three stages before its last activation"
+                f"the encoder declares no block outputs in its stages {empty}; HSNet correlates "
+                "every block of the last three stages (before its last activation where the "
+                "encoder has such taps)"
             )
         self.in_features = tuple(
             name for level in reversed(CORRELATED_STAGES) for name in self.stage_blocks[level]
