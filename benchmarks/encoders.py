@@ -95,7 +95,7 @@ def resnet_ratio(args: argparse.Namespace, device: torch.device) -> list[object]
             "timm": TimmEncoder("resnet50", weights=str(path), output_stride=8),
             "project": ResNet(
                 "resnet50", weights=str(path), output_stride=8, dilation_scheme="contracted"
-            ),  # fmt: skip
+            ),
         }
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
     runs = {}
