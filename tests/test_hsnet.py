@@ -440,7 +440,5 @@ def test_unequal_squeezed_support_grids_are_resized() -> None:
 
 def test_head_without_blocks_is_refused() -> None:
     stages = [FeatureInfo(name, 8, 8, stage) for stage, name in enumerate(["a", "b", "c", "d"])]
-    with pytest.raises(
-        ValueError, match=r"no block outputs in its stages \['d', 'c', 'b'\]"
-    ):
+    with pytest.raises(ValueError, match=r"no block outputs in its stages \['d', 'c', 'b'\]"):
         HSNetHead(FeaturePyramid(stages))
