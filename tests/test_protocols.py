@@ -18,6 +18,7 @@ from datamodules import CocoDataset, CocoFewShot, PascalDataset
 from datamodules.bounds import PositiveInt
 from datamodules.datamodule import FewShotDataModule
 from datamodules.protocols import OPTIONS, PROTOCOLS, Protocol, ProtocolName, resolve_protocol
+from tasks.callbacks import results
 from tasks.report import main as report_main
 from tasks.segment import main
 
@@ -176,3 +177,27 @@ def test_each_protocol_option_is_defined_once_and_exposed_with_its_type_and_doc(
         assert f"        {option}: " in owner.__doc__, (
             f"{owner.__name__} does not document {option}"
         )
+
+
+def test_the_summary_title_and_path_are_never_broken_mid_word(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A narrow terminal or a file (23 columns): the title and the results path each stay one
+    line; only the three-column table is laid out to the width."""
+    monkeypatch.setenv("COLUMNS", "23")
+    result = {
+        "method": "PrototypeHead",
+        "backbone_label": "resnet18-standard-os8-contracted",
+        "dataset": "ShapesDataset",
+        "fold": 0,
+        "shots": 1,
+        "protocol": {"name": "clean"},
+    }
+    path = Path("runs/fewshot-dilated/abc123/last.ShapesDataset-fold0-1shot-clean.results.json")
+    columns = ["seed", "miou", "fbiou"]
+    results.TestResults.print_table(result, columns, [["321", 0.5, 0.7], ["mean", 0.5, 0.7]], path)
+    lines = capsys.readouterr().out.splitlines()
+    title = ("PrototypeHead resnet18-standard-os8-contracted, ShapesDataset fold 0, 1-shot, "
+             "protocol clean")  # fmt: skip
+    assert lines[0] == title and lines[-1] == f"written to {path}"
+    assert all(len(line) <= 23 for line in lines[1:-1]), lines
