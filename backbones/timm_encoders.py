@@ -25,6 +25,7 @@ stays :class:`backbones.ResNet`.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -386,8 +387,10 @@ class TimmEncoder(Backbone):
 
 def load_timm_weights(model: nn.Module, path: str, trusted: bool) -> None:
     """A local state dict into ``model`` strictly (``state_dict``/``model`` containers and
-    ``module.`` prefixes unwrapped; the classifier, which the encoder drops, ignored), with an
-    error listing the keys that do not fit."""
+    ``module.`` prefixes unwrapped; a release's own layout converted by timm's checkpoint filter
+    of the model's family: DINOv2's ``dinov2_vits14_pretrain.pth``, OpenAI CLIP's, SAM's; the
+    classifier, which the encoder drops, ignored), with an error listing the keys that do not
+    fit."""
     checkpoint = read_checkpoint(
         path, trusted, option="--model.backbone.init_args.weights_trusted true"
     )
@@ -396,6 +399,9 @@ def load_timm_weights(model: nn.Module, path: str, trusted: bool) -> None:
             checkpoint = checkpoint[key]
             break
     state = {k.removeprefix("module."): v for k, v in checkpoint.items() if isinstance(v, Tensor)}
+    convert = getattr(importlib.import_module(type(model).__module__), "checkpoint_filter_fn", None)
+    if convert is not None:  # the releases' own layouts (DINOv2, OpenAI CLIP, SAM) to timm's
+        state = convert(state, model)
     expected = model.state_dict()
     head = ("fc.", "head.", "classifier.")
     missing = sorted(set(expected) - set(state))

@@ -146,3 +146,22 @@ def test_a_head_that_resumes_the_encoder_refuses_a_vit_in_one_line() -> None:
     with pytest.raises(ValueError, match=r"^head PFENetHead multiplies the support's 'stage2' "
                        r"by its mask .* TimmEncoder cannot \(no forward_from\)"):  # fmt: skip
         FewShotSegmentation(TimmEncoder("vit_small_patch14_dinov2", img_size=56), head=PFENetHead)
+
+
+def test_dinov2_weights_in_the_releases_layout_load(tmp_path: Path) -> None:
+    """facebookresearch/dinov2's layout (``mask_token``; with registers ``register_tokens``, the
+    class token's position inside ``pos_embed``) loads into timm's through its checkpoint filter,
+    giving timm's own tensors."""
+    torch.manual_seed(0)
+    reference = TimmEncoder("vit_small_patch14_reg4_dinov2", img_size=56)
+    timm_state = reference.model.state_dict()
+    official = {k: v for k, v in timm_state.items() if k not in ("reg_token", "cls_token")}
+    first = torch.randn(1, 1, 384)  # the class token's position, folded into it by the filter
+    official |= {"mask_token": torch.zeros(1, 384), "register_tokens": timm_state["reg_token"],
+                 "cls_token": timm_state["cls_token"] - first,
+                 "pos_embed": torch.cat([first, timm_state["pos_embed"]], 1)}  # fmt: skip
+    torch.save(official, tmp_path / "dinov2_vits14_reg4_pretrain.pth")
+    loaded = TimmEncoder("vit_small_patch14_reg4_dinov2", img_size=56,
+                         weights=str(tmp_path / "dinov2_vits14_reg4_pretrain.pth"))  # fmt: skip
+    for key, value in timm_state.items():
+        torch.testing.assert_close(loaded.model.state_dict()[key], value, msg=key)
