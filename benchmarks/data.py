@@ -31,7 +31,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from benchmarks.common import episodes_per_second
-from datamodules import CocoFewShot, ShapesFewShot
+from datamodules import CocoDataset, CocoFewShot, ShapesFewShot
 from datamodules.coco import COCO_CLASSES
 from datamodules.prepare import prepare_coco
 
@@ -112,7 +112,7 @@ def coco_main(args: argparse.Namespace) -> None:
         print(f"synthetic COCO, {args.coco_images} images per split: {seconds:.1f} s")
     seconds = timed(lambda: prepare_coco(root, log=lambda message: None))
     print(f"prepare coco (render the PNGs, 1 process): {seconds:.1f} s")
-    size = args.image_size or CocoFewShot.dataset_defaults["image_size"]
+    size = args.image_size or CocoDataset.defaults["few_shot"]["image_size"]
     kinds = {"instances JSON": None, "PNG masks": "annotations"}
     settings = {
         label: {"root": str(root), "masks": masks, "cache_dir": str(cache / label),

@@ -12,6 +12,7 @@ import torch
 from backbones import ResNet, WeightsError
 from backbones.testing import check_backbone
 from backbones.timm_encoders import TimmEncoder
+from tasks import segment
 from tasks.heads import ASGNetHead, HSNetHead, PFENetHead, PrototypeHead
 from tasks.segment import FewShotSegmentation
 
@@ -165,3 +166,34 @@ def test_dinov2_weights_in_the_releases_layout_load(tmp_path: Path) -> None:
                          weights=str(tmp_path / "dinov2_vits14_reg4_pretrain.pth"))  # fmt: skip
     for key, value in timm_state.items():
         torch.testing.assert_close(loaded.model.state_dict()[key], value, msg=key)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head", ["tasks.heads.PrototypeHead", "tasks.heads.HSNetHead"])
+@pytest.mark.parametrize(
+    "encoder",
+    [["--model.backbone.init_args.model_name", "convnext_atto"],
+     ["--model.backbone.init_args.model_name", "vit_small_patch14_dinov2",
+      "--model.backbone.init_args.img_size", "56"]],
+    ids=["convnext", "dinov2"],
+)  # fmt: skip
+def test_a_timm_encoder_trains_and_reloads_from_its_checkpoint_alone(
+    tmp_path: Path, shapes_root: Path, encoder: list[str], head: str
+) -> None:
+    """Two training steps through the command line, then the model rebuilt from the checkpoint
+    alone (no network, no file): the same tensors and the same logits."""
+    data = ["--data.root", str(shapes_root), "--data.num_train", "200", "--data.num_test", "80",
+            "--data.image_size", "56", "--data.batch_size", "2", "--data.num_workers", "0",
+            "--data.val_episodes", "4", "--data.min_pixels", "32"]  # fmt: skip
+    run = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.logger",
+           "false", "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+    cli = segment.main(["fit", "--model.backbone", "backbones.timm_encoders.TimmEncoder",
+                        *encoder, "--model.head", head, *data, *run])  # fmt: skip
+    last = next(tmp_path.rglob("last.ckpt"))
+    reloaded = FewShotSegmentation.load_from_checkpoint(last).eval()
+    trained = cli.model.eval()
+    for key, value in trained.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], value), key
+    inputs = episode(56)
+    with torch.no_grad():
+        assert torch.equal(reloaded(*inputs).logits, trained(*inputs).logits)
