@@ -3,11 +3,13 @@ ResNet on the same weights (random weights, no download)."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+from torch import nn
 
 from backbones import ResNet, WeightsError
 from backbones.testing import check_backbone
@@ -197,3 +199,102 @@ def test_a_timm_encoder_trains_and_reloads_from_its_checkpoint_alone(
     inputs = episode(56)
     with torch.no_grad():
         assert torch.equal(reloaded(*inputs).logits, trained(*inputs).logits)
+
+
+# --- DINOv2's own model (facebookresearch/dinov2, dinov2/models/vision_transformer.py and
+# dinov2/layers), transcribed: the hub's ViT-S/14 (layer scale 1.0, MLP FFN, unchunked blocks) --
+
+
+class DinoBlock(nn.Module):
+    """``NestedTensorBlock`` on a tensor: pre-norm attention and MLP, each layer-scaled."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
+        self.attn = nn.Module()
+        self.attn.qkv, self.attn.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.ls1, self.ls2 = nn.Module(), nn.Module()
+        self.ls1.gamma = nn.Parameter(torch.rand(dim))
+        self.ls2.gamma = nn.Parameter(torch.rand(dim))
+        self.mlp = nn.Module()
+        self.mlp.fc1, self.mlp.fc2 = nn.Linear(dim, 4 * dim), nn.Linear(4 * dim, dim)
+        self.heads = heads
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:  # layers/attention.py: Attention
+        b, n, c = x.shape
+        qkv = self.attn.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0] * (c // self.heads) ** -0.5, qkv[1], qkv[2]
+        attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)
+        return self.attn.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.ls1.gamma * self.attention(self.norm1(x))
+        hidden = nn.functional.gelu(self.mlp.fc1(self.norm2(x)))
+        return x + self.ls2.gamma * self.mlp.fc2(hidden)
+
+
+class DinoViT(nn.Module):
+    """``DinoVisionTransformer`` (vit_small, patch 14, img_size 518) with
+    ``get_intermediate_layers``."""
+
+    def __init__(self, dim: int = 384, depth: int = 12, heads: int = 6, patch: int = 14) -> None:
+        super().__init__()
+        self.patch_size, grid = patch, 518 // patch
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, dim, patch, patch)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, grid * grid + 1, dim) * 0.02)
+        self.mask_token = nn.Parameter(torch.zeros(1, dim))
+        self.blocks = nn.ModuleList(DinoBlock(dim, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+
+    def interpolate_pos_encoding(self, x: torch.Tensor, w: int, h: int) -> torch.Tensor:
+        npatch, n = x.shape[1] - 1, self.pos_embed.shape[1] - 1
+        if npatch == n and w == h:
+            return self.pos_embed
+        side = int(math.sqrt(n))
+        w0, h0 = w // self.patch_size + 0.1, h // self.patch_size + 0.1
+        patch_pos = nn.functional.interpolate(
+            self.pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2),
+            scale_factor=(w0 / side, h0 / side), mode="bicubic",
+        )  # fmt: skip
+        patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, -1, x.shape[-1])
+        return torch.cat((self.pos_embed[:, :1], patch_pos), dim=1)
+
+    def get_intermediate_layers(self, x: torch.Tensor, n: int, norm: bool) -> list[torch.Tensor]:
+        b, _, w, h = x.shape
+        tokens = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat((self.cls_token.expand(b, -1, -1), tokens), dim=1)
+        tokens = tokens + self.interpolate_pos_encoding(tokens, w, h)
+        outputs = []
+        for index, block in enumerate(self.blocks):
+            tokens = block(tokens)
+            if index >= len(self.blocks) - n:
+                outputs.append(self.norm(tokens) if norm else tokens)
+        return [out[:, 1:].reshape(b, w // self.patch_size, h // self.patch_size, -1)
+                .permute(0, 3, 1, 2) for out in outputs]  # fmt: skip
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_dinov2_blocks_equal_dinov2s_own_get_intermediate_layers(
+    tmp_path: Path, norm: bool
+) -> None:
+    """A state dict in the release's layout (``dinov2_vits14_pretrain.pth``, random weights from
+    DINOv2's own model code) loaded through this encoder: every block's map equals DINOv2's
+    ``get_intermediate_layers(12, reshape=True, norm=...)`` at its native 518 px. At 476 px the
+    position embeddings are resized by different code (DINOv2: bicubic with a 0.1 offset in the
+    scale factor; timm: bicubic to the size), measured and bounded here."""
+    torch.manual_seed(0)
+    reference = DinoViT().eval()
+    path = tmp_path / "dinov2_vits14_pretrain.pth"
+    torch.save(reference.state_dict(), path)
+    encoder = TimmEncoder("vit_small_patch14_dinov2", weights=str(path), final_norm=norm).eval()
+    blocks = [f"blocks.{i}" for i in range(12)]
+    encoder.select_outputs(blocks)
+    for size, tolerance in ((518, 1e-5), (476, 0.02)):  # measured: 4e-7 and 9e-3
+        x = torch.randn(1, 3, size, size)
+        with torch.no_grad():
+            got, want = encoder(x), reference.get_intermediate_layers(x, 12, norm)
+        worst = max((got[n] - w).abs().max().item() / w.abs().max().item()
+                    for n, w in zip(blocks, want, strict=True))  # fmt: skip
+        assert worst <= tolerance, (size, worst)
