@@ -577,7 +577,7 @@ def test_a_mistyped_input_is_named_before_any_work(
         f"error: --sbd-tgz {typo} does not exist; expected the file benchmark.tgz (1.4 GB, "
         f"{prepare_pascal_module.SBD.url})"
     ]
-    assert not list(out.iterdir())
+    assert not out.exists()  # no empty --out left behind
     argv = ["pascal", "--out", out, "--voc-tar", tmp_path, "--sbd-tgz", archives.sbd_tgz]
     code, _, error = run_cli(argv, capsys)
     assert code == 1 and error[0].startswith(f"error: --voc-tar {tmp_path} is a folder;")

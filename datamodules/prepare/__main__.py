@@ -9,9 +9,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..files import data_dir, writable_folder
-from .coco import prepare_coco
+from .coco import check_inputs, prepare_coco
 from .common import PrepareError
-from .pascal import SBD, VOC, prepare_pascal
+from .pascal import SBD, VOC, given_archive, prepare_pascal
 
 
 def parser() -> argparse.ArgumentParser:
@@ -53,6 +53,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     start = time.perf_counter()
     try:
+        if args.dataset == "pascal":  # inputs first: a typo leaves no empty --out behind
+            given_archive(args.voc_tar, "--voc-tar", VOC)
+            given_archive(args.sbd_tgz, "--sbd-tgz", SBD)
+        else:
+            check_inputs(args.root, [])  # the splits: prepare_coco, for those it renders
         if args.out is not None:
             writable_folder(args.out, "--out", "the prepared data")
         if args.dataset == "pascal":
