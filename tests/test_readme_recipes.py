@@ -6,6 +6,7 @@ of one's own, one class that both segmentation tasks run)."""
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from backbones import ResNet
 from backbones.testing import check_backbone
 from datamodules.pascal import save_label_png
 from tasks import segment, semantic
+from tasks.heads import ASGNetHead
 from tasks.heads.testing import check_head
 from tasks.segment import FewShotSegmentation
 
@@ -118,3 +120,59 @@ def test_a_dataset_of_ones_own_runs_both_segmentation_tasks(recipes: Path, tmp_p
     assert data.class_names == ["background", "oak", "maple", "birch"]
     batch = next(iter(data.train_dataloader()))
     assert set(batch["query_mask"].unique().tolist()) <= {0, 1, 2, 3, 255}
+
+
+RELEASED = re.compile(r"<!-- released models -->\n```bash\n(?P<body>.*?)```", re.S)
+
+
+def write_released(path: Path) -> None:
+    """A file in its paper's own layout at ``path``, named by its first folder; random weights
+    (written by each head's parity test helpers)."""
+    from test_bam import official_bam
+    from test_bam import write_official as write_bam
+    from test_contracts import write_official as write_asgnet
+    from test_hsnet import ReferenceHSNet, write_best_model
+    from test_pfenet import ReferencePFENet
+    from test_pfenet import write_official as write_pfenet
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    paper = path.parts[-3] if len(path.parts) > 2 and path.parts[-3] in ("pfenet", "bam") else (
+        path.parent.name)  # fmt: skip
+    if paper == "asgnet":
+        encoder = ResNet("resnet50", stem="deep", output_stride=8, dilation_scheme="uniform")
+        write_asgnet(FewShotSegmentation(encoder, head=ASGNetHead, freeze_backbone=True), path)
+    elif paper == "pfenet":
+        write_pfenet(ReferencePFENet([60, 30, 15, 8], 1), path)
+    elif paper == "hsnet":
+        write_best_model(ReferenceHSNet(), path)
+    else:
+        write_bam(official_bam(5), path)
+
+
+@pytest.mark.slow
+def test_the_released_model_commands_run_as_written(tmp_path: Path, monkeypatch) -> None:
+    """Each README line testing a released model runs as written (with a small PASCAL tree and
+    few episodes appended), on a file in that paper's layout: no head option, K read from the
+    BAM file."""
+    from fixtures_data import write_pascal_tree
+
+    body = RELEASED.search(README.read_text())["body"].replace("\\\n", " ")
+    commands = [shlex.split(line) for line in body.splitlines() if line.strip()]
+    assert len(commands) == 4 and all(c[:4] == ["python", "-m", "tasks.segment", "test"]
+                                      for c in commands)  # fmt: skip
+    voc = write_pascal_tree(tmp_path / "VOC2012", num_test=120)  # 6 test images a class: 5-shot
+    monkeypatch.chdir(tmp_path)
+    small = ["--data.root", str(voc), "--data.cache_dir", str(tmp_path / "cache"),
+             "--data.image_size", "64", "--data.eval_size", "64", "--data.test_episodes", "5",
+             "--data.test_seeds", "1", "--data.batch_size", "2", "--data.num_workers", "0",
+             "--trainer.logger", "false", "--results.output_dir", str(tmp_path / "results"),
+             "--data.train_list", "ImageSets/SegmentationAug/train_aug.txt"]  # fmt: skip
+    for command in commands:
+        repo = README.parent  # the commands run from the repository; the files lie in tmp_path
+        args = [str(repo / a) if a.startswith("configs/") else a for a in command[3:]]
+        released = Path(args[args.index("--model.official_checkpoint") + 1])
+        write_released(released)
+        cli = segment.main([*args, *small])
+        assert 0 <= float(cli.trainer.callback_metrics["test/miou"]) <= 1, command
+    assert len(list((tmp_path / "results").glob("*.results.json"))) == 4
