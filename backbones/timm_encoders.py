@@ -11,7 +11,8 @@ output (PFENet's mask-multiplied support features). Two families:
   (``layer3.2``, ``stages.2.4``), and ResNet bottlenecks also give their output before the last
   ReLU (``layer3.2.pre_relu``: HSNet's and DCAMA's taps; timm's block output is after it).
   Swin's channels-last maps are returned channels-first.
-* **Plain ViTs** (DINOv2/v3, CLIP, SAM's ViT): one patch-size scale; ``stage_ends`` groups the
+* **Plain ViTs** (DINOv2, DINOv3 as timm's Eva with rotary embeddings, CLIP, SAM's ViT): one
+  patch-size scale; ``stage_ends`` groups the
   blocks into stages (VRP-SAM's DINOv2-L: ``[8, 12, 21, 24]``), every block is an output, prefix
   tokens (class, registers) are dropped from the maps, and ``final_norm`` applies the model's
   last norm to every output as DINOv2's ``get_intermediate_layers(norm=True)`` does (timm's
@@ -33,6 +34,7 @@ from typing import Any
 import timm
 import torch
 from timm.layers import resample_abs_pos_embed_nhwc
+from timm.models.eva import Eva
 from timm.models.vision_transformer_sam import VisionTransformerSAM
 from torch import Tensor, nn
 
@@ -103,10 +105,14 @@ class ViTEmbedding(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = [model]  # not a submodule: the encoder owns it
+        self.rope: Tensor | None = None
 
     def forward(self, image: Tensor) -> Tensor:
         model = self.model[0]
         x = model.patch_embed(image)
+        if isinstance(model, Eva):  # DINOv3: rotary embeddings, passed to every block
+            x, self.rope = model._pos_embed(x)
+            return model.norm_pre(x)
         if isinstance(model, VisionTransformerSAM):
             if model.pos_embed is not None:
                 x = x + resample_abs_pos_embed_nhwc(model.pos_embed, x.shape[1:3])
@@ -115,6 +121,21 @@ class ViTEmbedding(nn.Module):
             x = model._pos_embed(x)
         x = model.patch_drop(x)
         return model.norm_pre(x)
+
+
+class RotaryBlock(nn.Module):
+    """An Eva block (DINOv3) run with the rotary embeddings the embedding step computed for this
+    input (one for all blocks, or each block's own under ``rope_mixed``)."""
+
+    def __init__(self, block: nn.Module, index: int, embedding: ViTEmbedding) -> None:
+        super().__init__()
+        self.block, self.index, self.embedding = block, index, [embedding]
+
+    def forward(self, x: Tensor) -> Tensor:
+        rope = self.embedding[0].rope
+        if getattr(self.embedding[0].model[0], "rope_mixed", False) and rope is not None:
+            rope = rope[self.index]
+        return self.block(x, rope=rope)
 
 
 class TimmEncoder(Backbone):
@@ -159,11 +180,6 @@ class TimmEncoder(Backbone):
                 f"(e.g. {timm.list_models(f'*{architecture[:4]}*')[:5]})"
             )
         self.is_vit = architecture in timm.list_models(["vit_*", "samvit_*"])
-        if self.is_vit and "dinov3" in architecture:
-            raise ValueError(
-                f"{model_name}: timm builds DINOv3 as an Eva model (rotary position embeddings "
-                "passed to each block), which this encoder does not run yet"
-            )
         if self.is_vit and not architecture.startswith("samvit"):
             options |= {"dynamic_img_size": True, "dynamic_img_pad": True}  # any input size
         if architecture in timm.list_models("swin*"):
@@ -242,7 +258,8 @@ class TimmEncoder(Backbone):
                 f"stage_ends={ends} must increase within 1..{depth} ({self.model_name} has "
                 f"{depth} blocks)"
             )
-        steps = [Step(ViTEmbedding(self.model))]
+        embedding = ViTEmbedding(self.model)
+        steps = [Step(embedding)]
         where: Places = {}
         start = 0
         for stage, end in enumerate(ends):
@@ -252,7 +269,10 @@ class TimmEncoder(Backbone):
                 if index == end - 1:
                     outputs += (f"stage{stage}",)
                     where[f"stage{stage}"] = (stage, None)
-                steps.append(Step(self.model.blocks[index], outputs))
+                block = self.model.blocks[index]
+                if isinstance(self.model, Eva):
+                    block = RotaryBlock(block, index, embedding)
+                steps.append(Step(block, outputs))
             start = end
         return steps, where
 

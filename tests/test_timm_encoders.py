@@ -86,6 +86,23 @@ def test_vit_blocks_equal_timms_forward_intermediates(final_norm: bool) -> None:
     assert encoder.output_info.stages[-1].name == "stage3"  # 4 groups of 3 blocks
 
 
+def test_dinov3_blocks_with_rotary_embeddings_equal_timms_forward_intermediates() -> None:
+    """DINOv3 (timm's Eva): each block gets the rotary embeddings of the input's own grid."""
+    torch.manual_seed(0)
+    encoder = TimmEncoder("vit_small_patch16_dinov3", img_size=64, final_norm=True).eval()
+    blocks = [f"blocks.{i}" for i in range(12)]
+    encoder.select_outputs(blocks)
+    x = torch.randn(1, 3, 96, 64)
+    with torch.no_grad():
+        got = encoder(x)
+        want = encoder.model.forward_intermediates(
+            x, indices=12, norm=True, output_fmt="NCHW", intermediates_only=True
+        )
+    for name, reference in zip(blocks, want, strict=True):
+        torch.testing.assert_close(got[name], reference, rtol=1e-5, atol=1e-5, msg=name)
+    check_backbone(encoder, (64, 80))
+
+
 def test_swin_taps_every_block() -> None:
     """Every Swin block's output (DCAMA's taps), recorded from timm's own forward."""
     torch.manual_seed(0)
