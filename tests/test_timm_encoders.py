@@ -28,6 +28,7 @@ from tasks.segment import FewShotSegmentation
         ("swin_tiny_patch4_window7_224", {}, (64, 96)),
         ("vit_small_patch14_dinov2", {"img_size": 70, "stage_ends": [2, 6, 9, 12]}, (70, 84)),
         ("samvit_base_patch16", {"img_size": 64}, (64, 80)),
+        ("vit_small_patch16_dinov3", {"img_size": 64, "final_norm": True}, (64, 80)),
     ],
 )
 def test_every_family_passes_the_contract(name: str, options: dict, size: tuple) -> None:
@@ -66,12 +67,20 @@ def test_resnet_taps_equal_the_projects_resnet_on_the_same_weights(
         assert ours.output_info[name].stride == reference.output_info[name].stride, name
 
 
-@pytest.mark.parametrize("final_norm", [False, True])
-def test_vit_blocks_equal_timms_forward_intermediates(final_norm: bool) -> None:
-    """Every block of DINOv2 ViT-S/14 as timm's own ``forward_intermediates`` gives it (prefix
-    tokens dropped, NCHW), with or without the final norm, at a size other than the model's."""
+@pytest.mark.parametrize(
+    ("name", "final_norm", "grid"),
+    [("vit_small_patch14_dinov2", False, (8, 6)), ("vit_small_patch14_dinov2", True, (8, 6)),
+     ("vit_small_patch16_dinov3", True, (7, 6))],
+)  # fmt: skip
+def test_vit_blocks_equal_timms_forward_intermediates(
+    name: str, final_norm: bool, grid: tuple[int, int]
+) -> None:
+    """Every block of DINOv2 ViT-S/14, and of DINOv3 ViT-S/16 (timm's Eva: each block gets the
+    rotary embeddings of the input's own grid), as timm's own ``forward_intermediates`` gives it
+    (prefix tokens dropped, NCHW), with or without the final norm, at a size other than the
+    model's (padded to whole patches)."""
     torch.manual_seed(0)
-    encoder = TimmEncoder("vit_small_patch14_dinov2", img_size=98, final_norm=final_norm).eval()
+    encoder = TimmEncoder(name, img_size=98, final_norm=final_norm).eval()
     blocks = [f"blocks.{i}" for i in range(12)]
     encoder.select_outputs(blocks)
     x = torch.randn(1, 3, 112, 84)
@@ -80,27 +89,10 @@ def test_vit_blocks_equal_timms_forward_intermediates(final_norm: bool) -> None:
         want = encoder.model.forward_intermediates(
             x, indices=12, norm=final_norm, output_fmt="NCHW", intermediates_only=True
         )
-    assert [tuple(got[n].shape) for n in blocks] == [(1, 384, 8, 6)] * 12
-    for name, reference in zip(blocks, want, strict=True):
-        torch.testing.assert_close(got[name], reference, rtol=1e-5, atol=1e-5, msg=name)
+    assert [tuple(got[n].shape) for n in blocks] == [(1, 384, *grid)] * 12
+    for block, reference in zip(blocks, want, strict=True):
+        torch.testing.assert_close(got[block], reference, rtol=1e-5, atol=1e-5, msg=block)
     assert encoder.output_info.stages[-1].name == "stage3"  # 4 groups of 3 blocks
-
-
-def test_dinov3_blocks_with_rotary_embeddings_equal_timms_forward_intermediates() -> None:
-    """DINOv3 (timm's Eva): each block gets the rotary embeddings of the input's own grid."""
-    torch.manual_seed(0)
-    encoder = TimmEncoder("vit_small_patch16_dinov3", img_size=64, final_norm=True).eval()
-    blocks = [f"blocks.{i}" for i in range(12)]
-    encoder.select_outputs(blocks)
-    x = torch.randn(1, 3, 96, 64)
-    with torch.no_grad():
-        got = encoder(x)
-        want = encoder.model.forward_intermediates(
-            x, indices=12, norm=True, output_fmt="NCHW", intermediates_only=True
-        )
-    for name, reference in zip(blocks, want, strict=True):
-        torch.testing.assert_close(got[name], reference, rtol=1e-5, atol=1e-5, msg=name)
-    check_backbone(encoder, (64, 80))
 
 
 def test_swin_taps_every_block() -> None:
