@@ -34,6 +34,7 @@ from typing import Any
 import timm
 import torch
 from timm.layers import resample_abs_pos_embed_nhwc
+from timm.models import is_model, model_entrypoint
 from timm.models.eva import Eva
 from timm.models.vision_transformer_sam import VisionTransformerSAM
 from torch import Tensor, nn
@@ -41,6 +42,10 @@ from torch import Tensor, nn
 from .features import FeatureInfo, FeaturePyramid
 from .protocol import PRE_RELU, Backbone
 from .weights import WeightsError, read_checkpoint
+
+#: timm's modules of plain ViTs (one patch-size scale, blocks grouped into stages), by which a
+#: model name's family is told (``vit_small_patch16_dinov3`` is an Eva, ``deit_*`` a ViT)
+PLAIN_VITS = ("vision_transformer", "deit", "eva", "vision_transformer_sam")
 
 #: output name -> (stage, block index or ``None`` for the stage's own output)
 Places = dict[str, tuple[int, int | None]]
@@ -174,15 +179,16 @@ class TimmEncoder(Backbone):
         if img_size is not None:
             options["img_size"] = img_size
         architecture = model_name.split(".")[0]
-        if architecture not in timm.list_models():
+        if not is_model(architecture):
             raise ValueError(
                 f"unknown timm model {model_name!r}; expected a name of timm.list_models() "
                 f"(e.g. {timm.list_models(f'*{architecture[:4]}*')[:5]})"
             )
-        self.is_vit = architecture in timm.list_models(["vit_*", "samvit_*"])
-        if self.is_vit and not architecture.startswith("samvit"):
+        family = model_entrypoint(architecture).__module__.rsplit(".", 1)[-1]
+        self.is_vit = family in PLAIN_VITS
+        if self.is_vit and family != "vision_transformer_sam":
             options |= {"dynamic_img_size": True, "dynamic_img_pad": True}  # any input size
-        if architecture in timm.list_models("swin*"):
+        if family == "swin_transformer":
             options["strict_img_size"] = False  # windows padded: any input size
         self.model = timm.create_model(model_name, **options)
         if weights is not None:
