@@ -268,7 +268,8 @@ class FewShotDataModule(GlobalBatchDataModule):
         classes = self.dataset.validation_classes(self.fold)
         if classes is None:
             return hold_out(counts, self.val_fraction, self.min_pixels)
-        return {image_id for image_id, found in counts.items() if set(found) & set(classes)}
+        held = set(classes)
+        return {image_id for image_id, found in counts.items() if not held.isdisjoint(found)}
 
     def source(self, split: Split) -> SegmentationSource:
         return self.dataset.source(split)
