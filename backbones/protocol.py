@@ -64,8 +64,10 @@ class Backbone(CapturesArguments, nn.Module, metaclass=ABCMeta):
 
         Splitting the forward lets a task change a feature mid-network: PFENet's prior reads
         the support's layer4 computed on its mask-multiplied layer3. ``forward(x)`` is
-        ``forward_from(None, x)``. Optional: an encoder without it cannot serve a head that
-        declares ``support_mask_at``.
+        ``forward_from(None, x)``. Resuming at ``name`` follows a ``forward_from(None, images,
+        until=name)`` of the same images, as the task runs it; an encoder may read what that
+        forward left (a ViT: its class and register tokens, which a map does not hold).
+        Optional: an encoder without it cannot serve a head that declares ``support_mask_at``.
         """
         raise NotImplementedError(
             f"{type(self).__name__} does not implement forward_from, which heads with "

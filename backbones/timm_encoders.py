@@ -16,8 +16,11 @@ output (PFENet's mask-multiplied support features). Two families:
   blocks into stages (VRP-SAM's DINOv2-L: ``[8, 12, 21, 24]``), every block is an output, prefix
   tokens (class, registers) are dropped from the maps, and ``final_norm`` applies the model's
   last norm to every output as DINOv2's ``get_intermediate_layers(norm=True)`` does (timm's
-  ``forward_intermediates`` does not). ``forward_from`` is not available: the prefix tokens a
-  later block needs are not in a map; heads with ``support_mask_at`` refuse these encoders.
+  ``forward_intermediates`` does not). ``forward_from(name, x)`` runs the later blocks on the
+  map ``x`` as patch tokens, with the prefix tokens the same images had at ``name`` in the
+  forward that stopped there (``forward_from(None, images, until=name)``: what the task does for
+  PFENet's mask-multiplied support); a map after the final norm cannot be resumed
+  (``final_norm``: heads with ``support_mask_at`` refuse it).
 
 timm's output-stride-8 ResNet dilates each stage's first block at the previous rate
 (torchvision's ``contracted`` scheme), not PSPNet's uniform rule: the papers' parity encoder
@@ -41,7 +44,7 @@ from torch import Tensor, nn
 
 from .features import FeatureInfo, FeaturePyramid
 from .protocol import PRE_RELU, Backbone
-from .weights import WeightsError, read_checkpoint
+from .weights import WeightsError, model_encoder_prefix, read_checkpoint
 
 #: timm's modules of plain ViTs (one patch-size scale, blocks grouped into stages), by which a
 #: model name's family is told (``vit_small_patch16_dinov3`` is an Eva, ``deit_*`` a ViT)
@@ -158,6 +161,8 @@ class TimmEncoder(Backbone):
         final_norm: ViTs: apply the final norm to every output.
         img_size: the input size a ViT's position embeddings or a Swin's windows are built for
             (``None``: the model's; a ViT takes other sizes, interpolating them).
+        timm_options: further keyword arguments of ``timm.create_model`` (``drop_path_rate``;
+            ``depth`` of a smaller model).
     """
 
     def __init__(
@@ -171,9 +176,11 @@ class TimmEncoder(Backbone):
         stage_ends: list[int] | None = None,
         final_norm: bool = False,
         img_size: int | None = None,
+        timm_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        options: dict[str, Any] = {"pretrained": pretrained, "num_classes": 0}
+        options: dict[str, Any] = {**(timm_options or {}), "pretrained": pretrained,
+                                   "num_classes": 0}  # fmt: skip
         if output_stride is not None:
             options["output_stride"] = output_stride
         if img_size is not None:
@@ -198,6 +205,8 @@ class TimmEncoder(Backbone):
         self.model_name, self.final_norm = model_name, final_norm
         self.channels_last_maps = getattr(self.model, "output_fmt", "NCHW") == "NHWC"
         self._grid: tuple[int, int] = (0, 0)
+        #: a ViT's prefix tokens at the output its last partial forward stopped at
+        self._prefix: tuple[str, Tensor] | None = None
         if self.is_vit:
             self.steps, stages = self._vit_steps(stage_ends)
         else:
@@ -326,8 +335,8 @@ class TimmEncoder(Backbone):
         first = 0
         if start is not None:
             first = next(i for i, s in enumerate(self.steps) if start in s.outputs) + 1
-            x = x.permute(0, 2, 3, 1) if self.channels_last_maps else x
-        if self.is_vit and start is None:
+            x = self._resumed(start, x)
+        elif self.is_vit:
             self._grid = self._grid_of(x)
         last = until or next(
             n for s in reversed(self.steps) for n in (*s.outputs, s.pre_activation) if n in wanted
@@ -343,8 +352,36 @@ class TimmEncoder(Backbone):
                 if name in wanted:
                     found[name] = self._to_map(x)
             if last in step.outputs or last == step.pre_activation:
+                if start is None and until is not None and self.is_vit and x.dim() == 3:
+                    self._prefix = until, x[:, : self.model.num_prefix_tokens].clone()
                 break
         return found
+
+    def _resumed(self, start: str, x: Tensor) -> Tensor:
+        """A map ``[B, C, H, W]`` standing for output ``start``, as the next step's input: a
+        Swin's channels-last map, a ViT's tokens (SAM's channels-last map; the others' patch
+        tokens after the prefix tokens the same images had at ``start``)."""
+        if self.channels_last_maps or isinstance(self.model, VisionTransformerSAM):
+            return x.permute(0, 2, 3, 1)
+        if not self.is_vit:
+            return x
+        if not self.resumable:
+            raise ValueError(f"{self.model_name}: final_norm maps cannot be resumed (the blocks "
+                             "run on tokens before the norm); set final_norm false")  # fmt: skip
+        recorded = self._prefix
+        if recorded is None or recorded[0] != start or recorded[1].shape[0] != x.shape[0]:
+            raise ValueError(
+                f"{self.model_name}: forward_from({start!r}, x) resumes the images of the last "
+                f"forward_from(None, images, until={start!r}) (a ViT's class and register tokens "
+                f"are not in the map); that forward stopped at "
+                f"{recorded and (recorded[0], recorded[1].shape[0])} (output, batch)"
+            )
+        if tuple(x.shape[-2:]) != self._grid:
+            raise ValueError(
+                f"{self.model_name}: forward_from({start!r}) got a {tuple(x.shape[-2:])} map; "
+                f"those images' grid is {self._grid}"
+            )
+        return torch.cat([recorded[1].to(x.dtype), x.flatten(2).transpose(1, 2)], 1)
 
     def _grid_of(self, image: Tensor) -> tuple[int, int]:
         """The token grid of an image (padded up to whole patches)."""
@@ -372,12 +409,6 @@ class TimmEncoder(Backbone):
     def forward_from(
         self, name: str | None, x: Tensor, until: str | None = None
     ) -> dict[str, Tensor]:
-        if self.is_vit:
-            raise NotImplementedError(
-                f"{self.model_name}: a ViT cannot resume from a feature map (its class and "
-                "register tokens are not in it); heads with support_mask_at (PFENet, ASGNet, "
-                "BAM) need a hierarchical encoder"
-            )
         names = list(self.outputs)
         start = -1 if name is None else names.index(name)
         end = len(names) - 1 if until is None else names.index(until)
@@ -387,7 +418,7 @@ class TimmEncoder(Backbone):
 
     @property
     def resumable(self) -> bool:
-        return not self.is_vit
+        return not (self.is_vit and self.final_norm)
 
     def idle_stages(self) -> Iterator[nn.Module]:
         last = self.selected[-1]
@@ -411,9 +442,16 @@ class TimmEncoder(Backbone):
         )
 
 
+#: Where a :class:`TimmEncoder`'s state dict keeps the timm model.
+ENCODER_MODEL = "model."
+
+
 def load_timm_weights(model: nn.Module, path: str, trusted: bool) -> None:
     """A local state dict into ``model`` strictly (``state_dict``/``model`` containers and
-    ``module.`` prefixes unwrapped; a release's own layout converted by timm's checkpoint filter
+    ``module.`` prefixes unwrapped; a whole model's encoder taken from under its prefix
+    (:data:`~backbones.weights.MODEL_ENCODER_PREFIXES`: HSNet's and DCAMA's released models,
+    this project's checkpoints), a TimmEncoder's from under :data:`ENCODER_MODEL`; a release's own
+    layout converted by timm's checkpoint filter
     of the model's family: DINOv2's ``dinov2_vits14_pretrain.pth``, OpenAI CLIP's, SAM's; the
     classifier, which the encoder drops, ignored), with an error listing the keys that do not
     fit."""
@@ -425,6 +463,10 @@ def load_timm_weights(model: nn.Module, path: str, trusted: bool) -> None:
             checkpoint = checkpoint[key]
             break
     state = {k.removeprefix("module."): v for k, v in checkpoint.items() if isinstance(v, Tensor)}
+    if prefix := model_encoder_prefix(state):  # a whole model: the rest skipped
+        state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    if state and all(key.startswith(ENCODER_MODEL) for key in state):  # a TimmEncoder's own
+        state = {k.removeprefix(ENCODER_MODEL): v for k, v in state.items()}
     convert = getattr(importlib.import_module(type(model).__module__), "checkpoint_filter_fn", None)
     if convert is not None:  # the releases' own layouts (DINOv2, OpenAI CLIP, SAM) to timm's
         state = convert(state, model)

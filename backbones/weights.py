@@ -13,8 +13,9 @@ Layouts, detected from the keys:
   deep-stem ``conv1, bn1, conv2, bn2, conv3, bn3`` at top level.
 - ``pfenet``: a whole PFENet/ASGNet model, whose stem is ``layer0 = Sequential(conv1, bn1, relu,
   conv2, bn2, relu, conv3, bn3, relu, maxpool)``, so ``layer0.{0,1,3,4,6,7}``.
-- ``hsnet``: a whole HSNet model (``best_model.pt`` of juhongm999/hsnet): a torchvision ResNet
-  under ``backbone.``, the learner under ``hpn_learner.``.
+- ``hsnet``: a whole HSNet or DCAMA model (``best_model.pt`` of juhongm999/hsnet,
+  pawn-sxy/DCAMA): a torchvision ResNet under ``backbone.`` (HSNet) or ``feature_extractor.``
+  (DCAMA), the rest of the model beside it (:data:`MODEL_ENCODER_PREFIXES`).
 - ``lightning``: a checkpoint written by this project's tasks (``state_dict`` with a
   ``backbone.`` prefix).
 
@@ -124,6 +125,16 @@ def _unwrap(checkpoint: dict) -> tuple[dict[str, Tensor], bool]:
     return state, is_lightning
 
 
+#: Where whole models keep their encoder: HSNet's ``best_model.pt`` and this project's task
+#: checkpoints under ``backbone.``, DCAMA's ``best_model.pt`` under ``feature_extractor.``.
+MODEL_ENCODER_PREFIXES = ("backbone.", "feature_extractor.")
+
+
+def model_encoder_prefix(state: Mapping[str, object]) -> str | None:
+    """The :data:`MODEL_ENCODER_PREFIXES` entry a whole model's state dict uses, if any."""
+    return next((p for p in MODEL_ENCODER_PREFIXES if any(k.startswith(p) for k in state)), None)
+
+
 def to_native(state: dict[str, Tensor], is_lightning: bool) -> tuple[dict, list[str], str]:
     """Rename a state dict to this package's names: (tensors, skipped keys, layout name)."""
     if is_lightning:
@@ -132,13 +143,11 @@ def to_native(state: dict[str, Tensor], is_lightning: bool) -> tuple[dict, list[
     elif any(k.startswith("stem.") for k in state):
         layout = "native"
         renamed = {k: k for k in state}
-    elif any(k.startswith("backbone.") for k in state):
-        inner = {
-            k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")
-        }
+    elif prefix := model_encoder_prefix(state):
+        inner = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
         native, skipped, _ = to_native(inner, is_lightning=False)
-        outside = [k for k in state if not k.startswith("backbone.")]
-        return native, sorted([f"backbone.{k}" for k in skipped] + outside), "hsnet"
+        outside = [k for k in state if not k.startswith(prefix)]
+        return native, sorted([f"{prefix}{k}" for k in skipped] + outside), "hsnet"
     elif any(k.startswith("layer0.") for k in state):
         layout = "pfenet"
         renamed = {}

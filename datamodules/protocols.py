@@ -93,7 +93,7 @@ the 2400 test images once, in list order); the other presets name the families t
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
 from .bounds import AtLeast8, PositiveInt, Probability, check_bounds
@@ -111,7 +111,7 @@ TrainIgnore = Literal["ignore", "background"]
 Family = Literal["pascal", "coco", "fss"]
 #: The presets' names (the keys of :data:`PROTOCOLS`): a misspelled ``--data.protocol`` fails
 #: when the command line is parsed, naming the allowed values.
-ProtocolName = Literal["clean", "pfenet", "asgnet", "hsnet", "bam"]
+ProtocolName = Literal["clean", "pfenet", "asgnet", "hsnet", "bam", "dcama"]
 
 # --- the "fss" family: datasets of one class per folder (datamodules.folders) ----------------
 #: HSNet's FSS-1000 test (``data/fss.py``): every image of the 240 test classes once as the
@@ -228,6 +228,12 @@ PROTOCOLS: dict[str, Protocol] = {
         base_learner_dropout=True,
     ),
 }
+
+#: DCAMA runs HSNet's data code (``data/``, ``common/evaluation.py`` of pawn-sxy/DCAMA) at 384 px
+#: (``FSSDataset.initialize(img_size=384)`` in ``train.py`` and ``test.py``).
+PROTOCOLS["dcama"] = replace(
+    PROTOCOLS["hsnet"], eval_size=384, source="DCAMA (Shi et al., ECCV 2022): HSNet's at 384 px"
+)
 
 #: The options a user can set one by one (``--data.<option>``): every field of
 #: :class:`Protocol` but its ``source``.

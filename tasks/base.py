@@ -16,7 +16,8 @@ from backbones.arguments import missing_options
 from backbones.protocol import Backbone, class_path
 from backbones.weights import state_mismatches
 
-Optimizer = Literal["sgd", "adamw"]
+#: ``nesterov``: SGD with Nesterov momentum (DCAMA's ``train.py``).
+Optimizer = Literal["sgd", "nesterov", "adamw"]
 Schedule = Literal["cosine", "poly"]
 
 #: Lightning's ``load_from_checkpoint`` rebuilds a module whose hyper-parameters name this
@@ -166,10 +167,10 @@ class BaseTask(LightningModule):
         ``weight_decay`` and ``poly_power`` hyper-parameters, the schedule
         (:func:`build_scheduler`) running to 0 over the run, stepped every batch."""
         hp = self.hparams
-        if hp.optimizer == "sgd":
-            optimizer = torch.optim.SGD(
-                params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
-            )
+        if hp.optimizer in ("sgd", "nesterov"):
+            optimizer = torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum,
+                                        weight_decay=hp.weight_decay,
+                                        nesterov=hp.optimizer == "nesterov")  # fmt: skip
         else:
             optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
         total = int(self.trainer.estimated_stepping_batches)

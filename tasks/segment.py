@@ -177,8 +177,9 @@ class FewShotSegmentation(BaseTask):
                 raise ValueError(
                     f"head {type(self.head).__name__} multiplies the support's {mask_at!r} by "
                     f"its mask and runs the encoder on (support_mask_at), which "
-                    f"{type(self.backbone).__name__} cannot (no forward_from); expected an "
-                    "encoder that resumes from an output (a hierarchical one)"
+                    f"this {type(self.backbone).__name__} cannot (Backbone.resumable is false); "
+                    "expected an encoder whose forward_from resumes from an output (a timm ViT "
+                    "without final_norm does)"
                 )
             order = list(backbone.output_info)
             if mask_at not in in_features:

@@ -18,6 +18,7 @@ from fixtures_models import channels_last_features, randomise_norms
 from torch import Tensor, nn
 
 from backbones import FeatureInfo, FeaturePyramid, ResNet, WeightsError
+from backbones.timm_encoders import TimmEncoder
 from backbones.weights import to_native
 from tasks.callbacks.visualise import predicted_masks
 from tasks.heads import HSNetHead
@@ -324,6 +325,25 @@ def test_official_backbone_loads_as_weights(reference: ReferenceHSNet, tmp_path:
     )
     with pytest.raises(WeightsError, match=r"hsnet layout.*resnet101|resnet50.*hsnet layout"):
         ResNet("resnet101", weights=str(path))
+
+
+def test_official_checkpoint_through_a_timm_resnet_gives_the_official_logits(
+    reference: ReferenceHSNet, tmp_path: Path
+) -> None:
+    """The released file's encoder as a timm ResNet-50's weights (DCAMA's encoder code): its
+    pre-activation taps feed the same learner, giving the official logits to 1e-4."""
+    path = write_best_model(reference, tmp_path / "best_model.pt")
+    encoder = TimmEncoder("resnet50", weights=str(path))
+    head = HSNetHead(encoder.output_info)
+    head.load_official_state_dict(torch.load(path, weights_only=True))
+    model = FewShotSegmentation(encoder, head=lambda _: head).eval()
+    assert all(name.endswith(".pre_relu") for name in model.head.in_features)
+    query, support, masks = episode(2, 1)
+    with torch.no_grad():
+        logits = interp(model(query, support, masks).logits, (IMAGE, IMAGE))
+        expected = reference(query, support[:, 0], (masks[:, 0] == 1).long())
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4 * scale)
 
 
 def test_official_checkpoint_mismatch_lists_keys_as_the_file_names_them(

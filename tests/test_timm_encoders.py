@@ -3,20 +3,24 @@ ResNet on the same weights (random weights, no download)."""
 
 from __future__ import annotations
 
+import copy
 import math
+from functools import partial
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+from lightning.pytorch import Trainer
 from torch import nn
 
 from backbones import ResNet, WeightsError
 from backbones.testing import check_backbone
 from backbones.timm_encoders import TimmEncoder
-from tasks import segment
-from tasks.heads import ASGNetHead, HSNetHead, PFENetHead, PrototypeHead
+from datamodules import ShapesFewShot
+from tasks.heads import ASGNetHead, BAMHead, HSNetHead, PFENetHead, PrototypeHead
 from tasks.segment import FewShotSegmentation
+from tasks.semantic import SemanticSegmentation
 
 
 @pytest.mark.parametrize(
@@ -150,14 +154,49 @@ def test_the_heads_run_on_hierarchical_timm_encoders(encoder: str, head: type) -
         assert bool(pre) == (encoder == "resnet18") and len(model.head.in_features) > 3
 
 
-def test_a_head_that_resumes_the_encoder_refuses_a_vit_in_one_line() -> None:
-    encoder = TimmEncoder("vit_small_patch14_dinov2", img_size=56)
-    for head in (PrototypeHead, ASGNetHead, HSNetHead):  # HSNet: FoundationFSS's block taps
+@pytest.mark.parametrize("name", ["vit_small_patch14_dinov2", "samvit_base_patch16"])
+def test_every_head_runs_on_a_vit(name: str) -> None:
+    """HSNet reads the blocks (FoundationFSS's taps); PFENet's support runs its last stage on
+    its masked ``stage2`` tokens, with the class token of its own forward."""
+    torch.manual_seed(0)
+    encoder = TimmEncoder(name, img_size=56 if "dinov2" in name else 64)
+    size = 56 if "dinov2" in name else 64
+    for head in (PrototypeHead, PFENetHead, ASGNetHead, HSNetHead):
         model = FewShotSegmentation(encoder, head=head)
-        assert model(*episode(56)).logits.shape[:2] == (2, 2), head
-    with pytest.raises(ValueError, match=r"^head PFENetHead multiplies the support's 'stage2' "
-                       r"by its mask .* TimmEncoder cannot \(no forward_from\)"):  # fmt: skip
-        FewShotSegmentation(TimmEncoder("vit_small_patch14_dinov2", img_size=56), head=PFENetHead)
+        assert model(*episode(size)).logits.shape[:2] == (2, 2), head
+    assert model.support_mask_at is None and len(model.head.in_features) == 9  # stages 1-3
+    pfenet = FewShotSegmentation(encoder, head=PFENetHead)
+    assert pfenet.support_mask_at == "stage2"
+
+
+def test_a_vit_resumes_only_the_images_it_last_ran() -> None:
+    """The prefix tokens come from the same images' forward: masking the map's patch tokens
+    equals masking them inside the network; another batch or output is refused by name."""
+    torch.manual_seed(0)
+    encoder = TimmEncoder("vit_small_patch14_reg4_dinov2", img_size=56).eval()
+    images, mask = torch.randn(2, 3, 56, 56), (torch.rand(2, 1, 4, 4) > 0.5).float()
+    with torch.no_grad():
+        head = encoder.forward_from(None, images, until="stage1")
+        resumed = encoder.forward_from("stage1", head["stage1"] * mask)
+        model = encoder.model  # the same by hand: blocks 6.. on the masked patch tokens
+        tokens = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(images))))
+        for block in model.blocks[:6]:
+            tokens = block(tokens)
+        tokens = torch.cat([tokens[:, :5], tokens[:, 5:] * mask.flatten(2).transpose(1, 2)], 1)
+        for block in model.blocks[6:]:
+            tokens = block(tokens)
+    by_hand = tokens[:, 5:].transpose(1, 2).reshape(2, -1, 4, 4)
+    torch.testing.assert_close(resumed["stage3"], by_hand, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"forward_from\('stage2', x\) resumes the images of "
+                       r"the last forward_from\(None, images, until='stage2'\)"):  # fmt: skip
+        encoder.forward_from("stage2", head["stage1"])
+    with pytest.raises(ValueError, match=r"stopped at \('stage1', 2\)"):
+        encoder.forward_from("stage1", head["stage1"][:1])
+    normed = TimmEncoder("vit_small_patch14_dinov2", img_size=56, final_norm=True)
+    assert not normed.resumable
+    refused = r"^head PFENetHead multiplies the support's 'stage2' by its mask .* TimmEncoder "
+    with pytest.raises(ValueError, match=refused + r"cannot \(Backbone.resumable is false\)"):
+        FewShotSegmentation(normed, head=PFENetHead)
 
 
 def test_dinov2_weights_in_the_releases_layout_load(tmp_path: Path) -> None:
@@ -179,35 +218,48 @@ def test_dinov2_weights_in_the_releases_layout_load(tmp_path: Path) -> None:
         torch.testing.assert_close(loaded.model.state_dict()[key], value, msg=key)
 
 
+#: The encoders every head trains on: DINOv2-S, a small Swin, ConvNeXt-Tiny, SAM's ViT-B at a
+#: reduced size (4 blocks, 64 px): timm name, options, image size.
+TRAINED_ENCODERS = {
+    "dinov2_vits14": ("vit_small_patch14_dinov2", {"img_size": 56}, 56),
+    "swin_tiny": ("swin_tiny_patch4_window7_224", {}, 64),
+    "convnext_tiny": ("convnext_tiny", {}, 64),
+    "samvit_base": ("samvit_base_patch16", {"img_size": 64, "timm_options": {"depth": 4}}, 64),
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("head", ["tasks.heads.PrototypeHead", "tasks.heads.HSNetHead"])
-@pytest.mark.parametrize(
-    "encoder",
-    [["--model.backbone.init_args.model_name", "convnext_atto"],
-     ["--model.backbone.init_args.model_name", "vit_small_patch14_dinov2",
-      "--model.backbone.init_args.img_size", "56"]],
-    ids=["convnext", "dinov2"],
-)  # fmt: skip
-def test_a_timm_encoder_trains_and_reloads_from_its_checkpoint_alone(
-    tmp_path: Path, shapes_root: Path, encoder: list[str], head: str
+@pytest.mark.parametrize("encoder", TRAINED_ENCODERS)
+def test_every_head_trains_and_reloads_from_its_checkpoint_alone(
+    tmp_path: Path, shapes_root: Path, encoder: str
 ) -> None:
-    """Two training steps through the command line, then the model rebuilt from the checkpoint
+    """Each head: two training steps on the encoder, then the model rebuilt from the checkpoint
     alone (no network, no file): the same tensors and the same logits."""
-    data = ["--data.root", str(shapes_root), "--data.num_train", "200", "--data.num_test", "80",
-            "--data.image_size", "56", "--data.batch_size", "2", "--data.num_workers", "0",
-            "--data.val_episodes", "4", "--data.min_pixels", "32"]  # fmt: skip
-    run = ["--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.logger",
-           "false", "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
-    cli = segment.main(["fit", "--model.backbone", "backbones.timm_encoders.TimmEncoder",
-                        *encoder, "--model.head", head, *data, *run])  # fmt: skip
-    last = next(tmp_path.rglob("last.ckpt"))
-    reloaded = FewShotSegmentation.load_from_checkpoint(last).eval()
-    trained = cli.model.eval()
-    for key, value in trained.state_dict().items():
-        assert torch.equal(reloaded.state_dict()[key], value), key
-    inputs = episode(56)
-    with torch.no_grad():
-        assert torch.equal(reloaded(*inputs).logits, trained(*inputs).logits)
+    name, options, size = TRAINED_ENCODERS[encoder]
+    torch.manual_seed(0)
+    built = TimmEncoder(name, **options)
+    data = ShapesFewShot(root=str(shapes_root), num_train=200, num_test=80, image_size=size,
+                         batch_size=2, num_workers=0, val_episodes=4, min_pixels=32)  # fmt: skip
+    options = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False,
+               "default_root_dir": tmp_path}  # fmt: skip
+    base = Trainer(**options)  # BAM's base learner: a tasks.semantic model on this encoder
+    base.strategy.connect(SemanticSegmentation(copy.deepcopy(built), num_classes=16))
+    base.save_checkpoint(tmp_path / "base_learner.ckpt")
+    bam = partial(BAMHead, base_learner=str(tmp_path / "base_learner.ckpt"))
+    inputs = episode(size)
+    for head in (PrototypeHead, PFENetHead, ASGNetHead, HSNetHead, bam):
+        trained = FewShotSegmentation(copy.deepcopy(built), head=head)
+        trainer = Trainer(max_steps=2, limit_val_batches=0, enable_checkpointing=False, **options)
+        trainer.fit(trained, data)
+        assert trainer.global_step == 2, head
+        path = tmp_path / "trained.ckpt"
+        trainer.save_checkpoint(path)
+        reloaded = FewShotSegmentation.load_from_checkpoint(path).eval()
+        trained.eval()
+        for key, value in trained.state_dict().items():
+            assert torch.equal(reloaded.state_dict()[key], value), (head, key)
+        with torch.no_grad():
+            assert torch.equal(reloaded(*inputs).logits, trained(*inputs).logits), head
 
 
 # --- DINOv2's own model (facebookresearch/dinov2, dinov2/models/vision_transformer.py and

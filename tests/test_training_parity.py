@@ -581,7 +581,8 @@ def test_readme_recipe_table_is_what_each_config_sets() -> None:
             name
         )
         adam = row["optimizer"].startswith("Adam")
-        assert model.get("optimizer", "sgd") == ("adamw" if adam else "sgd"), name
+        sgd = "nesterov" if "Nesterov" in row["optimizer"] else "sgd"
+        assert model.get("optimizer", "sgd") == ("adamw" if adam else sgd), name
         assert model.get("weight_decay", 1e-4) == (0.0 if adam else 1e-4), name
         assert model.get("poly_power", 0.9) == (0.0 if row["schedule"] == "constant" else 0.9)
         assert trainer["max_epochs"] == int(first_number(row["epochs"])), name

@@ -51,6 +51,7 @@ from .asgnet import ASGNetHead
 from .bam import BAMHead
 from .base import FewShotHead
 from .common import HeadOutput
+from .dcama import DCAMAHead
 from .hsnet import HSNetHead
 from .pfenet import PFENetHead
 from .prototype import PrototypeHead
@@ -58,6 +59,7 @@ from .prototype import PrototypeHead
 __all__ = [
     "ASGNetHead",
     "BAMHead",
+    "DCAMAHead",
     "FewShotHead",
     "HSNetHead",
     "HeadOutput",

@@ -16,15 +16,17 @@ from torch import Tensor, nn
 
 from backbones import VGG, Backbone, FeaturePyramid, ResNet, WeightsError
 from backbones.vgg import is_vgg_state, vgg_arch
-from backbones.weights import checkpoint_arch, read_checkpoint, to_native
+from backbones.weights import MODEL_ENCODER_PREFIXES, checkpoint_arch, read_checkpoint, to_native
 
 from .base import FewShotHead
 
 HeadFactory = Callable[[FeaturePyramid], nn.Module]
 
 #: Key prefixes of the encoder in the official checkpoints, not part of the heads: PFENet/ASGNet's
-#: PSPNet encoder (``layer0`` is the deep stem) and HSNet's torchvision ResNet (``backbone.``).
-OFFICIAL_BACKBONE_PREFIXES = ("layer0.", "layer1.", "layer2.", "layer3.", "layer4.", "backbone.")
+#: PSPNet encoder (``layer0`` is the deep stem), HSNet's and DCAMA's (``backbone.``,
+#: ``feature_extractor.``).
+OFFICIAL_BACKBONE_PREFIXES = ("layer0.", "layer1.", "layer2.", "layer3.", "layer4.",
+                              *MODEL_ENCODER_PREFIXES)  # fmt: skip
 
 
 class OfficialCheckpoint(FewShotHead):
@@ -40,6 +42,22 @@ class OfficialCheckpoint(FewShotHead):
     official_signature: ClassVar[str]
     official_renames: ClassVar[tuple[tuple[str, str], ...]] = ()
     official_encoder: ClassVar[Mapping[str, Any]]
+
+    @classmethod
+    def official_backbone(cls, encoder: Mapping[str, Tensor], path: str, trusted: bool) -> Backbone:
+        """The encoder a released file's encoder tensors (``encoder``, in the paper's layout)
+        fit, loaded from ``path``: PFENet's VGG-16 cut (:class:`backbones.VGG`), or the
+        :class:`backbones.ResNet` of the file's depth with :attr:`official_encoder`'s options."""
+        if is_vgg_state(encoder):
+            return VGG(vgg_arch(encoder), weights=path, weights_trusted=trusted)
+        depths, archs = checkpoint_arch(to_native(dict(encoder), is_lightning=False)[0])
+        if not archs:
+            raise WeightsError(
+                f"official_checkpoint={path!r} holds no encoder this project builds (ResNet "
+                f"blocks per stage {depths}); expected a released {cls.official_paper} "
+                "ResNet-50/101 or VGG-16 model"
+            )
+        return ResNet(archs[0], **cls.official_encoder, weights=path, weights_trusted=trusted)
 
     @classmethod
     def official_options(cls, head_state: Mapping[str, Tensor]) -> dict[str, Any]:
@@ -158,20 +176,7 @@ def official_model(
             f"{sorted(head_state)[:10]}"
         )
     head_class = matches[0]
-    backbone: Backbone
-    if is_vgg_state(encoder):
-        backbone = VGG(vgg_arch(encoder), weights=path, weights_trusted=trusted)
-    else:
-        depths, archs = checkpoint_arch(to_native(encoder, is_lightning=False)[0])
-        if not archs:
-            raise WeightsError(
-                f"official_checkpoint={path!r} holds no encoder this project builds (ResNet "
-                f"blocks per stage {depths}); expected a released {head_class.official_paper} "
-                "ResNet-50/101 or VGG-16 model"
-            )
-        backbone = ResNet(
-            archs[0], **head_class.official_encoder, weights=path, weights_trusted=trusted
-        )
+    backbone = head_class.official_backbone(encoder, path, trusted)
     features = backbone.output_info
     built = head if head is None or isinstance(head, nn.Module) else head(features)
     recorded = head_class.official_options(head_state)
