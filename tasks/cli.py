@@ -373,8 +373,9 @@ class TaskCLI(LightningCLI):
         """No evaluation of untrained weights (:meth:`refuse_untrained`).
         ``--model.official_checkpoint F`` replaces the configured encoder with the one the
         file holds, but jsonargparse builds ``model.backbone`` first: a paper config's ImageNet
-        weights (``pretrained/resnet50_v2.pth``, ``IMAGENET1K_V1``) would be read, or fail as
-        missing, for an encoder thrown away. They are not loaded."""
+        weights (``pretrained/resnet50_v2.pth``, ``IMAGENET1K_V1``, timm's ``pretrained: true``)
+        would be read or downloaded, or fail as missing, for an encoder thrown away. They are
+        not loaded."""
         self.refuse_untrained()
         config = self.config[self.subcommand] if self.subcommand else self.config
         model = config.get("model")
@@ -382,12 +383,13 @@ class TaskCLI(LightningCLI):
             return
         backbone = model.get("backbone")
         init_args = getattr(backbone, "init_args", None)
-        if init_args is not None and init_args.get("weights"):
-            rank_zero_info(
-                f"--model.official_checkpoint replaces the configured encoder: its weights "
-                f"{init_args.weights!r} are not loaded"
-            )
-            init_args.weights = None
+        for option, unset in (("weights", None), ("pretrained", False)):
+            if init_args is not None and init_args.get(option):
+                rank_zero_info(
+                    f"--model.official_checkpoint replaces the configured encoder: its "
+                    f"{option}={init_args[option]!r} are not loaded"
+                )
+                init_args[option] = unset
 
     def before_fit(self) -> None:
         """The folders ``fit`` writes to (runs, checkpoints) are checked writable before any

@@ -206,8 +206,8 @@ class DCAMA_model(nn.Module):  # the official name
             query = query_feat.view(bsz, ch, -1).permute(0, 2, 1).contiguous()
             if nshot == 1:
                 support_feat = support_feats[idx]
-                mask = F.interpolate(
-                    support_mask.unsqueeze(1).float(),
+                mask = F.interpolate(  # official ``.float()``: the features' type (float64 runs)
+                    support_mask.unsqueeze(1).to(query_feat.dtype),
                     support_feat.size()[2:],
                     mode="bilinear",
                     align_corners=True,
@@ -225,7 +225,10 @@ class DCAMA_model(nn.Module):  # the official name
                 mask = torch.stack(
                     [
                         F.interpolate(
-                            k.unsqueeze(1).float(), (ha, wa), mode="bilinear", align_corners=True
+                            k.unsqueeze(1).to(query_feat.dtype),  # official ``.float()``
+                            (ha, wa),
+                            mode="bilinear",
+                            align_corners=True,
                         )
                         for k in support_mask
                     ]
