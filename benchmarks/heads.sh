@@ -4,22 +4,26 @@
 # heads' table of tasks.report. BAM first trains its base learner (python -m tasks.semantic fit,
 # the embedded set's fold 0 base classes on the same encoder), then the meta learner on it.
 #
-#   bash benchmarks/heads.sh [OUT_DIR] [HEAD...]   (heads: prototype asgnet pfenet hsnet bam)
+#   bash benchmarks/heads.sh [OUT_DIR] [HEAD...]   (heads: prototype asgnet pfenet hsnet bam dcama)
+#   BACKBONE=configs/backbones/<file>.yaml bash benchmarks/heads.sh ...   (another encoder)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-outputs/heads}
 shift || true
 heads=("$@")
-[[ ${#heads[@]} -gt 0 ]] || heads=(prototype asgnet pfenet hsnet bam)
+[[ ${#heads[@]} -gt 0 ]] || heads=(prototype asgnet pfenet hsnet bam dcama)
+encoder=()
+[[ -z ${BACKBONE:-} ]] || encoder=(--model.backbone "$BACKBONE")
 export WANDB_MODE=${WANDB_MODE:-offline}
 declare -A class=([prototype]=PrototypeHead [asgnet]=ASGNetHead [pfenet]=PFENetHead
-                  [hsnet]=HSNetHead [bam]=BAMHead)
+                  [hsnet]=HSNetHead [bam]=BAMHead [dcama]=DCAMAHead)
 for head in "${heads[@]}"; do
     runs="$out/$head/runs"
     options=()
     if [[ $head == bam ]]; then
         start=$(date +%s)
-        python -m tasks.semantic fit --trainer.logger.init_args.save_dir "$out/bam/base"
+        python -m tasks.semantic fit --trainer.logger.init_args.save_dir "$out/bam/base" \
+            "${encoder[@]}"
         echo "bam base learner fit: $(($(date +%s) - start)) s" | tee -a "$out/times.txt"
         base=$(find "$out/bam/base" -name 'best-*.ckpt' | sort | tail -n 1)
         python -m tasks.semantic test --trainer.logger.init_args.save_dir "$out/bam/base" \
@@ -28,7 +32,7 @@ for head in "${heads[@]}"; do
     fi
     start=$(date +%s)
     python -m tasks.segment fit --trainer.logger.init_args.save_dir "$runs" \
-        --model.head "tasks.heads.${class[$head]}" "${options[@]}"
+        --model.head "tasks.heads.${class[$head]}" "${encoder[@]}" "${options[@]}"
     echo "$head fit: $(($(date +%s) - start)) s" | tee -a "$out/times.txt"
     checkpoint=$(find "$runs" -name 'best-*.ckpt' | sort | tail -n 1)
     python -m tasks.segment test --trainer.logger.init_args.save_dir "$runs" \

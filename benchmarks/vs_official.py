@@ -10,6 +10,7 @@ the repository's name)::
     git clone https://github.com/Reagan1311/ASGNet official/ASGNet
     git clone https://github.com/juhongm999/hsnet official/hsnet
     git clone https://github.com/chunbolang/BAM official/BAM
+    git clone https://github.com/pawn-sxy/DCAMA official/DCAMA
     python -m benchmarks.vs_official --official-root official --method pfenet asgnet hsnet bam \\
         --device cuda --shots 1 5
     python -m benchmarks.vs_official --official-root official/PFENet --method pfenet \\
@@ -108,7 +109,7 @@ from benchmarks.common import (
     train_step,
 )
 from benchmarks.segment import MODES, Mode, peak_step_memory
-from tasks.heads import ASGNetHead, BAMHead, HSNetHead, PFENetHead
+from tasks.heads import ASGNetHead, BAMHead, DCAMAHead, HSNetHead, PFENetHead
 from tasks.heads.bam import base_channel_lookup
 from tasks.heads.common import vote
 from tasks.scoring import upsample
@@ -172,6 +173,11 @@ RECIPES = {
     "bam": Recipe(  # configs/segment/bam_pascal.yaml: base_lr 0.005 at 10x, global batch 8
         "chunbolang/BAM", "model/BAM.py", 473, 8, BAMHead,
         {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 1e-4},
+    ),
+    "dcama": Recipe(  # configs/segment/dcama_pascal.yaml: --bsz 12 per GPU
+        "pawn-sxy/DCAMA", "model/DCAMA.py", 384, 12, DCAMAHead,
+        {"optimizer": "nesterov", "lr": 1e-3, "momentum": 0.9, "weight_decay": 1e-4,
+         "poly_power": 0.0},
     ),
 }  # fmt: skip
 
@@ -642,6 +648,58 @@ class OfficialBAM(Official):
         return final_out
 
 
+class OfficialDCAMA(Official):
+    """pawn-sxy/DCAMA ``model/DCAMA.py`` (ResNet-50: torchvision's, every bottleneck tapped
+    before its last ReLU) with ``train.py``'s optimizer (SGD, Nesterov, weight decay ``lr /
+    10``, over ``model.parameters()``), ``train_mode`` and ``compute_objective``. Its
+    constructor reads the encoder's weights from a file: a random torchvision ResNet-50 is
+    written to a temporary one. Training is 1-shot (``train.py``); K shots train through the
+    official K-shot forward (``model.model(..., nshot)``, features under ``no_grad``).
+    Evaluation by ``predict_mask_nshot`` one episode at a time, as its ``test.sh`` runs K shots
+    (at batch 1: with more episodes its K-shot path attends to other episodes' supports)."""
+
+    def build(self, checkout: Path) -> None:
+        from model.DCAMA import DCAMA
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "resnet50_a1h-35c100f8.pth"
+            torch.save(torchvision.models.resnet50().state_dict(), path)
+            model = DCAMA("resnet50", str(path), use_original_imgsize=False)
+        x = torch.randn(2, 3, self.size, self.size)
+        calibrate_batch_norm(model.feature_extractor, model.feature_extractor, x)
+        self.model = model
+        self.optimizer = torch.optim.SGD([{"params": model.parameters(), "lr": 1e-3,
+                                           "momentum": 0.9, "weight_decay": 1e-4,
+                                           "nesterov": True}])  # fmt: skip
+
+    def state_dict(self) -> dict[str, Any]:
+        """``Logger.save_model_miou``: the DDP model's bare state dict."""
+        return super().state_dict()["state_dict"]
+
+    def episode_logits(self, batch: dict[str, Any]) -> Tensor:
+        """``predict_mask_nshot`` before its argmax."""
+        query, support = batch["query_image"], batch["support_images"]
+        masks = batch["support_masks"].float()
+        if self.shots == 1:
+            return self.model(query, support[:, 0], masks[:, 0])
+        with torch.no_grad():
+            query_feats = self.model.extract_feats(query)
+            support_feats = [self.model.extract_feats(support[:, k]) for k in range(self.shots)]
+        return self.model.model(query_feats, support_feats, masks, self.shots)
+
+    def train(self, batch: dict[str, Any]) -> None:
+        self.model.train_mode()
+        loss = self.model.compute_objective(self.episode_logits(batch), batch["query_mask"])
+        self.optimizer.zero_grad()
+        loss.backward()
+        self.optimizer.step()
+
+    def forward(self, batch: dict[str, Any]) -> Tensor:
+        episodes = [{k: v[b : b + 1] for k, v in batch.items() if isinstance(v, Tensor)}
+                    for b in range(batch["query_image"].shape[0])]  # fmt: skip
+        return torch.cat([self.episode_logits(episode) for episode in episodes])
+
+
 def dropout_off(model: nn.Module) -> None:
     """Every dropout module of ``model`` in eval mode (the training forward made deterministic)."""
     for module in model.modules():
@@ -651,7 +709,7 @@ def dropout_off(model: nn.Module) -> None:
 
 OFFICIAL = {
     "pfenet": OfficialPFENet, "asgnet": OfficialASGNet, "hsnet": OfficialHSNet,
-    "bam": OfficialBAM,
+    "bam": OfficialBAM, "dcama": OfficialDCAMA,
 }  # fmt: skip
 
 
@@ -729,7 +787,7 @@ def benchmark(
     """The rows of one method and shot count: fp32 and the project's fast mode."""
     recipe = RECIPES[method]
     size, batch_size = args.size or recipe.size, args.batch or recipe.batch
-    if method != "hsnet" and (size - 1) % 8:
+    if method in ("pfenet", "asgnet", "bam") and (size - 1) % 8:
         raise SystemExit(f"--size {size}: {method}'s forward needs (size - 1) % 8 == 0")
     checkout = official_checkout(args.official_root, method)
     torch.manual_seed(0)
@@ -854,7 +912,7 @@ def parse_arguments(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=Path,
         required=True,
         help="a checkout of the method's repository, or a folder holding checkouts named "
-        "PFENet, ASGNet, hsnet, BAM",
+        "PFENet, ASGNet, hsnet, BAM, DCAMA",
     )
     parser.add_argument(
         "--method",

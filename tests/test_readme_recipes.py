@@ -128,9 +128,11 @@ RELEASED = re.compile(r"<!-- released models -->\n```bash\n(?P<body>.*?)```", re
 def write_released(path: Path) -> None:
     """A file in its paper's own layout at ``path``, named by its first folder; random weights
     (written by each head's parity test helpers)."""
+    from reference_dcama import build_reference_dcama
     from test_bam import official_bam
     from test_bam import write_official as write_bam
     from test_contracts import write_official as write_asgnet
+    from test_dcama import write_best_model as write_dcama
     from test_hsnet import ReferenceHSNet, write_best_model
     from test_pfenet import ReferencePFENet
     from test_pfenet import write_official as write_pfenet
@@ -146,6 +148,8 @@ def write_released(path: Path) -> None:
         write_pfenet(ReferencePFENet([60, 30, 15, 8], 1), path)
     elif paper == "hsnet":
         write_best_model(ReferenceHSNet(), path)
+    elif paper == "dcama":
+        write_dcama(build_reference_dcama("resnet50"), path)
     else:
         write_bam(official_bam(5), path)
 
@@ -159,7 +163,7 @@ def test_the_released_model_commands_run_as_written(tmp_path: Path, monkeypatch)
 
     body = RELEASED.search(README.read_text())["body"].replace("\\\n", " ")
     commands = [shlex.split(line) for line in body.splitlines() if line.strip()]
-    assert len(commands) == 4 and all(c[:4] == ["python", "-m", "tasks.segment", "test"]
+    assert len(commands) == 5 and all(c[:4] == ["python", "-m", "tasks.segment", "test"]
                                       for c in commands)  # fmt: skip
     voc = write_pascal_tree(tmp_path / "VOC2012", num_test=120)  # 6 test images a class: 5-shot
     monkeypatch.chdir(tmp_path)
@@ -175,4 +179,4 @@ def test_the_released_model_commands_run_as_written(tmp_path: Path, monkeypatch)
         write_released(released)
         cli = segment.main([*args, *small])
         assert 0 <= float(cli.trainer.callback_metrics["test/miou"]) <= 1, command
-    assert len(list((tmp_path / "results").glob("*.results.json"))) == 4
+    assert len(list((tmp_path / "results").glob("*.results.json"))) == 5
