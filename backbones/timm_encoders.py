@@ -36,6 +36,7 @@ from typing import Any
 
 import timm
 import torch
+import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed_nhwc
 from timm.models import is_model, model_entrypoint
 from timm.models.eva import Eva
@@ -107,8 +108,9 @@ class PreActivationTap(nn.Module):
 
 class ViTEmbedding(nn.Module):
     """What runs before a ViT's first block, as its ``forward_features`` does: the patch
-    embedding, the position embedding interpolated to the input's grid (with the prefix tokens:
-    ``_pos_embed``; SAM's is added to its channels-last map), patch dropout and the pre-norm."""
+    embedding (of the image padded to whole patches), the position embedding interpolated to
+    the input's grid (with the prefix tokens: ``_pos_embed``; SAM's is added to its
+    channels-last map), patch dropout and the pre-norm."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -117,6 +119,9 @@ class ViTEmbedding(nn.Module):
 
     def forward(self, image: Tensor) -> Tensor:
         model = self.model[0]
+        if isinstance(model, VisionTransformerSAM):  # padded to whole patches, as timm pads
+            height, width = model.patch_embed.patch_size  # the other ViTs (dynamic_img_pad)
+            image = F.pad(image, (0, -image.shape[-1] % width, 0, -image.shape[-2] % height))
         x = model.patch_embed(image)
         if isinstance(model, Eva):  # DINOv3: rotary embeddings, passed to every block
             x, self.rope = model._pos_embed(x)
