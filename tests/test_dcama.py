@@ -145,3 +145,29 @@ def test_a_file_that_is_not_dcamas_lists_its_keys(reference: ReferenceDCAMA) -> 
     state["module.model.pe.1.pe"] = torch.zeros(1, 10000, 8)
     with pytest.raises(RuntimeError, match=r"model.pe.1.pe missing or not \[1, 10000, 1024\]"):
         head.load_official_state_dict(state)
+
+
+@pytest.mark.slow
+def test_a_released_swin_b_file_builds_timms_swin_with_its_tensors(tmp_path: Path) -> None:
+    """A Swin-B ``best_model.pt`` (Microsoft's layout under ``feature_extractor.``, patch
+    merging at the end of a stage) builds timm's Swin-B with the file's tensors (merging moved
+    to the next stage's start) and the head attends to its 22 blocks of the last three stages;
+    the block taps' parity with DCAMA's Swin is ``test_swin_parity``'s."""
+    torch.manual_seed(0)
+    reference = build_reference_dcama("swin")
+    path = write_best_model(reference, tmp_path / "best_model.pt")
+    model = FewShotSegmentation(official_checkpoint=str(path))
+    assert model.backbone.summary()[0]["timm"] == "swin_base_patch4_window12_384"
+    assert model.head.in_features[0] == "layers.0.1" and len(model.head.in_features) == 23
+    ours, theirs = model.backbone.model.layers, reference.feature_extractor.layers
+    pairs = [
+        (ours[2].blocks[5].attn.qkv.weight, theirs[2].blocks[5].attn.qkv.weight),
+        (ours[1].downsample.reduction.weight, theirs[0].downsample.reduction.weight),
+        (ours[3].blocks[1].attn.relative_position_bias_table,
+         theirs[3].blocks[1].attn.relative_position_bias_table),
+    ]  # fmt: skip
+    for got, want in pairs:
+        assert torch.equal(got, want)
+    for key, value in reference.model.state_dict().items():
+        if not key.startswith("pe."):
+            assert torch.equal(model.head.state_dict()[key], value), key
