@@ -313,11 +313,11 @@ class TimmEncoder(Backbone):
         return FeaturePyramid(infos)
 
     def _input_size(self) -> int:
-        """A probe size every output's stride divides: 224, or 8 patches of a ViT (SAM's own
-        1024 px would make building slow)."""
+        """A small probe size every output's stride divides (building runs it once): 64, the
+        deepest stride 32 twice, or 8 patches of a ViT (SAM's own 1024 px would be slow)."""
         if self.is_vit:
             return 8 * self.model.patch_embed.patch_size[0]
-        return 224
+        return 64
 
     # --- running --------------------------------------------------------------------------
 

@@ -14,7 +14,6 @@ from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 from backbones import ARCHS, Backbone, ResNet, WeightsError, build_backbone
-from backbones.testing import check_backbone
 from backbones.weights import torchvision_checkpoint_path
 
 CONFIGS = sorted(Path(__file__).parents[1].joinpath("configs", "backbones").glob("*.yaml"))
@@ -310,7 +309,7 @@ class BackboneHolder:
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
-def test_backbone_configs_instantiate_and_pass_the_backbone_checks(config: Path) -> None:
+def test_backbone_configs_instantiate(config: Path) -> None:
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile)
     # As LightningCLI adds a task: sub_configs lets ``--model.backbone FILE.yaml`` load the file.
@@ -322,7 +321,6 @@ def test_backbone_configs_instantiate_and_pass_the_backbone_checks(config: Path)
     assert isinstance(model, Backbone)
     if isinstance(model, ResNet):
         assert model.output_info["layer4"].stride == model.output_stride
-    check_backbone(model, (64, 72))
 
 
 BAD_OPTIONS = [

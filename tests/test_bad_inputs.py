@@ -176,7 +176,8 @@ CASES = [
     # Segmentation data
     pytest.param(SEGMENT, ("fit", *SHAPES, "--data.protocol", "pfnet"),
                  2, r"Parser key \"protocol\": expected one of \['clean', 'pfenet', 'asgnet', "
-                 r"'hsnet', 'bam'\] or null, got 'pfnet'$", None, id="misspelled-protocol"),
+                 r"'hsnet', 'bam', 'dcama'\] or null, got 'pfnet'$", None,
+                 id="misspelled-protocol"),
     pytest.param(SEGMENT, ("fit", *SHAPES, "--data", "datamodules.PascalFewShott"),
                  2, r"Parser key \"data\": 'datamodules\.PascalFewShott' module 'datamodules' "
                  r"has no attribute 'PascalFewShott'$", None, id="misspelled-dataset"),

@@ -328,7 +328,8 @@ def test_official_checkpoint_of_no_known_model_is_named(tmp_path: Path) -> None:
     torch.save({"state_dict": state}, path)
     with pytest.raises(
         WeightsError,
-        match=r"other\.pth' is not one released model of \['ASGNet', 'BAM', 'HSNet', 'PFENet'\]"
+        match=r"other\.pth' is not one released model of "
+        r"\['ASGNet', 'BAM', 'DCAMA', 'HSNet', 'PFENet'\]"
         r".*'decoder\.weight'",
     ):
         FewShotSegmentation(official_checkpoint=str(path))
