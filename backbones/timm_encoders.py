@@ -19,7 +19,8 @@ output (PFENet's mask-multiplied support features). Two families:
   ``forward_intermediates`` does not). ``forward_from(name, x)`` runs the later blocks on the
   map ``x`` as patch tokens, with the prefix tokens the same images had at ``name`` in the
   forward that stopped there (``forward_from(None, images, until=name)``: what the task does for
-  PFENet's mask-multiplied support); a map after the final norm cannot be resumed
+  PFENet's mask-multiplied support; one resume per such forward, and any other forward forgets
+  them); a map after the final norm cannot be resumed
   (``final_norm``: heads with ``support_mask_at`` refuse it).
 
 timm's output-stride-8 ResNet dilates each stage's first block at the previous rate
@@ -313,11 +314,11 @@ class TimmEncoder(Backbone):
         return FeaturePyramid(infos)
 
     def _input_size(self) -> int:
-        """A small probe size every output's stride divides (building runs it once): 64, the
-        deepest stride 32 twice, or 8 patches of a ViT (SAM's own 1024 px would be slow)."""
+        """A probe size every output's stride divides: 224 (windowed models such as MaxViT
+        need it), or 8 patches of a ViT (SAM's own 1024 px would make building slow)."""
         if self.is_vit:
             return 8 * self.model.patch_embed.patch_size[0]
-        return 64
+        return 224
 
     # --- running --------------------------------------------------------------------------
 
@@ -333,16 +334,24 @@ class TimmEncoder(Backbone):
         return x
 
     def _run(
-        self, x: Tensor, start: str | None, until: str | None, wanted: set[str]
+        self,
+        x: Tensor,
+        start: str | None,
+        until: str | None,
+        wanted: set[str],
+        record: bool = False,
     ) -> dict[str, Tensor]:
         """The ``wanted`` outputs of the steps after output ``start`` (``None``: from the
-        image), stopping at ``until`` (``None``: the last wanted)."""
+        image), stopping at ``until`` (``None``: the last wanted); ``record``: keep a ViT's
+        prefix tokens at ``until`` for one resume (:meth:`_resumed`)."""
         first = 0
         if start is not None:
             first = next(i for i, s in enumerate(self.steps) if start in s.outputs) + 1
             x = self._resumed(start, x)
-        elif self.is_vit:
-            self._grid = self._grid_of(x)
+        else:
+            self._prefix = None  # another image: an earlier record is stale
+            if self.is_vit:
+                self._grid = self._grid_of(x)
         last = until or next(
             n for s in reversed(self.steps) for n in (*s.outputs, s.pre_activation) if n in wanted
         )
@@ -357,7 +366,7 @@ class TimmEncoder(Backbone):
                 if name in wanted:
                     found[name] = self._to_map(x)
             if last in step.outputs or last == step.pre_activation:
-                if start is None and until is not None and self.is_vit and x.dim() == 3:
+                if record and self.is_vit and x.dim() == 3:
                     self._prefix = until, x[:, : self.model.num_prefix_tokens].clone()
                 break
         return found
@@ -373,7 +382,7 @@ class TimmEncoder(Backbone):
         if not self.resumable:
             raise ValueError(f"{self.model_name}: final_norm maps cannot be resumed (the blocks "
                              "run on tokens before the norm); set final_norm false")  # fmt: skip
-        recorded = self._prefix
+        recorded, self._prefix = self._prefix, None  # one resume per record
         if recorded is None or recorded[0] != start or recorded[1].shape[0] != x.shape[0]:
             raise ValueError(
                 f"{self.model_name}: forward_from({start!r}, x) resumes the images of the last "
@@ -418,7 +427,8 @@ class TimmEncoder(Backbone):
         start = -1 if name is None else names.index(name)
         end = len(names) - 1 if until is None else names.index(until)
         wanted = {n for n in self.selected if start < names.index(n) <= end}
-        found = self._run(x, name, until or self.selected[-1], wanted)
+        record = name is None and until is not None
+        found = self._run(x, name, until or self.selected[-1], wanted, record)
         return {n: found[n] for n in self.selected if n in found}
 
     @property

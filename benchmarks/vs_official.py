@@ -655,8 +655,9 @@ class OfficialDCAMA(Official):
     constructor reads the encoder's weights from a file: a random torchvision ResNet-50 is
     written to a temporary one. Training is 1-shot (``train.py``); K shots train through the
     official K-shot forward (``model.model(..., nshot)``, features under ``no_grad``).
-    Evaluation by ``predict_mask_nshot`` one episode at a time, as its ``test.sh`` runs K shots
-    (at batch 1: with more episodes its K-shot path attends to other episodes' supports)."""
+    Evaluation by ``predict_mask_nshot``, batched for 1 shot and one episode at a time for K
+    shots, as its ``test.sh`` runs them (at batch 1: with more episodes its K-shot path attends
+    to other episodes' supports)."""
 
     def build(self, checkout: Path) -> None:
         from model.DCAMA import DCAMA
@@ -695,6 +696,8 @@ class OfficialDCAMA(Official):
         self.optimizer.step()
 
     def forward(self, batch: dict[str, Any]) -> Tensor:
+        if self.shots == 1:  # batched: its 1-shot path keeps the episodes apart
+            return self.episode_logits(batch)
         episodes = [{k: v[b : b + 1] for k, v in batch.items() if isinstance(v, Tensor)}
                     for b in range(batch["query_image"].shape[0])]  # fmt: skip
         return torch.cat([self.episode_logits(episode) for episode in episodes])

@@ -5,7 +5,8 @@ sets every option below at once; an option given explicitly (``--data.eval_pad m
 is listed in ``overridden``, and the resolved values are saved with the run and in every results
 file. ``clean`` is this project's own protocol and the default.
 
-Options and what each preset sets (PASCAL / COCO where they differ):
+Options and what each preset sets (PASCAL / COCO where they differ); ``dcama`` is ``hsnet``
+with ``eval_size`` 384 (DCAMA runs HSNet's data code at 384 px):
 
 =========================  ===========  ===========  ===========  ==============  ===========
 option                     ``clean``    ``pfenet``   ``asgnet``   ``hsnet``       ``bam``

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -31,6 +31,18 @@ def check_arguments(checks: Iterable[tuple[str, object, bool, str]]) -> None:
     for name, value, ok, expected in checks:
         if not ok:
             raise ValueError(f"{name}={value!r}: expected {expected}")
+
+
+def optimizer_checks(optimizer: str, momentum: float) -> list[tuple[str, object, bool, str]]:
+    """The :func:`check_arguments` of the ``optimizer`` options: a known one, and a momentum
+    for Nesterov's (``torch.optim.SGD`` refuses ``nesterov`` without one, but only when the
+    optimizer is built, after setup)."""
+    known = get_args(Optimizer)
+    return [
+        ("optimizer", optimizer, optimizer in known, str(known)),
+        ("momentum", momentum, optimizer != "nesterov" or momentum > 0,
+         "> 0 with optimizer nesterov"),
+    ]  # fmt: skip
 
 
 def describe_head(head: nn.Module) -> dict[str, Any]:

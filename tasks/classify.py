@@ -23,7 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from backbones import Backbone, ResNet
 from datamodules.bounds import BelowOne, NonNegativeFloat, PositiveFloat, check_bounds
 from datamodules.files import writable_output
-from tasks.base import BaseTask, Optimizer, Schedule, check_arguments
+from tasks.base import BaseTask, Optimizer, Schedule, check_arguments, optimizer_checks
 
 if TYPE_CHECKING:
     from tasks.cli import TaskCLI
@@ -46,7 +46,8 @@ class ImageClassification(BaseTask):
         num_classes: classes of the dataset (linked from the datamodule).
         dropout: dropout probability before the linear layer.
         label_smoothing: cross-entropy label smoothing (Szegedy et al., 2016: 0.1).
-        optimizer: ``"sgd"`` (with ``momentum``) or ``"adamw"``.
+        optimizer: ``"sgd"`` (with ``momentum``), ``"nesterov"`` (SGD with Nesterov momentum)
+            or ``"adamw"``.
         lr, momentum, weight_decay: optimizer settings.
         schedule: ``"cosine"`` or ``"poly"`` decay to 0 over the run, per step.
         poly_power: exponent of the poly schedule.
@@ -70,12 +71,7 @@ class ImageClassification(BaseTask):
         check_arguments(
             (
                 ("num_classes", num_classes, num_classes >= 2, "an integer >= 2"),
-                (
-                    "optimizer",
-                    optimizer,
-                    optimizer in get_args(Optimizer),
-                    str(get_args(Optimizer)),
-                ),
+                *optimizer_checks(optimizer, momentum),
                 ("schedule", schedule, schedule in get_args(Schedule), str(get_args(Schedule))),
             )
         )

@@ -386,8 +386,8 @@ class TaskCLI(LightningCLI):
         for option, unset in (("weights", None), ("pretrained", False)):
             if init_args is not None and init_args.get(option):
                 rank_zero_info(
-                    f"--model.official_checkpoint replaces the configured encoder: its "
-                    f"{option}={init_args[option]!r} are not loaded"
+                    f"--model.official_checkpoint replaces the configured encoder: its weights "
+                    f"({option}={init_args[option]!r}) are not loaded"
                 )
                 init_args[option] = unset
 

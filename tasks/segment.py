@@ -15,7 +15,7 @@ import sys
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NamedTuple, get_args
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from jsonargparse import lazy_instance
@@ -27,7 +27,7 @@ from backbones.protocol import class_path
 from datamodules.bounds import BelowOne, NonNegativeFloat, PositiveFloat, check_bounds
 from datamodules.episode import input_dtype, to_model_inputs
 from datamodules.source import IGNORE
-from tasks.base import BaseTask, Optimizer, check_arguments, describe_head
+from tasks.base import BaseTask, Optimizer, check_arguments, describe_head, optimizer_checks
 from tasks.callbacks.results import summarise
 from tasks.heads import FewShotHead, HeadOutput, PrototypeHead
 from tasks.heads.common import foreground_masks
@@ -94,7 +94,8 @@ class FewShotSegmentation(BaseTask):
         freeze_backbone: no gradients in the backbone, BatchNorm kept in eval mode and the
             backbone run under ``torch.no_grad`` (PFENet/ASGNet); else it is fine-tuned at
             ``lr * backbone_lr_mult``. Default: fine-tuned, frozen with ``official_checkpoint``.
-        optimizer: ``"sgd"`` (the reference recipes) or ``"adamw"``.
+        optimizer: ``"sgd"`` (the reference recipes), ``"nesterov"`` (SGD with Nesterov
+            momentum: DCAMA) or ``"adamw"``.
         lr, momentum, weight_decay: optimizer settings (ASGNet PASCAL: 0.025, 0.9, 1e-4).
         poly_power: learning rate ``lr * (1 - k / T) ** poly_power`` set before optimizer step
             ``k = 1 .. T`` (:func:`tasks.base.poly_factor`).
@@ -129,9 +130,7 @@ class FewShotSegmentation(BaseTask):
     ) -> None:
         super().__init__()
         check_bounds(FewShotSegmentation.__init__, locals())
-        check_arguments(
-            (("optimizer", optimizer, optimizer in get_args(Optimizer), get_args(Optimizer)),)
-        )
+        check_arguments(optimizer_checks(optimizer, momentum))
         self.save_hyperparameters(ignore=["backbone", "head"])
         self.backbone_norm = "frozen"
         #: the released file the weights came from (results name it; the hyper-parameters

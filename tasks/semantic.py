@@ -14,7 +14,7 @@ learners load with ``--model.official_checkpoint`` (:func:`official_base_learner
 # No ``from __future__ import annotations``: the ranges must reach jsonargparse
 # (datamodules.bounds).
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, get_args
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jsonargparse import lazy_instance
@@ -24,7 +24,7 @@ from backbones import Backbone, FeaturePyramid, ResNet, WeightsError
 from backbones.weights import checkpoint_arch, read_checkpoint, to_native
 from datamodules.bounds import BelowOne, NonNegativeFloat, PositiveFloat, check_bounds
 from datamodules.episode import input_dtype, to_model_inputs
-from tasks.base import BaseTask, Optimizer, check_arguments, describe_head
+from tasks.base import BaseTask, Optimizer, check_arguments, describe_head, optimizer_checks
 from tasks.decoders import DECODER_PREFIXES, PSPDecoder
 from tasks.heads.official import split_official_state_dict
 from tasks.metrics import SemanticIoU
@@ -140,7 +140,7 @@ class SemanticSegmentation(BaseTask):
         decoder: a decoder class (or callable) taking the backbone's ``output_info`` and the
             classes (:mod:`tasks.decoders`).
         num_classes: classes with background (linked from the datamodule; BAM PASCAL-5i 16).
-        optimizer: ``"sgd"`` or ``"adamw"``.
+        optimizer: ``"sgd"``, ``"nesterov"`` (SGD with Nesterov momentum) or ``"adamw"``.
         lr, momentum, weight_decay, poly_power: optimizer and schedule settings.
         backbone_lr_mult, decoder_lr_mult: learning-rate multipliers of the two parts (BAM
             PASCAL: 1 and 10; COCO, ``index_split: -1``: 10 and 10).
@@ -169,7 +169,7 @@ class SemanticSegmentation(BaseTask):
         check_arguments(
             (
                 ("num_classes", num_classes, num_classes >= 2, "an integer >= 2"),
-                ("optimizer", optimizer, optimizer in get_args(Optimizer), get_args(Optimizer)),
+                *optimizer_checks(optimizer, momentum),
             )
         )
         self.save_hyperparameters(ignore=["backbone", "decoder"])

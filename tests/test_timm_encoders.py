@@ -190,8 +190,13 @@ def test_a_vit_resumes_only_the_images_it_last_ran() -> None:
     with pytest.raises(ValueError, match=r"forward_from\('stage2', x\) resumes the images of "
                        r"the last forward_from\(None, images, until='stage2'\)"):  # fmt: skip
         encoder.forward_from("stage2", head["stage1"])
+    encoder.forward_from(None, images, until="stage1")
     with pytest.raises(ValueError, match=r"stopped at \('stage1', 2\)"):
         encoder.forward_from("stage1", head["stage1"][:1])
+    encoder.forward_from(None, images, until="stage1")
+    encoder(images.flip(0))  # another forward: the record of the first is gone
+    with pytest.raises(ValueError, match=r"that forward stopped at None"):
+        encoder.forward_from("stage1", head["stage1"])
     normed = TimmEncoder("vit_small_patch14_dinov2", img_size=56, final_norm=True)
     assert not normed.resumable
     refused = r"^head PFENetHead multiplies the support's 'stage2' by its mask .* TimmEncoder "

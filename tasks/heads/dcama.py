@@ -64,12 +64,15 @@ def mixer(in_channels: int, hidden: int, out_channels: int, last_relu: bool) -> 
     return nn.Sequential(*layers, nn.ReLU()) if last_relu else nn.Sequential(*layers)
 
 
-def sinusoidal_encoding(length: int, channels: int) -> Tensor:
-    """``PositionalEncoding``'s table [length, channels]: sin on even, cos on odd channels of
-    the token index (the flattened pixel index), frequencies ``10000^(-2i/d)``."""
-    position = torch.arange(length, dtype=torch.float32)[:, None]
-    frequency = torch.exp(torch.arange(0, channels, 2) * -(math.log(10000.0) / channels))
-    table = torch.zeros(length, channels)
+def sinusoidal_encoding(length: int, channels: int, device: torch.device | None = None) -> Tensor:
+    """``PositionalEncoding``'s table [length, channels] (float32, on ``device``): sin on even,
+    cos on odd channels of the token index (the flattened pixel index), frequencies
+    ``10000^(-2i/d)``."""
+    position = torch.arange(length, dtype=torch.float32, device=device)[:, None]
+    frequency = torch.exp(
+        torch.arange(0, channels, 2, device=device) * -(math.log(10000.0) / channels)
+    )
+    table = torch.zeros(length, channels, device=device)
     table[:, 0::2] = torch.sin(position * frequency)
     table[:, 1::2] = torch.cos(position * frequency)
     return table
@@ -111,7 +114,7 @@ class MaskAttention(nn.Module):
         return attended.mean(1).reshape(batch, height, width)
 
     def encoding(self, length: int, like: Tensor) -> Tensor:
-        return sinusoidal_encoding(length, like.shape[1]).to(like.device, like.dtype)
+        return sinusoidal_encoding(length, like.shape[1], like.device).to(like.dtype)
 
 
 class DCAMAHead(OfficialCheckpoint):
@@ -128,7 +131,8 @@ class DCAMAHead(OfficialCheckpoint):
       stage's size and added (``conv4``, ``conv5`` after each sum).
     * Skips: the query's and the support's last block of the 1/8 stage, concatenated, the map
       upsampled x2, then those of the 1/4 stage (the support's maximum over the shots); three
-      mixers with x2 upsampling between them give 2-class logits at the input's size.
+      mixers with x2 upsampling between them give 2-class logits at 4 times the first skip's
+      resolution (the input's size when its stride is 4, as ResNet's and Swin's).
     * K shots in one pass: each shot's tokens carry positions 0..hw-1 and the K shots' tokens
       are the keys together; the loss is the task's cross-entropy (``compute_objective``'s).
 
@@ -139,7 +143,11 @@ class DCAMAHead(OfficialCheckpoint):
     equal for the square inputs it runs on). The positional encoding is computed, not stored
     (the official 10000-row tables, checked when a released file loads). Attention runs
     through ``scaled_dot_product_attention`` (its dropout draws differ from the official
-    ``nn.Dropout`` of the weights; equal in eval).
+    ``nn.Dropout`` of the weights; equal in eval); with a value of one channel it takes the
+    math path, holding the [B, 8, hw, K hw] weights as the official code does (at 384 px, 1/8:
+    about 170 MB per block and episode in float32). Positions are not capped at the official
+    table's 10000 (1/8 maps above 800 px). The stages are the last three by position: on an
+    encoder whose deepest stride is not 32 (VGG-16: 16) they are finer, and cost more.
 
     Args:
         features: The encoder's outputs; the blocks of its last three stages and the last
@@ -182,6 +190,14 @@ class DCAMAHead(OfficialCheckpoint):
         )
         attended = [name for stage in (-3, -2, -1) for name in self.stage_blocks[stage]]
         self.in_features = (self.skip_features[1], *attended)
+        odd = {features.stage(stage).name: features[blocks[0]].channels
+               for stage, blocks in self.stage_blocks.items()
+               if features[blocks[0]].channels % (2 * ATTENTION_HEADS)}  # fmt: skip
+        if odd:
+            raise ValueError(
+                f"DCAMAHead splits each attended stage's channels into {ATTENTION_HEADS} heads "
+                f"of an even size; the encoder's stages {odd} have other channel counts"
+            )
         self.DCAMA_blocks = nn.ModuleList(
             MaskAttention(features[self.stage_blocks[stage][0]].channels, dropout)
             for stage in (-3, -2, -1)
