@@ -35,6 +35,8 @@ def write_best_model(reference: ReferenceDCAMA, path: Path) -> Path:
 
 
 def episode(batch: int, shots: int, size: int = IMAGE) -> tuple[Tensor, Tensor, Tensor]:
+    """Binary support masks, as DCAMA's data code gives them (HSNet's test episodes add a 255
+    band, which DCAMA's model would take as a value of 255)."""
     generator = torch.Generator().manual_seed(1)
     query = torch.randn(batch, 3, size, size, generator=generator)
     support = torch.randn(batch, shots, 3, size, size, generator=generator)

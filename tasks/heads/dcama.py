@@ -223,14 +223,17 @@ class DCAMAHead(OfficialCheckpoint):
         """Segment the query with the K shots at once; see :mod:`tasks.heads` for shapes."""
         check_inputs(query_feats, support_feats, support_masks, self.in_features)
         batch, shots = support_masks.shape[:2]
+        resized: dict[tuple[int, int], Tensor] = {}  # the value at each map size, once
         decoded = {}
         for index, stage in enumerate((-3, -2, -1)):
             masks = []
             for name in self.stage_blocks[stage]:
                 support = support_feats[name]
-                mask = foreground_masks(support_masks, support.shape[-2:])
-                mask = mask.reshape(batch, shots, *support.shape[-2:])
-                masks.append(self.DCAMA_blocks[index](query_feats[name], support, mask))
+                size = tuple(support.shape[-2:])
+                if size not in resized:
+                    mask = foreground_masks(support_masks, size)
+                    resized[size] = mask.reshape(batch, shots, *size)
+                masks.append(self.DCAMA_blocks[index](query_feats[name], support, resized[size]))
             conv = getattr(self, ATTENDED_STAGES[stage][0])
             decoded[stage] = conv(torch.stack(masks, 1).to(self.conv4[0].weight.dtype))
         mixed = self.conv4(resize(decoded[-1], decoded[-2].shape[-2:]) + decoded[-2])
