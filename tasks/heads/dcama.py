@@ -140,7 +140,9 @@ class DCAMAHead(OfficialCheckpoint):
     per episode, so a batch of more than one episode attends to other episodes' supports (its
     ``test.sh`` runs K-shot at batch 1, where both agree): here each episode attends to its own
     shots. The x2 upsampling is to the 1/4 skip's size (official: a square of twice the width,
-    equal for the square inputs it runs on). The positional encoding is computed, not stored
+    equal for the square inputs it runs on). A support label 255 is background here, as for
+    every head; the official value would be 255 (its data code gives binary masks). The
+    positional encoding is computed, not stored
     (the official 10000-row tables, checked when a released file loads). Attention runs
     through ``scaled_dot_product_attention`` (its dropout draws differ from the official
     ``nn.Dropout`` of the weights; equal in eval); with a value of one channel it takes the
